@@ -1,0 +1,40 @@
+# Self-bootstrapping targets: `make demo` and `make test` work on a fresh clone.
+# torch is installed first and pinned (a bare `torch` requirement pulls GBs of CUDA wheels);
+# GPU users override it, e.g. `make test TORCH_SPEC="torch==2.13.0 --index-url ..."`.
+PYTHON     ?= python3
+VENV       ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+EXTRAS     ?= dev
+PY         := $(VENV)/bin/python
+STAMP      := $(VENV)/.vlmcredit-installed
+
+.PHONY: setup test demo lint format bench clean
+
+setup: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	@touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m pytest -q
+
+demo: $(STAMP)
+	$(VENV)/bin/vlmcredit demo --out demo-out
+
+lint: $(STAMP)
+	$(PY) -m ruff check .
+	$(PY) -m ruff format --check .
+
+format: $(STAMP)
+	$(PY) -m ruff check --fix .
+	$(PY) -m ruff format .
+
+bench: $(STAMP)
+	$(PY) benchmarks/capture.py
+
+clean:
+	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache

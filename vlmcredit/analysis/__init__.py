@@ -1,0 +1,1 @@
+"""Pure functions on captured arrays (numpy only): connectivity, graphs, anchors, weights."""

@@ -1,0 +1,46 @@
+"""What every command shares: the user-error frame and the global --debug flag.
+
+Commands are thin: parse, call the library, print. A `VlmCreditError` becomes one line on
+stderr and exit status 2; `--debug` (or VLMCREDIT_DEBUG=1) keeps the traceback instead.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import typer
+
+from vlmcredit.errors import VlmCreditError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+class _State:
+    debug: bool = os.environ.get("VLMCREDIT_DEBUG", "") not in ("", "0")
+
+
+state = _State()
+
+
+def user_errors(func: F) -> F:
+    """Turn `VlmCreditError` into a one-line message and exit 2 (traceback with --debug)."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except VlmCreditError as exc:
+            if state.debug:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(exc.exit_code) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def echo_err(message: str) -> None:
+    print(message, file=sys.stderr)

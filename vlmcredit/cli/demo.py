@@ -1,0 +1,19 @@
+"""`vlmcredit demo`: the user's path on the built-in tiny model, offline."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vlmcredit.cli.common import user_errors
+
+
+@user_errors
+def demo(
+    out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's runs."),
+) -> None:
+    """Run what exists of the pipeline end to end on a tiny offline checkpoint."""
+    from vlmcredit.demo import run_demo
+
+    run_demo(out, echo=typer.echo)

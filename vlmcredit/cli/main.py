@@ -1,0 +1,48 @@
+"""The `vlmcredit` command: one typer app, one module per command."""
+
+from __future__ import annotations
+
+import typer
+
+from vlmcredit import __version__
+from vlmcredit.cli.common import state
+from vlmcredit.cli.demo import demo
+from vlmcredit.cli.info import info
+from vlmcredit.cli.make_tiny import make_tiny
+
+app = typer.Typer(
+    name="vlmcredit",
+    help="Attention-connectivity analysis of Qwen-VL models for multimodal RL credit assignment.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"vlmcredit {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    debug: bool = typer.Option(False, "--debug", help="Show tracebacks for user errors too."),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="Print the version."
+    ),
+) -> None:
+    state.debug = debug or state.debug
+
+
+app.command("info")(info)
+app.command("make-tiny")(make_tiny)
+app.command("demo")(demo)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

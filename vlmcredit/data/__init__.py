@@ -1,0 +1,1 @@
+"""Inputs: rollout readers, MME readers and scoring, synthetic data, image loading."""

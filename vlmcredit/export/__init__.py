@@ -1,0 +1,1 @@
+"""The trainer contract: signals.parquet writer/reader, TRL and VERL adapters."""

@@ -1,0 +1,1 @@
+"""Everything that runs the model: loading, family adapters, token layout, capture, ablation."""

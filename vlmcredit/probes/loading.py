@@ -1,0 +1,235 @@
+"""Load a Qwen-VL checkpoint (model + processor) from a folder or the local hub cache.
+
+One function, `load_checkpoint`, serves the 7B user and the tiny test model alike. Before any
+heavy import it checks the folder (config, weights, tokenizer) so that a wrong path or a
+text-only checkpoint fails in a second with a one-line message instead of a stack trace.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.probes.families import FamilyAdapter, ModelGeometry, adapter_for
+
+DTYPES = ("auto", "bf16", "fp16", "fp32")
+_TOKENIZER_FILES = ("tokenizer.json", "vocab.json", "tokenizer.model")
+
+
+@dataclass
+class LoadedCheckpoint:
+    """A model ready for probing, with everything needed to interpret its tokens."""
+
+    model: Any
+    processor: Any
+    adapter: FamilyAdapter
+    geometry: ModelGeometry
+    source: str  # what the user passed (folder or hub id)
+    path: Path  # the resolved local folder
+
+    @property
+    def tokenizer(self) -> Any:
+        return self.processor.tokenizer
+
+    @property
+    def config(self) -> Any:
+        return self.model.config
+
+    def decoder_layers(self) -> Any:
+        from vlmcredit.probes.families import resolve_path
+
+        return resolve_path(self.model, self.adapter.decoder_layers)
+
+
+def resolve_checkpoint(ckpt: str | os.PathLike[str]) -> Path:
+    """A local folder for `ckpt`: the folder itself, or a hub id's snapshot in the local cache.
+
+    Never downloads: vlmcredit runs offline; a hub id must already be in the cache.
+    """
+    path = Path(ckpt).expanduser()
+    if path.exists():
+        if not path.is_dir():
+            raise VlmCreditError(f"--ckpt {ckpt}: is a file; pass the checkpoint folder")
+        return path
+    text = str(ckpt)
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if not looks_like_hub_id:
+        raise VlmCreditError(f"--ckpt {ckpt}: no such folder")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(text, local_files_only=True))
+    except Exception as exc:  # the hub raises several types for "not cached"
+        raise VlmCreditError(
+            f"--ckpt {ckpt}: not a folder and not in the local Hugging Face cache "
+            f"({type(exc).__name__}); download it first (hf download {ckpt}) or pass a folder"
+        ) from None
+
+
+def read_model_type(folder: Path, source: str) -> str:
+    config_file = folder / "config.json"
+    if not config_file.is_file():
+        raise VlmCreditError(
+            f"--ckpt {source}: no config.json in {folder}; is this a checkpoint folder?"
+        )
+    try:
+        config = json.loads(config_file.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise VlmCreditError(f"--ckpt {source}: config.json is not valid JSON ({exc})") from None
+    return str(config.get("model_type"))
+
+
+def check_checkpoint_files(folder: Path, source: str) -> None:
+    """Weights must be safetensors; a tokenizer must be present."""
+    has_safetensors = any(folder.glob("*.safetensors"))
+    if not has_safetensors:
+        pickled = [p.name for p in folder.glob("*.bin")] + [p.name for p in folder.glob("*.pt")]
+        if pickled:
+            raise VlmCreditError(
+                f"--ckpt {source}: only pickle weights ({pickled[0]}); vlmcredit loads safetensors "
+                "only: convert the checkpoint to safetensors first"
+            )
+        raise VlmCreditError(f"--ckpt {source}: no *.safetensors weights in {folder}")
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        raise VlmCreditError(
+            f"--ckpt {source}: no tokenizer (tokenizer.json or vocab.json) in {folder}; "
+            "copy the tokenizer files from the base model"
+        )
+
+
+def torch_dtype(dtype: str) -> Any:
+    import torch
+
+    table = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32, "auto": "auto"}
+    if dtype not in table:
+        raise VlmCreditError(f"--dtype {dtype}: choose one of {', '.join(DTYPES)}")
+    return table[dtype]
+
+
+def load_processor(folder: Path, adapter: FamilyAdapter, trust_remote_code: bool = False) -> Any:
+    """The family's processor; built from its parts when the video processor cannot load.
+
+    Without a working torchvision (CPU machines here), `AutoProcessor` fails on the video
+    processor that Qwen processors declare. We only need tokenizer + image processor, so we
+    build the processor class with `video_processor=None` (its type check is relaxed for that).
+    """
+    from transformers import AutoProcessor
+
+    try:
+        return AutoProcessor.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    except ImportError:
+        pass  # torchvision missing: fall back below
+    import transformers
+    from transformers import AutoImageProcessor, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    image_processor = AutoImageProcessor.from_pretrained(folder, backend="pil")
+    chat_template = None
+    template_file = folder / "chat_template.jinja"
+    if template_file.is_file():
+        chat_template = template_file.read_text()
+    elif getattr(tokenizer, "chat_template", None):
+        chat_template = tokenizer.chat_template
+    base = getattr(transformers, adapter.processor_class)
+    return _processor_without_video(base)(
+        image_processor=image_processor, tokenizer=tokenizer, chat_template=chat_template
+    )
+
+
+_FALLBACK_CLASSES: dict[type, type] = {}
+
+
+def _processor_without_video(base: type) -> type:
+    """A subclass of `base` that accepts `video_processor=None` (images-only use)."""
+    if base not in _FALLBACK_CLASSES:
+
+        def check_argument_for_proper_class(self: Any, argument_name: str, argument: Any) -> Any:
+            if argument is None and "video" in argument_name:
+                return None
+            return base.check_argument_for_proper_class(self, argument_name, argument)
+
+        _FALLBACK_CLASSES[base] = type(
+            base.__name__,
+            (base,),
+            {"check_argument_for_proper_class": check_argument_for_proper_class},
+        )
+    return _FALLBACK_CLASSES[base]
+
+
+def load_checkpoint(
+    ckpt: str | os.PathLike[str],
+    dtype: str = "auto",
+    device: str | None = None,
+    device_map: str | None = None,
+    trust_remote_code: bool = False,
+) -> LoadedCheckpoint:
+    """Load model + processor of a supported Qwen-VL checkpoint, in eval mode.
+
+    `device_map` (e.g. "auto") shards across GPUs as transformers does and excludes `device`.
+    Weights load from safetensors only; remote code runs only with `trust_remote_code=True`.
+    """
+    if device and device_map:
+        raise VlmCreditError("--device and --device-map exclude each other; pass one of them")
+    folder = resolve_checkpoint(ckpt)
+    source = str(ckpt)
+    model_type = read_model_type(folder, source)
+    adapter = adapter_for(model_type, f"--ckpt {source}")
+    check_checkpoint_files(folder, source)
+    torch_dt = torch_dtype(dtype)
+
+    from transformers import AutoModelForImageTextToText
+
+    processor = load_processor(folder, adapter, trust_remote_code)
+    model = AutoModelForImageTextToText.from_pretrained(
+        folder,
+        dtype=torch_dt,
+        device_map=device_map,
+        use_safetensors=True,
+        trust_remote_code=trust_remote_code,
+        attn_implementation="sdpa",
+    )
+    if device and not device_map:
+        model.to(device)
+    model.eval()
+    geometry = ModelGeometry.from_config(model.config, f"--ckpt {source}")
+    return LoadedCheckpoint(model, processor, adapter, geometry, source, folder)
+
+
+def file_sha1(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def weights_hash(folder: Path) -> str:
+    """A stable id for the checkpoint's weights: sha1 over the safetensors headers and sizes.
+
+    Hashing 15 GB of weights on every run is too slow; the safetensors header lists every tensor
+    with dtype, shape and byte offsets, and with file sizes it changes whenever weights are
+    re-saved. Enough to tell checkpoints apart in manifests.
+    """
+    h = hashlib.sha1()
+    for path in sorted(folder.glob("*.safetensors")):
+        with open(path, "rb") as f:
+            header_len = int.from_bytes(f.read(8), "little")
+            h.update(f.read(min(header_len, 100 << 20)))
+        h.update(str(path.stat().st_size).encode())
+    return h.hexdigest()
+
+
+def tokenizer_hash(processor: Any) -> str:
+    """sha1 of the tokenizer's vocabulary, added tokens and chat template."""
+    tok = processor.tokenizer
+    payload = {
+        "vocab": sorted(tok.get_vocab().items()),
+        "template": getattr(processor, "chat_template", None)
+        or getattr(tok, "chat_template", None),
+    }
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
