@@ -5,6 +5,7 @@ from __future__ import annotations
 import typer
 
 from vlmcredit import __version__
+from vlmcredit.cli.capture import capture
 from vlmcredit.cli.common import state
 from vlmcredit.cli.demo import demo
 from vlmcredit.cli.info import info
@@ -37,6 +38,7 @@ def _root(
 
 app.command("info")(info)
 app.command("make-tiny")(make_tiny)
+app.command("capture")(capture)
 app.command("demo")(demo)
 
 

@@ -1,0 +1,64 @@
+"""`vlmcredit capture`: response -> image attention and Q/K states into a run directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vlmcredit.cli.common import progress_bar, user_errors
+
+
+@user_errors
+def capture(
+    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint folder or cached hub id."),
+    data: Path = typer.Option(..., "--data", help="Rollouts: .jsonl, .parquet or VERL parquet."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write (or resume)."),
+    layers: str = typer.Option("all", "--layers", help="Decoder layers: all, 0,4,8-11, -1."),
+    heads: str = typer.Option("all", "--heads", help="Query heads: all or a list/range."),
+    reduce: str = typer.Option("mean", "--reduce", help="heads (keep each), mean or sum."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward."),
+    max_samples: int | None = typer.Option(None, "--max-samples", help="Stop after N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32."),
+    device: str | None = typer.Option(None, "--device", help="e.g. cuda:0 (default: cpu)."),
+    device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto (multi-GPU)."),
+    qk: bool = typer.Option(True, "--qk/--no-qk", help="Also store post-RoPE Q and K."),
+    qk_layers: str = typer.Option("-1", "--qk-layers", help="Layers for Q/K (default: last)."),
+    generate: int = typer.Option(0, "--generate", help="Sample N responses per prompt."),
+    max_new_tokens: int = typer.Option(128, "--max-new-tokens", help="With --generate."),
+    temperature: float = typer.Option(1.0, "--temperature", help="With --generate; 0 = greedy."),
+    top_p: float = typer.Option(1.0, "--top-p", help="With --generate."),
+    seed: int = typer.Option(0, "--seed", help="Sampling seed."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed rows (recorded)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Capture response -> image attention (never the S x S matrix) beside an SDPA forward."""
+    from vlmcredit.probes.capture_run import CaptureRunConfig, run_capture
+    from vlmcredit.probes.response_attention import GenerationConfig
+
+    cfg = CaptureRunConfig(
+        ckpt=ckpt,
+        data=data,
+        out=out,
+        layers=layers,
+        heads=heads,
+        reduce=reduce,
+        batch_size=batch_size,
+        max_samples=max_samples,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        qk=qk,
+        qk_layers=qk_layers,
+        generate=generate,
+        generation=GenerationConfig(max_new_tokens, temperature, top_p, seed),
+        resume=resume,
+        skip_bad=skip_bad,
+        trust_remote_code=trust_remote_code,
+    )
+    with progress_bar("capture", quiet) as advance:
+        run = run_capture(cfg, progress=advance)
+    m = run.manifest
+    typer.echo(f"captured {m['samples_done']} samples ({m['samples_bad']} bad) into {run.path}")

@@ -1,0 +1,245 @@
+"""`vlmcredit capture` as a library call: rollouts -> run directory of captured tensors.
+
+Batches are fixed slices of the sample list, and each batch is committed as one shard, so a
+resumed run recomputes exactly the batches that were not committed, with the same composition
+(and so the same padding and numbers) as an uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmcredit.data.sample import Sample
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.probes.capture import REDUCTIONS, CaptureSpec
+from vlmcredit.probes.response_attention import (
+    CapturedSample,
+    GenerationConfig,
+    capture_samples,
+    generate_responses,
+)
+from vlmcredit.probes.selection import parse_indices
+from vlmcredit.runs import Run
+
+# Tests simulate a kill -9 after this many committed batches (a real process exit, no cleanup).
+CRASH_ENV = "VLMCREDIT_TEST_CRASH_AFTER_BATCHES"
+
+
+@dataclass
+class CaptureRunConfig:
+    ckpt: str
+    data: Path
+    out: Path
+    layers: str | None = None  # "all" / "0,3,5-7" / "-1"
+    heads: str | None = None
+    reduce: str = "mean"
+    batch_size: int = 4
+    max_samples: int | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    qk: bool = True
+    qk_layers: str = "-1"
+    generate: int = 0  # sample N responses per prompt instead of reading `response`
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    resume: bool = False
+    skip_bad: bool = False
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        if self.reduce not in REDUCTIONS:
+            raise VlmCreditError(f"--reduce {self.reduce}: choose one of {', '.join(REDUCTIONS)}")
+        if self.batch_size < 1:
+            raise VlmCreditError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise VlmCreditError(f"--max-samples {self.max_samples}: must be at least 1")
+        if self.generate < 0:
+            raise VlmCreditError(f"--generate {self.generate}: must be 0 or more")
+        if not 0 < self.generation.top_p <= 1:
+            raise VlmCreditError(f"--top-p {self.generation.top_p}: must be in (0, 1]")
+        if self.generation.temperature < 0:
+            raise VlmCreditError(f"--temperature {self.generation.temperature}: must be >= 0")
+
+    def parameters(self) -> dict[str, Any]:
+        """What must match for a resume to be valid (not the output folder or device)."""
+        params = asdict(self)
+        for key in ("out", "resume", "device", "device_map"):
+            params.pop(key)
+        params["data"] = str(Path(self.data).resolve())
+        params["data_sha1"] = file_sha1(Path(self.data))
+        return params
+
+
+def file_sha1(path: Path) -> str:
+    h = hashlib.sha1()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def expand_generations(samples: Sequence[Sample], n: int) -> list[Sample]:
+    """n prompt-only copies of each sample, ids suffixed #g0..#g{n-1}."""
+    return [
+        Sample(s.images, s.prompt, "", f"{s.id}#g{k}", {**s.meta, "generation": k})
+        for s in samples
+        for k in range(n)
+    ]
+
+
+def sample_tensors(item: CapturedSample) -> dict[str, Any]:
+    """Tensors stored for one sample; positions relative to the unpadded sequence start."""
+    import torch
+
+    layout = item.layout
+    start = layout.prompt_span[0]
+    sid = item.sample.id
+    images = layout.images
+    out: dict[str, Any] = {
+        f"{sid}/response_ids": torch.tensor(item.response_ids, dtype=torch.long),
+        f"{sid}/image_positions": torch.as_tensor(layout.image_positions - start),
+        f"{sid}/image_owner": torch.as_tensor(layout.image_token_owner),
+    }
+    if images:
+        out[f"{sid}/image_cells"] = torch.as_tensor(np.concatenate([im.cells for im in images]))
+        out[f"{sid}/image_boxes"] = torch.as_tensor(
+            np.concatenate([im.boxes for im in images]), dtype=torch.float32
+        )
+    cap = item.capture
+    if cap.attention is not None:
+        out[f"{sid}/attention"] = cap.attention
+    for layer, q in cap.queries.items():
+        out[f"{sid}/queries.{layer}"] = q
+    for layer, k in cap.keys.items():
+        out[f"{sid}/keys.{layer}"] = k
+    return out
+
+
+def sample_row(item: CapturedSample) -> dict[str, Any]:
+    layout = item.layout
+    start = layout.prompt_span[0]
+    return {
+        "id": item.sample.id,
+        "row": item.sample.meta.get("row"),
+        "status": "done",
+        "error": None,
+        "image_refs": [str(r) for r in item.sample.meta.get("image_refs", [])],
+        "prompt_span": [0, layout.prompt_span[1] - start],
+        "response_span": [layout.response_span[0] - start, layout.response_span[1] - start],
+        "num_response_tokens": layout.num_response_tokens,
+        "num_image_tokens": int(layout.image_positions.size),
+    }
+
+
+def run_capture(
+    cfg: CaptureRunConfig,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Run:
+    """Capture every sample of `cfg.data` into the run directory `cfg.out`."""
+    from vlmcredit.data.rollouts import read_rollouts
+    from vlmcredit.probes.loading import load_checkpoint, tokenizer_hash, weights_hash
+
+    cfg.check()
+    if not Path(cfg.data).is_file():
+        raise VlmCreditError(f"--data {cfg.data}: no such file")
+    if (Path(cfg.out) / "manifest.json").exists() and not cfg.resume:
+        raise VlmCreditError(
+            f"--out {cfg.out}: already holds a run; pass --resume to continue it or choose a "
+            "new folder"
+        )
+    rollouts = read_rollouts(
+        cfg.data,
+        skip_bad=cfg.skip_bad,
+        max_samples=cfg.max_samples,
+        require_response=cfg.generate == 0,
+    )
+    samples = rollouts.samples
+    if cfg.generate:
+        samples = expand_generations(samples, cfg.generate)
+    if not samples:
+        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
+
+    ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    geo = ck.geometry
+    spec = CaptureSpec(
+        layers=parse_indices(cfg.layers, geo.num_layers, "--layers"),
+        heads=parse_indices(cfg.heads, geo.num_heads, "--heads"),
+        reduce=cfg.reduce,  # type: ignore[arg-type]
+        qk_layers=(
+            parse_indices(cfg.qk_layers, geo.num_layers, "--qk-layers")
+            or list(range(geo.num_layers))
+        )
+        if cfg.qk
+        else (),
+    )
+    extra = {
+        "checkpoint": {
+            "id": cfg.ckpt,
+            "path": str(ck.path),
+            "family": ck.adapter.cli_name,
+            "weights_sha1": weights_hash(ck.path),
+            "tokenizer_sha1": tokenizer_hash(ck.processor),
+            "geometry": asdict(geo),
+        },
+        "data_format": rollouts.format,
+        "capture": {
+            "layers": spec.layers or list(range(geo.num_layers)),
+            "heads": spec.heads or list(range(geo.num_heads)),
+            "reduce": spec.reduce,
+            "qk_layers": list(spec.qk_layers),
+            "attention_dtype": "float32",
+            "normalisation": "softmax over all keys of the row; image columns kept",
+        },
+    }
+    run = Run.open(Path(cfg.out), "capture", cfg.parameters(), cfg.resume, extra)
+    done = run.done_ids()
+    if not run.rows and rollouts.bad_rows:
+        run.commit(
+            {
+                "id": f"row-{b.row}" if b.id is None else b.id,
+                "row": b.row,
+                "status": "bad",
+                "error": b.error,
+            }
+            for b in rollouts.bad_rows
+        )
+    batches = [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
+    finished = sum(len(b) for b in batches if all(s.id in done for s in b))
+    log(f"{len(samples)} samples in {len(batches)} batches; {finished} already done")
+    if progress:
+        progress(finished, len(samples))
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    committed = 0
+    for batch in batches:
+        if all(s.id in done for s in batch):
+            continue
+        if cfg.generate:
+            responses, _ = generate_responses(ck, batch, cfg.generation)
+            batch = [
+                Sample(s.images, s.prompt, r, s.id, s.meta)
+                for s, r in zip(batch, responses, strict=True)
+            ]
+        items = capture_samples(ck, batch, spec)
+        tensors: dict[str, Any] = {}
+        for item in items:
+            tensors.update(sample_tensors(item))
+        run.commit([sample_row(item) for item in items], tensors)
+        committed += 1
+        finished += len(batch)
+        if progress:
+            progress(finished, len(samples))
+        if crash_after and committed >= crash_after:
+            os._exit(137)  # simulated kill -9: no cleanup, no finally blocks
+    run.finish(
+        samples_done=sum(r["status"] == "done" for r in run.rows),
+        samples_bad=sum(r["status"] == "bad" for r in run.rows),
+    )
+    return run

@@ -1,0 +1,142 @@
+"""Library API: response -> image attention (and Q/K) for samples, without touching disk.
+
+Usable from a training loop: give a loaded checkpoint and samples (or an already-encoded
+batch), get per sample the (layers, heads, T, N) attention block or its reduction, the token
+layout, and the Q/K states.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from vlmcredit.data.sample import Sample
+from vlmcredit.probes.capture import CaptureSpec, RowTarget, SampleCapture, capture_session
+from vlmcredit.probes.inputs import EncodedBatch, encode_samples
+from vlmcredit.probes.layout import SampleLayout, build_layouts
+
+
+@dataclass
+class CapturedSample:
+    sample: Sample
+    layout: SampleLayout
+    response_ids: list[int]
+    capture: SampleCapture
+
+
+def row_targets(
+    layouts: Sequence[SampleLayout], device: Any, open_ended: bool = False
+) -> list[RowTarget]:
+    """Capture targets from layouts: response rows x image columns."""
+    return [
+        RowTarget(
+            layout.response_span[0],
+            None if open_ended else layout.response_span[1],
+            torch.as_tensor(layout.image_positions, dtype=torch.long, device=device),
+        )
+        for layout in layouts
+    ]
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+def capture_encoded(
+    model: Any, batch: EncodedBatch, spec: CaptureSpec
+) -> tuple[list[SampleCapture], torch.Tensor]:
+    """One teacher-forced forward with capture; returns captures and the logits."""
+    device = model_device(model)
+    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    model.model.rope_deltas = None  # cached between calls; analysis forwards start fresh
+    with torch.no_grad(), capture_session(model, spec, row_targets(batch.layouts, device)) as s:
+        logits = model(**inputs).logits
+    return [s.result(b) for b in range(len(batch.layouts))], logits
+
+
+def capture_samples(ck: Any, samples: Sequence[Sample], spec: CaptureSpec) -> list[CapturedSample]:
+    """Teacher-forced capture for a batch of samples (left-padded together)."""
+    batch = encode_samples(ck.processor, ck.geometry, samples)
+    captures, _ = capture_encoded(ck.model, batch, spec)
+    return [
+        CapturedSample(sample, layout, ids, cap)
+        for sample, layout, ids, cap in zip(
+            samples, batch.layouts, batch.response_ids, captures, strict=True
+        )
+    ]
+
+
+@dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    temperature: float = 1.0  # 0 = greedy
+    top_p: float = 1.0
+    seed: int = 0
+
+
+def generate_responses(
+    ck: Any, samples: Sequence[Sample], gen: GenerationConfig, spec: CaptureSpec | None = None
+) -> tuple[list[list[int]], list[SampleCapture] | None]:
+    """Sample one response per sample; optionally capture attention *during* generation.
+
+    Each response ends at (and includes) the first EOS. The capture covers the response tokens
+    that were fed back into the model, i.e. all but the last generated one (its attention row
+    would need one more forward); use `capture_samples` on the result for complete rows.
+    """
+    prompts = [Sample(s.images, s.prompt, [], s.id) for s in samples]
+    batch = encode_samples(ck.processor, ck.geometry, prompts)
+    device = model_device(ck.model)
+    inputs = {k: v.to(device) for k, v in batch.inputs.items()}
+    tok = ck.tokenizer
+    eos = ck.model.generation_config.eos_token_id
+    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {
+        tok.convert_tokens_to_ids("<|im_end|>")
+    }
+    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos_ids))
+    kwargs: dict[str, Any] = {
+        "max_new_tokens": gen.max_new_tokens,
+        "pad_token_id": pad,
+        "eos_token_id": sorted(i for i in eos_ids if i is not None),
+    }
+    if gen.temperature > 0:
+        kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=0)
+    else:
+        kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
+    torch.manual_seed(gen.seed)
+    ck.model.model.rope_deltas = None
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        if spec is None:
+            sequences = ck.model.generate(**inputs, **kwargs)
+            captures = None
+        else:
+            targets = row_targets(batch.layouts, device, open_ended=True)
+            with capture_session(ck.model, spec, targets) as session:
+                sequences = ck.model.generate(**inputs, **kwargs)
+    responses: list[list[int]] = []
+    for row in sequences[:, prompt_len:].tolist():
+        out: list[int] = []
+        for token in row:
+            out.append(token)
+            if token in eos_ids:
+                break
+        responses.append(out)
+    if spec is not None:
+        captures = [
+            session.result(b, num_tokens=max(0, len(r) - 1)) for b, r in enumerate(responses)
+        ]
+    return responses, captures
+
+
+def layouts_for_sequences(
+    ck: Any,
+    sequences: torch.Tensor,
+    attention_mask: torch.Tensor,
+    image_grid_thw: torch.Tensor | None,
+    response_spans: Sequence[tuple[int, int]],
+) -> list[SampleLayout]:
+    """Layouts for token sequences a trainer already holds (no processor pass)."""
+    return build_layouts(sequences, attention_mask, image_grid_thw, ck.geometry, response_spans)

@@ -1,0 +1,237 @@
+"""Run directories: manifest, per-sample table, sharded tensors, atomic writes, resume.
+
+Layout of a run (DESIGN.md):
+    RUN/manifest.json      tool version, command, checkpoint id + weights hash, tokenizer hash,
+                           every parameter and seed, created/finished times, status
+    RUN/samples.parquet    one row per sample: id, source row, image refs, spans, shard, status
+    RUN/shard-NNNNN.safetensors   tensors keyed "<sample id>/<name>"
+
+Every file is written to a temporary name and renamed, so a killed run leaves either the old or
+the new file, never half of one. A shard is written before the table that points at it; on
+resume, shards no finished row points at are leftovers of the kill and are removed.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import tempfile
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmcredit import __version__
+from vlmcredit.errors import VlmCreditError
+
+MANIFEST = "manifest.json"
+SAMPLES = "samples.parquet"
+SAMPLE_COLUMNS = [
+    "id",
+    "row",
+    "status",
+    "error",
+    "shard",
+    "image_refs",
+    "prompt_span",
+    "response_span",
+    "num_response_tokens",
+    "num_image_tokens",
+]
+
+
+def atomic_write_bytes(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def atomic_write_json(path: Path, obj: Any) -> None:
+    atomic_write_bytes(
+        path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
+    )
+
+
+def atomic_write_parquet(path: Path, frame: Any) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
+    atomic_write_bytes(path, sink.getvalue().to_pybytes())
+
+
+def atomic_save_tensors(
+    path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
+) -> None:
+    from safetensors.torch import save
+
+    contiguous = {k: v.contiguous() for k, v in tensors.items()}
+    atomic_write_bytes(path, save(contiguous, metadata=metadata))
+
+
+def now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
+
+
+@dataclass
+class Run:
+    """A run directory being written (or resumed)."""
+
+    path: Path
+    manifest: dict[str, Any]
+    rows: list[dict[str, Any]] = field(default_factory=list)
+
+    # -- creation / resume ----------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        path: Path,
+        command: str,
+        parameters: dict[str, Any],
+        resume: bool,
+        extra: dict[str, Any] | None = None,
+    ) -> Run:
+        """Start a new run in `path`, or resume it (`resume=True`) if its parameters match."""
+        manifest_file = path / MANIFEST
+        if manifest_file.exists():
+            if not resume:
+                raise VlmCreditError(
+                    f"--out {path}: already holds a run; pass --resume to continue it or choose "
+                    "a new folder"
+                )
+            old = json.loads(manifest_file.read_text())
+            if old.get("command") != command or old.get("parameters") != _jsonable(parameters):
+                changed = sorted(
+                    k
+                    for k in set(parameters) | set(old.get("parameters", {}))
+                    if _jsonable(parameters).get(k) != old.get("parameters", {}).get(k)
+                )
+                raise VlmCreditError(
+                    f"--out {path}: the run there was made with different parameters "
+                    f"({', '.join(changed) or old.get('command')}); resume with the same options "
+                    "or choose a new folder"
+                )
+            run = cls(path, old, _read_rows(path))
+            run._drop_orphan_shards()
+            run.manifest["status"] = "running"
+            run.manifest.setdefault("resumed_at", []).append(now())
+            run.write_manifest()
+            return run
+        if path.exists() and any(path.iterdir()):
+            raise VlmCreditError(f"--out {path}: exists and is not a run folder; choose a new one")
+        path.mkdir(parents=True, exist_ok=True)
+        manifest = {
+            "tool": "vlmcredit",
+            "version": __version__,
+            "command": command,
+            "argv": sys.argv,
+            "parameters": _jsonable(parameters),
+            "created": now(),
+            "finished": None,
+            "status": "running",
+            **(extra or {}),
+        }
+        run = cls(path, manifest, [])
+        run.write_manifest()
+        return run
+
+    @classmethod
+    def load(cls, path: Path) -> Run:
+        """Open a finished (or partial) run for reading."""
+        if not (path / MANIFEST).is_file():
+            raise VlmCreditError(f"{path}: not a run folder (no {MANIFEST})")
+        return cls(path, json.loads((path / MANIFEST).read_text()), _read_rows(path))
+
+    # -- progress -------------------------------------------------------------------------------
+    def done_ids(self) -> set[str]:
+        return {r["id"] for r in self.rows if r["status"] in ("done", "bad")}
+
+    def next_shard_name(self) -> str:
+        used = [int(p.stem.split("-")[1]) for p in self.path.glob("shard-*.safetensors")]
+        return f"shard-{(max(used) + 1) if used else 0:05d}.safetensors"
+
+    def commit(self, rows: Iterable[dict[str, Any]], tensors: dict[str, Any] | None = None) -> None:
+        """Write a shard (if any tensors) and then the table that records its rows as done."""
+        rows = list(rows)
+        if tensors:
+            shard = self.next_shard_name()
+            atomic_save_tensors(self.path / shard, tensors)
+            for row in rows:
+                if row.get("status") == "done":
+                    row["shard"] = shard
+        self.rows.extend(rows)
+        self.write_rows()
+
+    def write_rows(self) -> None:
+        import pandas as pd
+
+        frame = pd.DataFrame(
+            [{c: _cell(r.get(c)) for c in SAMPLE_COLUMNS} for r in self.rows],
+            columns=SAMPLE_COLUMNS,
+        )
+        atomic_write_parquet(self.path / SAMPLES, frame)
+
+    def write_manifest(self) -> None:
+        atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    def finish(self, **summary: Any) -> None:
+        self.manifest.update(summary)
+        self.manifest["finished"] = now()
+        self.manifest["status"] = "finished"
+        self.write_manifest()
+
+    def _drop_orphan_shards(self) -> None:
+        referenced = {r["shard"] for r in self.rows if r.get("shard")}
+        for shard in self.path.glob("shard-*.safetensors"):
+            if shard.name not in referenced:
+                shard.unlink()
+        for tmp in self.path.glob(".*.*"):
+            tmp.unlink()
+
+    # -- reading --------------------------------------------------------------------------------
+    def tensors(self, sample_id: str) -> dict[str, Any]:
+        """All tensors stored for one sample, names without the id prefix."""
+        from safetensors import safe_open
+
+        row = next((r for r in self.rows if r["id"] == sample_id and r.get("shard")), None)
+        if row is None:
+            raise VlmCreditError(f"{self.path}: no stored tensors for sample {sample_id!r}")
+        prefix = f"{sample_id}/"
+        with safe_open(str(self.path / row["shard"]), framework="pt") as f:
+            return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+
+
+def _read_rows(path: Path) -> list[dict[str, Any]]:
+    import pandas as pd
+
+    file = path / SAMPLES
+    if not file.exists():
+        return []
+    frame = pd.read_parquet(file)
+    rows = frame.to_dict("records")
+    for row in rows:
+        for key in ("prompt_span", "response_span", "image_refs"):
+            if row.get(key) is not None:
+                row[key] = list(row[key])
+    return rows
+
+
+def _cell(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+def _jsonable(obj: Any) -> Any:
+    return json.loads(json.dumps(obj, sort_keys=True, default=str))
