@@ -1,7 +1,8 @@
 """The built-in demo: the user's path on a tiny offline checkpoint.
 
-It grows as commands land. Today: build the tiny checkpoint, describe it, encode a rendered
-image + prompt + response and show the token layout the probes work on.
+It grows as commands land. Today: build the tiny checkpoint, describe it, write a small rollout
+file with rendered images, run `capture` on it (response -> image attention and Q/K into a run
+folder) and show which response tokens put the most attention on the image.
 """
 
 from __future__ import annotations
@@ -45,18 +46,34 @@ def ensure_tiny_checkpoint(out: Path) -> Path:
     return ckpt
 
 
+def write_demo_rollouts(folder: Path) -> Path:
+    """A JSONL rollout file with one rendered image, as users would hand one in."""
+    import json
+
+    folder.mkdir(parents=True, exist_ok=True)
+    demo_image().save(folder / "scene.png")
+    rows = [
+        {"id": s.id, "images": ["scene.png"], "prompt": s.prompt, "response": s.response}
+        for s in demo_samples()
+    ]
+    path = folder / "rollouts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
 def run_demo(out: Path, echo: Callable[[str], None] = print) -> None:
+    import shutil
+
+    from vlmcredit.probes.capture_run import CaptureRunConfig, run_capture
     from vlmcredit.probes.describe import describe_checkpoint
-    from vlmcredit.probes.inputs import encode_samples
-    from vlmcredit.probes.loading import load_checkpoint
 
     out.mkdir(parents=True, exist_ok=True)
-    echo("vlmcredit demo (partial): what exists so far is checkpoint building, loading and the")
-    echo("token layout; capture, probe-heads, anchors, export and report join as they land.\n")
+    echo("vlmcredit demo (partial): checkpoint building, loading, token layout and attention")
+    echo("capture exist so far; probe-heads, anchors, export and report join as they land.\n")
     ckpt = ensure_tiny_checkpoint(out)
-    echo(f"[1/3] tiny {DEMO_FAMILY} checkpoint: {ckpt}")
+    echo(f"[1/3] tiny {DEMO_FAMILY} checkpoint (random weights): {ckpt}")
     facts = describe_checkpoint(ckpt)
-    echo("[2/3] vlmcredit info --ckpt " + str(ckpt))
+    echo(f"[2/3] vlmcredit info --ckpt {ckpt}")
     for key in (
         "family",
         "layers",
@@ -69,15 +86,29 @@ def run_demo(out: Path, echo: Callable[[str], None] = print) -> None:
         "parameters",
     ):
         echo(f"      {key:<18} {facts[key]}")
-    loaded = load_checkpoint(ckpt, dtype="fp32")
-    batch = encode_samples(loaded.processor, loaded.geometry, demo_samples())
-    echo("[3/3] teacher-forced batch (left-padded) and its token layout")
-    for sample, layout in zip(demo_samples(), batch.layouts, strict=True):
-        im = layout.images[0]
-        _, rows, cols = im.merged_grid
+    data = write_demo_rollouts(out / "data")
+    run_dir = out / "runs" / "capture"
+    shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts fresh each time
+    echo(f"[3/3] vlmcredit capture --ckpt {ckpt} --data {data} --out {run_dir}")
+    run = run_capture(CaptureRunConfig(ckpt=str(ckpt), data=data, out=run_dir, dtype="fp32"))
+    show_capture(run, ckpt, echo)
+    echo(f"\ndemo outputs in {out}/ (run folder: {run_dir})")
+
+
+def show_capture(run, ckpt: Path, echo: Callable[[str], None]) -> None:  # run: vlmcredit.runs.Run
+    """Per sample: the response tokens with the most attention mass on the image."""
+    from vlmcredit.probes.families import CLI_NAMES, FAMILIES
+    from vlmcredit.probes.loading import load_processor, resolve_checkpoint
+
+    processor = load_processor(resolve_checkpoint(ckpt), FAMILIES[CLI_NAMES[DEMO_FAMILY]])
+    for row in run.rows:
+        tensors = run.tensors(row["id"])
+        attention = tensors["attention"]  # (layers, 1, T, N): mean over heads
+        mass = attention.sum(-1).mean(0)[0]  # image mass per response token, mean over layers
+        tokens = [processor.tokenizer.decode([t]) for t in tensors["response_ids"].tolist()]
+        top = mass.argsort(descending=True)[:3].tolist()
+        shown = ", ".join(f"{tokens[i]!r} {float(mass[i]):.3f}" for i in top)
         echo(
-            f"      {sample.id}: prompt {layout.prompt_span}, response {layout.response_span} "
-            f"({layout.num_response_tokens} tokens), image {im.original_size[1]}x"
-            f"{im.original_size[0]} px -> {rows}x{cols} cells = {im.num_tokens} image tokens"
+            f"      {row['id']}: {row['num_response_tokens']} response x "
+            f"{row['num_image_tokens']} image tokens; most image-attentive: {shown}"
         )
-    echo(f"\ndemo outputs in {out}/")

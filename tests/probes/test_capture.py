@@ -58,12 +58,14 @@ def batches():
 
 @pytest.mark.parametrize("family", FAMILIES)
 @pytest.mark.parametrize("case", ["single", "padded batch", "multi-image"])
-def test_capture_equals_eager(loaded, family: str, case: str) -> None:
+@pytest.mark.parametrize("kernel_lse", [True, False], ids=["kernel-lse", "portable"])
+def test_capture_equals_eager(loaded, family: str, case: str, kernel_lse: bool) -> None:
     ck = loaded(family)
     samples = batches()[case]
     batch = encode_samples(ck.processor, ck.geometry, samples)
     plain = sdpa_logits(ck.model, batch.inputs)
-    captures, logits = capture_encoded(ck.model, batch, CaptureSpec(reduce="heads"))
+    spec = CaptureSpec(reduce="heads", kernel_lse=kernel_lse, chunk_elements=4096)
+    captures, logits = capture_encoded(ck.model, batch, spec)
     ref = eager_forward(ck.model, batch.inputs)
     valid = batch.inputs["attention_mask"].bool()
     # Logits of the capture forward are the plain SDPA logits.
@@ -91,8 +93,10 @@ def test_reductions_and_selection(loaded, family: str) -> None:
     batch = encode_samples(ck.processor, ck.geometry, batches()["padded batch"])
     ref = eager_forward(ck.model, batch.inputs)
     layers, heads = [0, 2], [1, 3]
-    for reduce in ("heads", "mean", "sum"):
-        spec = CaptureSpec(layers=layers, heads=heads, reduce=reduce, chunk_elements=50)
+    for reduce, kernel_lse in (("heads", True), ("mean", False), ("sum", True)):
+        spec = CaptureSpec(
+            layers=layers, heads=heads, reduce=reduce, chunk_elements=50, kernel_lse=kernel_lse
+        )
         captures, _ = capture_encoded(ck.model, batch, spec)
         for b, layout in enumerate(batch.layouts):
             want = reference_block(ref, layout, b, layers, heads)
@@ -106,6 +110,7 @@ def test_reductions_and_selection(loaded, family: str) -> None:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_capture_during_generate(loaded, family: str) -> None:
+    """generate() runs under no_grad, so the kernel path serves prefill and Q = 1 decoding."""
     ck = loaded(family)
     prompts = [
         Sample([noise_image(90, 200, 4), noise_image(60, 60, 5)], "Compare them.", ""),

@@ -45,6 +45,9 @@ class CaptureSpec:
     # Upper bound on the elements of one chunk of recomputed scores (heads x rows x keys):
     # 2^25 fp32 = 128 MiB. Rows per chunk = max(1, budget // (heads * keys)).
     chunk_elements: int = 1 << 25
+    # Take each row's log-sum-exp from the fused CPU attention kernel when it applies (faster);
+    # False always uses the portable path (plain SDPA + chunked recompute of the full rows).
+    kernel_lse: bool = True
 
 
 @dataclass
@@ -54,6 +57,52 @@ class RowTarget:
     response_start: int
     response_end: int | None  # None: open-ended (generation)
     key_positions: torch.Tensor  # (N,) long, image-token positions
+    _runs: list[tuple[int, int]] | None = field(default=None, repr=False)
+
+    def runs(self) -> list[tuple[int, int]]:
+        """Image positions as contiguous [start, end) runs (one per image): slicing runs is
+        far cheaper than gathering columns."""
+        if self._runs is None:
+            pos = self.key_positions.detach().cpu().tolist()
+            runs: list[tuple[int, int]] = []
+            for p in pos:
+                if runs and runs[-1][1] == p:
+                    runs[-1] = (runs[-1][0], p + 1)
+                else:
+                    runs.append((p, p + 1))
+            self._runs = runs
+        return self._runs
+
+
+@dataclass(frozen=True)
+class _RowBlock:
+    b: int  # batch row
+    r0: int  # first query row (index into this call's queries)
+    r1: int
+    q_offset: int  # absolute position of query row 0
+    scale: float
+
+
+def _take_runs(x: torch.Tensor, runs: list[tuple[int, int]], dim: int) -> torch.Tensor:
+    """Concatenate slices [a, b) of `x` along `dim` (a view when there is one run)."""
+    if len(runs) == 1:
+        a, b = runs[0]
+        return x.narrow(dim, a, b - a)
+    if not runs:
+        shape = list(x.shape)
+        shape[dim] = 0
+        return x.new_zeros(shape)
+    return torch.cat([x.narrow(dim, a, b - a) for a, b in runs], dim=dim)
+
+
+def _mask_columns(
+    image: torch.Tensor, mask_rows: torch.Tensor, runs: list[tuple[int, int]]
+) -> torch.Tensor:
+    """Apply a (rows, S) bool or additive mask to image-column scores (H, rows, N)."""
+    m = _take_runs(mask_rows, runs, dim=-1)
+    if m.dtype == torch.bool:
+        return image.masked_fill_(~m[None], float("-inf"))
+    return image.add_(m[None].float())
 
 
 @dataclass
@@ -107,6 +156,9 @@ class CaptureSession:
         self._head_index: dict[torch.device, torch.Tensor] = {}
 
     # -- called from the attention function ---------------------------------------------------
+    def wants(self, layer: int) -> bool:
+        return layer in self._wanted
+
     def observe(
         self,
         module: Any,
@@ -114,7 +166,10 @@ class CaptureSession:
         key: torch.Tensor,
         attention_mask: torch.Tensor | None,
         scaling: float | None,
+        lse: torch.Tensor | None = None,
     ) -> None:
+        """Record what this layer call contributes. `lse`: (B, H, Q) row log-sum-exp, if the
+        attention kernel already computed it (then only the image columns are scored)."""
         layer = int(module.layer_idx)
         if layer not in self._wanted:
             return
@@ -125,15 +180,10 @@ class CaptureSession:
         want_attn = self.spec.attention and layer in self.attn_layers
         want_qk = layer in self.qk_layers
         for b, target in enumerate(self.targets):
-            kpos = target.key_positions
-            if (
-                want_qk
-                and (layer, b) not in self._keys
-                and kpos.numel()
-                and int(kpos.max()) < kv_len
-            ):
+            runs = target.runs()
+            if want_qk and (layer, b) not in self._keys and runs and runs[-1][1] <= kv_len:
                 groups = heads // key.shape[1]
-                keys = key[b][:, kpos.to(key.device)]  # (Hkv, N, D)
+                keys = _take_runs(key[b], runs, dim=1)  # (Hkv, N, D)
                 self._keys[(layer, b)] = keys.repeat_interleave(groups, dim=0).float().cpu()
             end = kv_len if target.response_end is None else min(target.response_end, kv_len)
             lo, hi = max(target.response_start, q_offset), end
@@ -143,8 +193,9 @@ class CaptureSession:
             if want_qk:
                 self._queries.setdefault((layer, b), []).append(query[b, :, r0:r1].float().cpu())
             if want_attn:
+                rows = _RowBlock(b, r0, r1, q_offset, scale)
                 block = self._attention_rows(
-                    query[b], key[b], attention_mask, b, r0, r1, q_offset, kpos, scale
+                    query[b], key[b], attention_mask, rows, runs, None if lse is None else lse[b]
                 )
                 self._attn.setdefault((layer, b), []).append(block)
 
@@ -153,46 +204,41 @@ class CaptureSession:
         q: torch.Tensor,
         k: torch.Tensor,
         mask: torch.Tensor | None,
-        b: int,
-        r0: int,
-        r1: int,
-        q_offset: int,
-        kpos: torch.Tensor,
-        scale: float,
+        rows: _RowBlock,
+        runs: list[tuple[int, int]],
+        lse: torch.Tensor | None,
     ) -> torch.Tensor:
-        """Softmax rows r0:r1 of one batch row over all keys, image columns kept, reduced."""
+        """Probabilities of rows r0:r1 (one batch row) on the image columns, reduced.
+
+        p = exp(score - logsumexp(row)), the same numbers as softmax over all keys. With the
+        kernel's log-sum-exp only the image columns are scored; otherwise the full row is
+        scored in chunks (O(chunk x S) memory) to get it.
+        """
         heads, _, head_dim = q.shape
         kv_heads, kv_len, _ = k.shape
         groups = heads // kv_heads
-        kpos = kpos.to(q.device)
-        head_index = self._head_index.get(q.device)
-        if head_index is None:
-            head_index = torch.tensor(self.heads, device=q.device)
-            self._head_index[q.device] = head_index
-        chunk = max(1, self.spec.chunk_elements // max(1, heads * kv_len))
+        k_img_t = _take_runs(k, runs, dim=1).transpose(-1, -2) if lse is not None else None
         k_t = k.transpose(-1, -2)  # (Hkv, D, S): a view, no copy
+        chunk = max(1, self.spec.chunk_elements // max(1, heads * kv_len))
         pieces = []
-        for c0 in range(r0, r1, chunk):
-            c1 = min(r1, c0 + chunk)
-            rows = c1 - c0
-            # (H, rows, D) -> (Hkv, G*rows, D): query heads grouped under their kv head.
-            qc = q[:, c0:c1].reshape(kv_heads, groups * rows, head_dim)
-            scores = torch.matmul(qc, k_t).view(heads, rows, kv_len) * scale
-            scores = scores.float()
-            if mask is None:  # unpadded: pure causal
-                cols = torch.arange(kv_len, device=q.device)
-                qpos = torch.arange(c0, c1, device=q.device) + q_offset
-                scores = scores.masked_fill((cols[None, :] > qpos[:, None])[None], float("-inf"))
+        for c0 in range(rows.r0, rows.r1, chunk):
+            c1 = min(rows.r1, c0 + chunk)
+            n = c1 - c0
+            # (H, n, D) -> (Hkv, G*n, D): query heads grouped under their kv head (no repeat).
+            qc = (q[:, c0:c1] * rows.scale).reshape(kv_heads, groups * n, head_dim)
+            if lse is not None:
+                image = torch.matmul(qc, k_img_t).view(heads, n, -1).float()
+                row_lse = lse[:, c0:c1, None].float()
+                if mask is not None:
+                    image = _mask_columns(image, mask[rows.b, 0, c0:c1], runs)
             else:
-                m = mask[b, 0, c0:c1, :kv_len]
-                if m.dtype == torch.bool:
-                    scores = scores.masked_fill(~m[None], float("-inf"))
-                else:
-                    scores = scores + m[None].float()
-            probs = torch.softmax(scores, dim=-1)
-            image = probs.index_select(-1, kpos)  # (H, rows, N)
+                scores = torch.matmul(qc, k_t).view(heads, n, kv_len).float()
+                scores = self._mask_scores(scores, mask, rows, c0, c1)
+                row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+                image = _take_runs(scores, runs, dim=-1)
+            image = image.sub_(row_lse).exp_()  # (H, n, N)
             if not self._all_heads:
-                image = image.index_select(0, head_index)
+                image = image.index_select(0, self._heads_on(image.device))
             if self.spec.reduce == "mean":
                 image = image.mean(0, keepdim=True)
             elif self.spec.reduce == "sum":
@@ -200,28 +246,63 @@ class CaptureSession:
             pieces.append(image.cpu())
         return torch.cat(pieces, dim=1)
 
+    @staticmethod
+    def _mask_scores(
+        scores: torch.Tensor, mask: torch.Tensor | None, rows: _RowBlock, c0: int, c1: int
+    ) -> torch.Tensor:
+        kv_len = scores.shape[-1]
+        if mask is None:
+            # Unpadded: pure causal. Only keys after the first row's position can be masked.
+            first = c0 + rows.q_offset
+            if first + 1 < kv_len:
+                qpos = torch.arange(c0, c1, device=scores.device) + rows.q_offset
+                cols = torch.arange(first + 1, kv_len, device=scores.device)
+                tail = scores[..., first + 1 :]
+                tail.masked_fill_((cols[None, :] > qpos[:, None])[None], float("-inf"))
+            return scores
+        m = mask[rows.b, 0, c0:c1, :kv_len]
+        if m.dtype == torch.bool:
+            return scores.masked_fill_(~m[None], float("-inf"))
+        return scores.add_(m[None].float())
+
+    def _heads_on(self, device: torch.device) -> torch.Tensor:
+        index = self._head_index.get(device)
+        if index is None:
+            index = torch.tensor(self.heads, device=device)
+            self._head_index[device] = index
+        return index
+
     # -- results ------------------------------------------------------------------------------
     def result(self, b: int, num_tokens: int | None = None) -> SampleCapture:
-        """Batch row b's capture; `num_tokens` trims generated rows (e.g. after EOS)."""
+        """Batch row b's capture; `num_tokens` trims generated rows (e.g. after EOS).
+
+        Hands the collected blocks over (each is read once): chunks are copied into the result
+        and released layer by layer, so the peak is the result plus one layer, not twice it.
+        """
         n_img = int(self.targets[b].key_positions.numel())
         heads = self.heads if self.spec.reduce == "heads" else [-1]
         attention = None
         if self.spec.attention:
-            per_layer = []
-            for layer in self.attn_layers:
-                chunks = self._attn.get((layer, b))
-                if chunks:
-                    per_layer.append(torch.cat(chunks, dim=1))
-                else:
-                    per_layer.append(torch.zeros(len(heads), 0, n_img))
-            attention = torch.stack(per_layer)[:, :, :num_tokens]
+            chunks_per_layer = [self._attn.pop((layer, b), []) for layer in self.attn_layers]
+            total = max((sum(c.shape[1] for c in chunks) for chunks in chunks_per_layer), default=0)
+            rows = total if num_tokens is None else min(total, num_tokens)
+            attention = torch.zeros(len(self.attn_layers), len(heads), rows, n_img)
+            for i, chunks in enumerate(chunks_per_layer):
+                start = 0
+                while chunks and start < rows:
+                    piece = chunks.pop(0)
+                    take = min(piece.shape[1], rows - start)
+                    attention[i, :, start : start + take] = piece[:, :take]
+                    start += take
         queries = {
-            layer: torch.cat(self._queries[(layer, b)], dim=1)[:, :num_tokens]
+            layer: torch.cat(self._queries.pop((layer, b)), dim=1)[:, :num_tokens]
             for layer in self.qk_layers
             if (layer, b) in self._queries
         }
         keys = {
-            layer: self._keys[(layer, b)] for layer in self.qk_layers if (layer, b) in self._keys
+            layer: self._keys.pop((layer, b))
+            for layer in self.qk_layers
+            if (layer, b) in self._keys
         }
         return SampleCapture(
             list(self.attn_layers), list(heads), self.spec.reduce, attention, queries, keys
@@ -240,14 +321,61 @@ def capture_attention_forward(
     """SDPA for the layer output; the side capture when a session is active."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    output = sdpa_attention_forward(
-        module, query, key, value, attention_mask, scaling=scaling, **kwargs
-    )
     session = _ACTIVE.get()
-    if session is not None:
+    if session is None or not session.wants(int(module.layer_idx)):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+    fused = None
+    if session.spec.kernel_lse:
         with torch.no_grad():
-            session.observe(module, query, key, attention_mask, scaling)
+            fused = _cpu_sdpa_with_lse(module, query, key, value, attention_mask, scaling, kwargs)
+    if fused is None:
+        output = sdpa_attention_forward(
+            module, query, key, value, attention_mask, scaling=scaling, **kwargs
+        )
+        lse = None
+    else:
+        output, lse = fused
+    with torch.no_grad():
+        session.observe(module, query, key, attention_mask, scaling, lse)
     return output
+
+
+def _cpu_sdpa_with_lse(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None,
+    kwargs: dict[str, Any],
+) -> tuple[tuple[torch.Tensor, None], torch.Tensor] | None:
+    """On CPU, the same fused flash kernel that `F.scaled_dot_product_attention` dispatches to,
+    called directly because it also returns each row's log-sum-exp: then the capture scores only
+    the image columns. Returns None where that kernel does not apply (other devices, dropout,
+    sliding windows, grad), and the caller falls back to plain SDPA + a chunked recompute."""
+    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+    if (
+        op is None
+        or query.device.type != "cpu"
+        or torch.is_grad_enabled()
+        or kwargs.get("dropout", 0.0)
+        or kwargs.get("sliding_window")
+        or kwargs.get("softcap") is not None
+        or query.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+    ):
+        return None
+    mask = attention_mask
+    if mask is not None:
+        mask = mask[:, :, :, : key.shape[-2]]
+        if mask.dtype == torch.bool:
+            mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
+        else:
+            mask = mask.to(query.dtype)
+    is_causal = mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True)
+    out, lse = op(query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling)
+    return (out.transpose(1, 2).contiguous(), None), lse
 
 
 def register_capture_attention() -> str:
