@@ -7,7 +7,6 @@ resumed run recomputes exactly the batches that were not committed, with the sam
 
 from __future__ import annotations
 
-import hashlib
 import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -19,6 +18,7 @@ import numpy as np
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.probes.capture import REDUCTIONS, CaptureSpec
+from vlmcredit.probes.loading import file_sha1
 from vlmcredit.probes.response_attention import (
     CapturedSample,
     GenerationConfig,
@@ -75,14 +75,6 @@ class CaptureRunConfig:
         params["data"] = str(Path(self.data).resolve())
         params["data_sha1"] = file_sha1(Path(self.data))
         return params
-
-
-def file_sha1(path: Path) -> str:
-    h = hashlib.sha1()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
 
 
 def expand_generations(samples: Sequence[Sample], n: int) -> list[Sample]:
