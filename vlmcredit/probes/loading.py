@@ -171,7 +171,7 @@ def load_checkpoint(
     """Load model + processor of a supported Qwen-VL checkpoint, in eval mode.
 
     `device_map` (e.g. "auto") shards across GPUs as transformers does and excludes `device`.
-    Weights load from safetensors only; remote code runs only with `trust_remote_code=True`.
+    Weights load from safetensors only; a checkpoint's own code runs only on explicit request.
     """
     if device and device_map:
         raise VlmCreditError("--device and --device-map exclude each other; pass one of them")
