@@ -50,6 +50,12 @@ def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
     )
 
 
+def _capture(ckpt: str, data: Path, out: Path, *extra: str):
+    """Invoke `vlmcredit capture` in-process with the common options."""
+    args = ["capture", "--ckpt", ckpt, "--data", str(data), "--out", str(out), "--quiet"]
+    return runner.invoke(app, [*args, *extra])
+
+
 def _all_tensors(run_dir: Path) -> dict[str, torch.Tensor]:
     run = Run.load(run_dir)
     out = {}
@@ -146,25 +152,17 @@ def test_skip_bad_rows_are_recorded(tiny_ckpt, rollouts, tmp_path) -> None:
 def test_generate_mode_and_option_errors(tiny_ckpt, rollouts, tmp_path) -> None:
     ckpt = str(tiny_ckpt("qwen2.5-vl"))
     out = tmp_path / "gen"
-    result = runner.invoke(
-        app,
-        [
-            "capture",
-            "--ckpt",
-            ckpt,
-            "--data",
-            str(rollouts),
-            "--out",
-            str(out),
-            "--generate",
-            "2",
-            "--max-samples",
-            "2",
-            "--max-new-tokens",
-            "5",
-            "--quiet",
-            "--no-qk",
-        ],
+    result = _capture(
+        ckpt,
+        rollouts,
+        out,
+        "--generate",
+        "2",
+        "--max-samples",
+        "2",
+        "--max-new-tokens",
+        "5",
+        "--no-qk",
     )
     assert result.exit_code == 0, result.output
     table = pd.read_parquet(out / "samples.parquet")
@@ -181,20 +179,7 @@ def test_generate_mode_and_option_errors(tiny_ckpt, rollouts, tmp_path) -> None:
         (["--batch-size", "0"], "--batch-size 0"),
         (["--top-p", "1.5", "--generate", "1"], "--top-p 1.5"),
     ]:
-        r = runner.invoke(
-            app,
-            [
-                "capture",
-                "--ckpt",
-                ckpt,
-                "--data",
-                str(rollouts),
-                "--out",
-                str(tmp_path / "x"),
-                "--quiet",
-                *bad_args,
-            ],
-        )
+        r = _capture(ckpt, rollouts, tmp_path / "x", *bad_args)
         assert r.exit_code == 2, bad_args
         assert fragment in r.stderr and len(r.stderr.strip().splitlines()) == 1
     missing = runner.invoke(

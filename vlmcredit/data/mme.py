@@ -102,14 +102,18 @@ def _decode(ref: str | bytes) -> Any:
         raise _Bad("", msg) from None
 
 
+def canonical_name(name: str) -> str | None:
+    """The official spelling of a category name given in any case, or None if unknown."""
+    return {c.lower(): c for c in CATEGORIES}.get(name.strip().lower())
+
+
 def canonical_categories(categories: Iterable[str] | None) -> list[str]:
     """Map user-given names (case-insensitive) to official category names; unknown -> error."""
     if categories is None:
         return list(CATEGORIES)
-    by_lower = {c.lower(): c for c in CATEGORIES}
     out = []
     for name in categories:
-        canon = by_lower.get(name.strip().lower())
+        canon = canonical_name(name)
         if canon is None:
             raise VlmCreditError(
                 f"unknown MME category {name!r}; valid categories: {', '.join(CATEGORIES)}"

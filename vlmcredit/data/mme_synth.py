@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from vlmcredit.data.mme import CATEGORIES, MMESet, read_mme
+from vlmcredit.data.mme import MMESet, canonical_name, read_mme
 from vlmcredit.errors import VlmCreditError
 
 SYNTH_CATEGORIES = ("existence", "count", "position", "color", "OCR", "numerical_calculation")
@@ -224,10 +224,9 @@ def _position_pair(
 def _check_categories(categories: Iterable[str] | None) -> list[str]:
     if categories is None:
         return list(SYNTH_CATEGORIES)
-    by_lower = {c.lower(): c for c in CATEGORIES}
     out = []
     for name in categories:
-        canon = by_lower.get(name.lower())
+        canon = canonical_name(name)
         if canon not in SYNTH_CATEGORIES:
             raise VlmCreditError(
                 f"cannot synthesise MME category {name!r}; synthetic categories: "

@@ -16,7 +16,7 @@ import torch
 from vlmcredit.data.sample import Sample
 from vlmcredit.probes.capture import CaptureSpec, RowTarget, SampleCapture, capture_session
 from vlmcredit.probes.inputs import EncodedBatch, encode_samples
-from vlmcredit.probes.layout import SampleLayout, build_layouts
+from vlmcredit.probes.layout import SampleLayout
 
 
 @dataclass
@@ -129,14 +129,3 @@ def generate_responses(
             session.result(b, num_tokens=max(0, len(r) - 1)) for b, r in enumerate(responses)
         ]
     return responses, captures
-
-
-def layouts_for_sequences(
-    ck: Any,
-    sequences: torch.Tensor,
-    attention_mask: torch.Tensor,
-    image_grid_thw: torch.Tensor | None,
-    response_spans: Sequence[tuple[int, int]],
-) -> list[SampleLayout]:
-    """Layouts for token sequences a trainer already holds (no processor pass)."""
-    return build_layouts(sequences, attention_mask, image_grid_thw, ck.geometry, response_spans)
