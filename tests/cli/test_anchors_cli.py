@@ -1,0 +1,228 @@
+"""`vlmcredit anchors` end to end on a tiny checkpoint: tables, --from, heads, resume, errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.helpers import noise_image
+from vlmcredit.analysis.anchors import AnchorConfig, label_anchors
+from vlmcredit.cli.main import app
+from vlmcredit.data.sample import Sample
+from vlmcredit.export.signals import read_signals, response_id
+from vlmcredit.probes.capture import CaptureSpec
+from vlmcredit.probes.response_attention import capture_samples
+from vlmcredit.runs import Run
+
+runner = CliRunner()
+FAMILY = "qwen2.5-vl"
+RESPONSES = [
+    "The red square sits on the left and a blue circle on the right side of it.",
+    "I see noise. " * 6,
+    "Yes.",
+    "A picture with many small coloured dots, like static on an old television set.",
+    "No, there is nothing else here but random pixels in every direction.",
+]
+
+
+@pytest.fixture(scope="module")
+def rollouts(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("anchor-rollouts")
+    noise_image(112, 140, 3).save(folder / "a.png")
+    noise_image(84, 168, 4).save(folder / "b.png")
+    rows = [
+        {
+            "id": f"s{i}",
+            "images": ["a.png"] if i % 2 else ["b.png"],
+            "prompt": "Describe the image.",
+            "response": text,
+        }
+        for i, text in enumerate(RESPONSES)
+    ]
+    path = folder / "rollouts.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def _anchors(*args: str):
+    return runner.invoke(app, ["anchors", *args, "--quiet"])
+
+
+@pytest.fixture(scope="module")
+def anchors_run(tiny_ckpt, rollouts, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("anchors") / "run"
+    ckpt = str(tiny_ckpt(FAMILY))
+    result = _anchors(
+        "--ckpt", ckpt, "--data", str(rollouts), "--out", str(out), "--batch-size", "2"
+    )
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_tables_and_summary(anchors_run, loaded) -> None:
+    table = pd.read_parquet(anchors_run / "anchors.parquet")
+    assert list(table.columns) == [
+        "sample_id",
+        "token_index",
+        "token_id",
+        "token",
+        "connectivity",
+        "cluster",
+        "anchor",
+        "weight",
+        "threshold_anchor",
+    ]
+    tok = loaded(FAMILY).tokenizer
+    run = Run.load(anchors_run)
+    assert [r["id"] for r in run.rows] == [f"s{i}" for i in range(len(RESPONSES))]
+    for i, text in enumerate(RESPONSES):
+        part = table[table.sample_id == f"s{i}"]
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        assert part.token_id.tolist() == ids
+        assert part.token_index.tolist() == list(range(len(ids)))
+        assert part.token.tolist() == [tok.decode([t]) for t in ids]
+        assert np.isfinite(part.connectivity).all()
+        assert set(part.weight[part.anchor]) <= {1.0} and set(part.weight[~part.anchor]) <= {0.0}
+        assert part.anchor.any()  # the top cluster is always taken
+    summary = json.loads((anchors_run / "anchors.json").read_text())
+    assert summary["num_tokens"] == len(table)
+    assert summary["num_anchors"] == int(table.anchor.sum())
+    assert summary["ratio_achieved"] == pytest.approx(table.anchor.mean())
+    assert len(summary["samples"]) == len(RESPONSES)
+    assert summary["parameters"]["analysis"]["ratio"] == 0.15
+    manifest = json.loads((anchors_run / "manifest.json").read_text())
+    assert manifest["status"] == "finished" and manifest["signals"]["method"] == "anchors"
+
+
+def test_stored_attention_is_the_layer_head_mean(anchors_run, loaded) -> None:
+    """The stored (T, N) equals an independent per-head capture averaged over layers and heads,
+    and the stored labels equal label_anchors on it."""
+    ck = loaded(FAMILY)
+    run = Run.load(anchors_run)
+    t = run.tensors("s0")
+    data_dir = Path(json.loads((anchors_run / "manifest.json").read_text())["parameters"]["data"])
+    image = __import__("PIL.Image", fromlist=["Image"]).open(data_dir.parent / "b.png")
+    sample = Sample([image.convert("RGB")], "Describe the image.", RESPONSES[0], "s0")
+    (item,) = capture_samples(ck, [sample], CaptureSpec(reduce="heads"))
+    reference = item.capture.attention.mean(dim=(0, 1))
+    assert torch.allclose(t["attention"], reference, atol=1e-6)
+    result = label_anchors(reference.double().numpy(), AnchorConfig())
+    assert np.array_equal(t["anchor"].numpy().astype(bool), result.anchor)
+    assert t["thumb.0"].dtype == torch.uint8 and t["thumb.0"].shape == (84, 168, 3)
+    assert t["image_boxes"].shape == (t["attention"].shape[1], 4)
+
+
+def test_signals_match_the_tokens(anchors_run) -> None:
+    signals = read_signals(anchors_run)
+    table = pd.read_parquet(anchors_run / "anchors.parquet")
+    for sid, part in table.groupby("sample_id"):
+        ids = part.token_id.tolist()
+        weights = signals.lookup(sid, ids)
+        assert weights is not None
+        assert np.array_equal(weights, part.weight.to_numpy())
+    row = signals.frame.iloc[0]
+    assert row.response_id == response_id(list(row.token_ids))
+
+
+def test_from_capture_run_gives_the_same_anchors(
+    tiny_ckpt, rollouts, anchors_run, tmp_path
+) -> None:
+    ckpt = str(tiny_ckpt(FAMILY))
+    cap = tmp_path / "cap"
+    result = runner.invoke(
+        app,
+        [
+            "capture",
+            "--ckpt",
+            ckpt,
+            "--data",
+            str(rollouts),
+            "--out",
+            str(cap),
+            "--no-qk",
+            "--quiet",
+            "--batch-size",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    out = tmp_path / "from"
+    result = _anchors("--from", str(cap), "--out", str(out))
+    assert result.exit_code == 0, result.output
+    a = pd.read_parquet(anchors_run / "anchors.parquet")
+    b = pd.read_parquet(out / "anchors.parquet")
+    assert a.drop(columns="connectivity").equals(b.drop(columns="connectivity"))
+    assert np.allclose(a.connectivity, b.connectivity, atol=1e-6)
+    # heads need a per-head capture: the averaged capture run is refused with a clear message
+    result = _anchors("--from", str(cap), "--out", str(tmp_path / "h"), "--heads", "0,1")
+    assert result.exit_code == 2 and "--reduce heads" in result.output
+
+
+def test_heads_json_averages_only_critical_heads(tiny_ckpt, rollouts, loaded, tmp_path) -> None:
+    heads = tmp_path / "heads.json"
+    heads.write_text(
+        json.dumps({"critical": [{"layer": None, "head": 1}, {"layer": None, "head": 3}]})
+    )
+    out = tmp_path / "crit"
+    ckpt = str(tiny_ckpt(FAMILY))
+    args = ["--ckpt", ckpt, "--data", str(rollouts), "--out", str(out), "--max-samples", "1"]
+    result = _anchors(*args, "--heads-json", str(heads))
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["attention"]["heads"] == [1, 3]
+    stored = Run.load(out).tensors("s0")["attention"]
+    image = __import__("PIL.Image", fromlist=["Image"]).open(rollouts.parent / "b.png")
+    sample = Sample([image.convert("RGB")], "Describe the image.", RESPONSES[0], "s0")
+    (item,) = capture_samples(loaded(FAMILY), [sample], CaptureSpec(reduce="heads"))
+    reference = item.capture.attention[:, [1, 3]].mean(dim=(0, 1))
+    assert torch.allclose(stored, reference, atol=1e-6)
+
+
+def test_resume_after_kill_equals_uninterrupted(tiny_ckpt, rollouts, anchors_run, tmp_path) -> None:
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vlmcredit.cli.main", "anchors", "--ckpt", str(tiny_ckpt(FAMILY))]
+    cmd += ["--data", str(rollouts), "--out", str(out), "--batch-size", "2", "--quiet"]
+    env = {**os.environ, "VLMCREDIT_TEST_CRASH_AFTER_BATCHES": "2"}
+    killed = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    assert killed.returncode == 137
+    assert not (out / "anchors.parquet").exists()
+    assert len(Run.load(out).rows) == 4
+    resumed = subprocess.run([*cmd, "--resume"], capture_output=True, text=True)
+    assert resumed.returncode == 0, resumed.stderr
+    a = pd.read_parquet(anchors_run / "anchors.parquet")
+    b = pd.read_parquet(out / "anchors.parquet")
+    assert a.equals(b)
+    assert pd.read_parquet(anchors_run / "signals.parquet").equals(
+        pd.read_parquet(out / "signals.parquet")
+    )
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--ratio", "0"], "--ratio"),
+        (["--mode", "spectral"], "mode"),
+        (["--data", "missing.jsonl"], "missing.jsonl"),
+        (["--from", "nowhere"], "nowhere"),
+    ],
+)
+def test_bad_options_fail_in_one_line(tiny_ckpt, rollouts, tmp_path, extra, message) -> None:
+    args = ["--out", str(tmp_path / "bad")]
+    if "--data" not in extra and "--from" not in extra:
+        args += ["--ckpt", str(tiny_ckpt(FAMILY)), "--data", str(rollouts)]
+    elif "--data" in extra:
+        args += ["--ckpt", str(tiny_ckpt(FAMILY))]
+    result = _anchors(*args, *extra)
+    assert result.exit_code == 2, result.output
+    lines = [line for line in result.output.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
+    assert not (tmp_path / "bad").exists()

@@ -1,0 +1,119 @@
+"""`vlmcredit anchors`: capture -> token-image graph -> Leiden -> anchor tokens (AT-RL)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from vlmcredit.cli.common import progress_bar, user_errors
+
+
+@user_errors
+def anchors(
+    out: Path = typer.Option(..., "--out", help="Run folder to write (or resume)."),
+    ckpt: str | None = typer.Option(
+        None, "--ckpt", help="Checkpoint to capture with (with --from: where its tokenizer is)."
+    ),
+    data: Path | None = typer.Option(None, "--data", help="Rollouts (.jsonl / .parquet)."),
+    from_run: Path | None = typer.Option(
+        None, "--from", help="Reuse a finished `vlmcredit capture` run instead of capturing."
+    ),
+    layers: str = typer.Option("all", "--layers", help="Decoder layers to average: all, 0-3, -1."),
+    heads: str = typer.Option("all", "--heads", help="Query heads to average: all or a list."),
+    heads_json: Path | None = typer.Option(
+        None, "--heads-json", help="Average only the vision-critical heads of a probe-heads run."
+    ),
+    mode: str = typer.Option(
+        "bipartite",
+        "--mode",
+        help="bipartite (token-image graph), similarity (token kNN) or "
+        "threshold (top ratio by connectivity, no clustering).",
+    ),
+    ratio: float = typer.Option(0.15, "--ratio", help="Target share of anchor tokens."),
+    other_weight: float = typer.Option(
+        0.0, "--other-weight", help="Weight of non-anchor tokens (anchors get 1.0)."
+    ),
+    top_k: int = typer.Option(16, "--top-k", help="Bipartite: image edges kept per token."),
+    min_mass: float | None = typer.Option(
+        None, "--min-mass", help="Bipartite: keep edges >= this share of the token's image mass."
+    ),
+    knn: int = typer.Option(10, "--knn", help="Similarity: neighbours per token."),
+    sink: str = typer.Option(
+        "none",
+        "--sink",
+        help="Attention-sink handling: none, mean (subtract each image "
+        "token's mean over response tokens) or topk (drop the --sink-k strongest cells).",
+    ),
+    sink_k: int = typer.Option(0, "--sink-k", help="With --sink topk: cells to drop."),
+    backend: str = typer.Option("igraph", "--backend", help="igraph, leidenalg or metis."),
+    objective: str = typer.Option(
+        "modularity", "--objective", help="modularity, CPM or bipartite (leidenalg only)."
+    ),
+    resolution: float = typer.Option(1.0, "--resolution", help="Leiden resolution."),
+    n_iterations: int = typer.Option(
+        2, "--n-iterations", help="Leiden iterations (-1: until stable)."
+    ),
+    parts: int = typer.Option(8, "--parts", help="METIS: number of parts K."),
+    seed: int = typer.Option(0, "--seed", help="Clustering seed."),
+    batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward."),
+    max_samples: int | None = typer.Option(None, "--max-samples", help="Stop after N."),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32."),
+    device: str | None = typer.Option(None, "--device", help="e.g. cuda:0 (default: cpu)."),
+    device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto (multi-GPU)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed rows (recorded)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+) -> None:
+    """Label anchor tokens: the ~15% of response tokens whose attention carries the image."""
+    from vlmcredit.analysis.anchors import AnchorConfig
+    from vlmcredit.analysis.clustering import ClusterConfig
+    from vlmcredit.probes.anchors_run import AnchorsRunConfig, run_anchors
+
+    cfg = AnchorsRunConfig(
+        out=out,
+        ckpt=ckpt,
+        data=data,
+        from_run=from_run,
+        layers=layers,
+        heads=heads,
+        heads_json=heads_json,
+        analysis=AnchorConfig(
+            mode=mode,
+            ratio=ratio,
+            other_weight=other_weight,
+            top_k=top_k,
+            min_mass=min_mass,
+            knn=knn,
+            sink=sink,
+            sink_k=sink_k,
+            cluster=ClusterConfig(
+                backend=backend,
+                objective=objective,
+                resolution=resolution,
+                n_iterations=n_iterations,
+                seed=seed,
+                parts=parts,
+            ),
+        ),
+        batch_size=batch_size,
+        max_samples=max_samples,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        resume=resume,
+        skip_bad=skip_bad,
+        trust_remote_code=trust_remote_code,
+    )
+    with progress_bar("anchors", quiet) as advance:
+        run = run_anchors(cfg, progress=advance)
+    s = run.manifest["anchors"]
+    agree = s["agreement"]
+    typer.echo(
+        f"{s['num_anchors']} anchors of {s['num_tokens']} response tokens "
+        f"({100 * s['ratio_achieved']:.1f}%, target {100 * s['ratio_target']:.0f}%) in "
+        f"{s['num_samples']} samples; agreement with top-{100 * s['ratio_target']:.0f}% "
+        f"threshold: jaccard {agree['jaccard']:.2f}"
+    )
+    typer.echo(f"wrote {run.path}/anchors.parquet, anchors.json, signals.parquet")

@@ -1,0 +1,148 @@
+"""The tables of an anchors run, assembled from its shards when the run finishes.
+
+anchors.parquet (one row per response token), anchors.json (summary + per-sample clusters) and
+the trainer contract signals.parquet (docs/FORMATS.md). Built from the shards alone, so a
+resumed run writes exactly what an uninterrupted one would.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from vlmcredit.analysis.anchors import AnchorConfig, agreement
+from vlmcredit.analysis.connectivity import connectivity_stats
+from vlmcredit.runs import Run, atomic_write_json, atomic_write_parquet
+
+
+def write_tables(
+    run: Run, processor: Any, analysis: AnchorConfig, total_seconds: float
+) -> dict[str, Any]:
+    """anchors.parquet, signals.parquet and anchors.json from the run's shards."""
+    import pandas as pd
+
+    from vlmcredit.export.signals import SignalsMeta, write_signals
+
+    tok = processor.tokenizer
+    ratio = analysis.ratio
+    token_rows: list[pd.DataFrame] = []
+    signal_rows: list[dict[str, Any]] = []
+    per_sample: list[dict[str, Any]] = []
+    all_conn, all_anchor, all_thresh = [], [], []
+    timing = np.zeros(3)
+    for row in run.rows:
+        if row["status"] != "done":
+            continue
+        sid = row["id"]
+        t = run.tensors(sid)
+        ids = t["response_ids"].tolist()
+        conn = t["connectivity"].numpy()
+        anchor = t["anchor"].numpy().astype(bool)
+        thresh = t["threshold_anchor"].numpy().astype(bool)
+        cluster = t["cluster"].numpy()
+        weight = t["weight"].numpy()
+        timing += t["timing"].numpy()
+        token_rows.append(
+            pd.DataFrame(
+                {
+                    "sample_id": sid,
+                    "token_index": np.arange(len(ids), dtype=np.int32),
+                    "token_id": np.asarray(ids, dtype=np.int64),
+                    "token": [tok.decode([i]) for i in ids],
+                    "connectivity": conn.astype(np.float32),
+                    "cluster": cluster.astype(np.int32),
+                    "anchor": anchor,
+                    "weight": weight.astype(np.float32),
+                    "threshold_anchor": thresh,
+                }
+            )
+        )
+        signal_rows.append(
+            {
+                "sample_id": sid,
+                "token_ids": ids,
+                "weight": weight.astype(np.float32).tolist(),
+                "mask": anchor.tolist(),
+                "cluster_id": cluster.astype(np.int32).tolist(),
+            }
+        )
+        clusters = t["clusters"].numpy()
+        per_sample.append(
+            {
+                "sample_id": sid,
+                "num_tokens": len(ids),
+                "num_anchors": int(anchor.sum()),
+                "ratio_achieved": float(anchor.mean()) if len(ids) else 0.0,
+                "modularity": float(t["modularity"][0]) if "modularity" in t else None,
+                "clusters": [
+                    {
+                        "id": i,
+                        "size": int(c[0]),
+                        "mean_connectivity": float(c[1]),
+                        "anchor": bool(c[2]),
+                    }
+                    for i, c in enumerate(clusters)
+                ],
+            }
+        )
+        all_conn.append(conn)
+        all_anchor.append(anchor)
+        all_thresh.append(thresh)
+    columns = [
+        "sample_id",
+        "token_index",
+        "token_id",
+        "token",
+        "connectivity",
+        "cluster",
+        "anchor",
+        "weight",
+        "threshold_anchor",
+    ]
+    table = (
+        pd.concat(token_rows, ignore_index=True) if token_rows else pd.DataFrame(columns=columns)
+    )
+    atomic_write_parquet(run.path / "anchors.parquet", table)
+    conn = np.concatenate(all_conn) if all_conn else np.zeros(0)
+    anchor = np.concatenate(all_anchor) if all_anchor else np.zeros(0, bool)
+    thresh = np.concatenate(all_thresh) if all_thresh else np.zeros(0, bool)
+    stats = connectivity_stats(conn, anchor)
+    modularities = [s["modularity"] for s in per_sample if s["modularity"] is not None]
+    summary = {
+        "ratio_target": ratio,
+        "ratio_achieved": float(anchor.mean()) if anchor.size else 0.0,
+        "num_samples": len(per_sample),
+        "num_tokens": int(anchor.size),
+        "num_anchors": int(anchor.sum()),
+        "mean_modularity": float(np.mean(modularities)) if modularities else None,
+        "agreement": agreement(anchor, thresh),
+        "connectivity": stats.to_dict(),
+        "timing": {
+            "capture": float(timing[0]),
+            "graph": float(timing[1]),
+            "cluster": float(timing[2]),
+            "total": float(total_seconds),
+        },
+    }
+    atomic_write_json(
+        run.path / "anchors.json",
+        {**summary, "parameters": run.manifest["parameters"], "samples": per_sample},
+    )
+    ck = run.manifest["checkpoint"]
+    write_signals(
+        run.path,
+        signal_rows,
+        SignalsMeta(
+            method="anchors",
+            parameters=analysis.to_dict(),
+            checkpoint_id=ck["id"],
+            weights_sha1=ck.get("weights_sha1"),
+            tokenizer_sha1=ck["tokenizer_sha1"],
+            # AT-RL: anchors carry the advantage, others get `other_weight`; the loss still
+            # averages over every response token (the recipe's own denominator).
+            loss_denominator="all_tokens",
+            selection_scope="per_response",
+        ),
+    )
+    return summary
