@@ -16,6 +16,8 @@ $(STAMP): pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
+	@# verl pins transformers<5.11; its loss functions work beside 5.x (tests/export/test_verl.py)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps verl==0.9.1
 	@touch $(STAMP)
 
 test: $(STAMP)

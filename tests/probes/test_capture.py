@@ -12,6 +12,7 @@ from vlmcredit.probes.inputs import encode_samples
 from vlmcredit.probes.response_attention import (
     GenerationConfig,
     capture_encoded,
+    capture_samples,
     generate_responses,
 )
 
@@ -196,3 +197,18 @@ def test_bad_selection_is_refused(loaded) -> None:
         capture_encoded(ck.model, batch, CaptureSpec(layers=[7]))
     with pytest.raises(ValueError, match="reduce"):
         capture_encoded(ck.model, batch, CaptureSpec(reduce="max"))  # type: ignore[arg-type]
+
+
+def test_capture_under_bf16_autocast(loaded) -> None:
+    """A trainer's bf16 autocast on CPU (q/k fp32 after RoPE, v bf16) still captures: same
+    probabilities as the fp32 forward to bf16 precision."""
+    ck = loaded("qwen2.5-vl")
+    samples = [
+        Sample([noise_image(56, 84, 1)], "What is it?", "Some noise here.", "a"),
+        Sample([noise_image(84, 56, 2)], "Describe it", "Dots.", "b"),
+    ]
+    reference = capture_samples(ck, samples, CaptureSpec(reduce="mean"))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        mixed = capture_samples(ck, samples, CaptureSpec(reduce="mean"))
+    for got, ref in zip(mixed, reference, strict=True):
+        assert torch.allclose(got.capture.attention, ref.capture.attention, atol=5e-3)

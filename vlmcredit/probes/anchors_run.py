@@ -11,7 +11,6 @@ writes exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Callable, Sequence
@@ -328,8 +327,6 @@ def run_anchors(
         if crash_after and committed >= crash_after:
             os._exit(137)  # simulated kill -9 (tests)
     summary = write_tables(run, processor, cfg.analysis, time.perf_counter() - total_start)
-    # write_signals put the contract's `signals` object into manifest.json; keep it.
-    run.manifest["signals"] = json.loads((run.path / "manifest.json").read_text())["signals"]
     run.finish(anchors=summary)
     return run
 

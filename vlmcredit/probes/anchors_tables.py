@@ -144,5 +144,6 @@ def write_tables(
             loss_denominator="all_tokens",
             selection_scope="per_response",
         ),
+        manifest=run.manifest,  # the run writes it when it finishes
     )
     return summary

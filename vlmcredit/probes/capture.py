@@ -364,6 +364,10 @@ def _cpu_sdpa_with_lse(
         or kwargs.get("sliding_window")
         or kwargs.get("softcap") is not None
         or query.dtype not in (torch.float32, torch.bfloat16, torch.float16)
+        # Under autocast (e.g. a trainer's bf16=True on CPU) RoPE leaves q/k in fp32 while v
+        # comes out of the projection in bf16; F.sdpa reconciles that through autocast, the
+        # direct kernel call cannot.
+        or not (query.dtype == key.dtype == value.dtype)
     ):
         return None
     mask = attention_mask

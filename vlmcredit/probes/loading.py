@@ -224,12 +224,19 @@ def weights_hash(folder: Path) -> str:
     return h.hexdigest()
 
 
-def tokenizer_hash(processor: Any) -> str:
-    """sha1 of the tokenizer's vocabulary, added tokens and chat template."""
-    tok = processor.tokenizer
+def tokenizer_hash(tokenizer_or_processor: Any) -> str:
+    """sha1 of the tokenizer's vocabulary, added tokens and chat template.
+
+    Accepts a processor (vlmcredit, TRL with a VLM) or a bare tokenizer (trainers of text models
+    hold only that): both give the same hash for the same vocabulary and template, so a signals
+    file written from a processor is accepted by a trainer that holds its tokenizer.
+    """
+    holder = tokenizer_or_processor
+    # A processor wraps its tokenizer; a tokenizer has no `tokenizer` attribute (and some raise
+    # AttributeError from __getattr__, which getattr's default absorbs).
+    tok = getattr(holder, "tokenizer", None) or holder
     payload = {
         "vocab": sorted(tok.get_vocab().items()),
-        "template": getattr(processor, "chat_template", None)
-        or getattr(tok, "chat_template", None),
+        "template": getattr(holder, "chat_template", None) or getattr(tok, "chat_template", None),
     }
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -1,0 +1,241 @@
+"""`vlmcredit export`: a run's trainer signals -> a folder a training recipe reads.
+
+Formats: `parquet` (the contract as is), `jsonl` (the same rows as JSON lines), `verl` and
+`trl` (the contract plus a README with the lines to add to a VERL config / TRL script). Every
+folder holds `manifest.json` (the run's `signals` object, provenance) and README.md, and
+`heads.json` when `--heads` is given. The folder is built beside `--out` and renamed into
+place, so a failed export leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vlmcredit import __version__
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.export.signals import (
+    SIGNALS_FILE,
+    SIGNALS_JSONL,
+    arrow_table,
+    read_signals,
+    write_signals_jsonl,
+)
+from vlmcredit.runs import MANIFEST, atomic_write_bytes, atomic_write_json, now
+
+FORMATS = ("parquet", "jsonl", "verl", "trl")
+HEADS_FILE = "heads.json"
+
+
+@dataclass
+class ExportResult:
+    out: Path
+    format: str
+    num_rows: int
+    method: str
+    files: list[str] = field(default_factory=list)
+
+
+def _check_heads(path: Path) -> bytes:
+    if not path.is_file():
+        raise VlmCreditError(f"--heads {path}: no such file")
+    data = path.read_bytes()
+    try:
+        heads = json.loads(data)
+    except json.JSONDecodeError as exc:
+        raise VlmCreditError(f"--heads {path}: not valid JSON ({exc.msg})") from None
+    if not isinstance(heads, dict) or not ({"heads", "critical_heads"} & set(heads)):
+        raise VlmCreditError(
+            f"--heads {path}: not a heads.json (no 'heads' or 'critical_heads'); pass the "
+            "heads.json a probe-heads run wrote"
+        )
+    return data
+
+
+def export_run(run: Path, fmt: str, out: Path, heads: Path | None = None) -> ExportResult:
+    """Export the trainer signals of run folder `run` as `fmt` into the new folder `out`."""
+    if fmt not in FORMATS:
+        raise VlmCreditError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
+    run, out = Path(run), Path(out)
+    if not (run / MANIFEST).is_file():
+        raise VlmCreditError(f"{run}: not a run folder (no {MANIFEST})")
+    if not (run / SIGNALS_FILE).is_file():
+        command = json.loads((run / MANIFEST).read_text()).get("command", "?")
+        raise VlmCreditError(
+            f"{run}: this {command} run has no trainer signals ({SIGNALS_FILE}); export an "
+            "anchors or weights run"
+        )
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise VlmCreditError(f"--out {out}: exists and is not empty; choose a new folder")
+    heads_bytes = _check_heads(Path(heads)) if heads is not None else None
+    signals = read_signals(run)  # validates before anything is written
+    run_manifest = json.loads((run / MANIFEST).read_text())
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        files = _write_folder(tmp, fmt, signals, run, run_manifest, heads_bytes, out)
+        if out.exists():
+            out.rmdir()  # empty (checked above)
+        tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return ExportResult(out, fmt, len(signals.frame), str(signals.meta["method"]), files)
+
+
+def _write_folder(
+    folder: Path,
+    fmt: str,
+    signals: Any,
+    run: Path,
+    run_manifest: dict[str, Any],
+    heads_bytes: bytes | None,
+    final: Path,
+) -> list[str]:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    if fmt == "jsonl":
+        table_name = SIGNALS_JSONL
+        write_signals_jsonl(folder / table_name, signals.frame)
+    else:
+        table_name = SIGNALS_FILE
+        sink = pa.BufferOutputStream()
+        pq.write_table(arrow_table(signals.frame), sink)
+        atomic_write_bytes(folder / table_name, sink.getvalue().to_pybytes())
+    files = [table_name]
+    if heads_bytes is not None:
+        atomic_write_bytes(folder / HEADS_FILE, heads_bytes)
+        files.append(HEADS_FILE)
+    manifest = {
+        "tool": "vlmcredit",
+        "version": __version__,
+        "command": "export",
+        "format": fmt,
+        "created": now(),
+        "source_run": {
+            "path": str(run.resolve()),
+            "command": run_manifest.get("command"),
+            "created": run_manifest.get("created"),
+            "checkpoint": run_manifest.get("checkpoint"),
+        },
+        "heads": HEADS_FILE if heads_bytes is not None else None,
+        "signals": signals.meta,
+    }
+    atomic_write_json(folder / MANIFEST, manifest)
+    readme = README[fmt].format(
+        method=signals.meta["method"],
+        rows=len(signals.frame),
+        denominator=signals.meta["loss_denominator"],
+        scope=signals.meta["selection_scope"],
+        tokenizer=signals.meta["tokenizer_sha1"][:12],
+        heads=HEADS_NOTE if heads_bytes is not None else "",
+        folder=final.resolve(),
+    )
+    atomic_write_bytes(folder / "README.md", readme.encode())
+    return [*files, MANIFEST, "README.md"]
+
+
+_HEADER = """# vlmcredit trainer signals ({method})
+
+{rows} responses; per-token advantage weights aligned to the response tokens (index 0 = first
+generated token). Loss denominator: `{denominator}`; selection scope: `{scope}`; tokenizer
+`{tokenizer}...` (the trainer's tokenizer must hash the same, or the adapters refuse the file).
+Schema: docs/FORMATS.md, "trainer signals". Rows are keyed by `sample_id` (the rollout id) and
+`response_id` (sha1 of the response token ids).
+{heads}
+"""
+
+HEADS_NOTE = """
+`heads.json`: the vision-critical heads the signals were computed with (every head's measured
+drop included).
+"""
+
+README = {
+    "parquet": _HEADER
+    + """
+## Reading
+
+```python
+from vlmcredit.export.signals import read_signals
+from vlmcredit.probes.loading import tokenizer_hash
+
+signals = read_signals("{folder}", tokenizer_sha1=tokenizer_hash(processor_or_tokenizer))
+weights = signals.lookup(sample_id, response_token_ids)  # np.float32 per token, or None
+```
+""",
+    "jsonl": _HEADER
+    + """
+## Reading
+
+`signals.jsonl` holds one JSON object per row with the same columns as signals.parquet (lists
+as JSON arrays). `vlmcredit.export.signals.read_signals("{folder}")` reads and validates it.
+""",
+    "trl": _HEADER
+    + """
+## TRL (GRPOTrainer)
+
+`pip install "vlmcredit[trl]"`. The training dataset needs a `sample_id` column holding the
+rollout ids the signals were computed for. Replace `GRPOTrainer` by its subclass:
+
+```python
+from vlmcredit.export.trl import VlmCreditGRPOTrainer
+
+trainer = VlmCreditGRPOTrainer(
+    model=model,
+    reward_funcs=reward_fn,
+    args=grpo_config,
+    train_dataset=dataset,            # with a "sample_id" column
+    processing_class=processor,
+    signals="{folder}",            # advantages *= weights, per token
+)
+trainer.train()
+```
+
+Responses not in the file (fresh rollouts) keep weight 1; the logged metrics
+`vlmcredit/rows_missed` and `vlmcredit/tokens_missed` count them. For fresh rollouts compute the
+weights online instead: `VlmCreditGRPOTrainer(..., weights_fn=vlmcredit.online.weights)`.
+A `selected_tokens` denominator averages the loss over the selected tokens (loss types grpo,
+bnpo, dapo); `loss_denominator="all_tokens"` overrides it.
+""",
+    "verl": _HEADER
+    + """
+## VERL
+
+Install: `pip install --no-deps verl` plus its runtime, and vlmcredit in the same environment.
+The training parquet must carry each rollout's id in `extra_info.sample_id`. Make VERL import
+the adapter in its processes (Ray workers included), then pick the weighting:
+
+verl 0.9 (v1 trainer, the default):
+
+```
+VERL_USE_EXTERNAL_MODULES=vlmcredit.export.verl python -m verl.trainer.main_ppo \\
+    algorithm.adv_estimator=grpo \\
+    trainer.v1.trainer_mode=vlmcredit \\
+    +vlmcredit.signals={folder} \\
+    +ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=vlmcredit.export.verl \\
+    ...
+```
+
+verl 0.8 (and 0.9 with `trainer.use_v1=False`):
+
+```
+VLMCREDIT_SIGNALS={folder} VERL_USE_EXTERNAL_MODULES=vlmcredit.export.verl \\
+python -m verl.trainer.main_ppo algorithm.adv_estimator=grpo \\
+    +ray_kwargs.ray_init.runtime_env.env_vars.VERL_USE_EXTERNAL_MODULES=vlmcredit.export.verl \\
+    +ray_kwargs.ray_init.runtime_env.env_vars.VLMCREDIT_SIGNALS={folder} \\
+    ...
+```
+
+After VERL's advantage estimator the adapter multiplies `advantages` by the weights (any
+`actor_rollout_ref.actor.policy_loss.loss_mode` then applies them); with a `selected_tokens`
+denominator it also narrows `response_mask` to the selected tokens so the `token-mean` loss
+averages over them. In your own trainer code: `vlmcredit.export.verl.weight_dataproto(batch,
+VerlWeighting.from_path("{folder}"))` after `compute_advantage`.
+""",
+}

@@ -1,0 +1,546 @@
+"""The trainer contract: `signals.parquet` + the `signals` object of `manifest.json`.
+
+One row per (sample_id, response_id); list columns are aligned to the response tokens (index 0 =
+first generated token). docs/FORMATS.md ("trainer signals") is the schema. The reader checks
+everything a trainer relies on (tokenizer hash, response ids = sha1 of the token ids, list
+lengths, finite non-negative weights) and refuses a file that fails, with one line saying what
+to do, because a silently misaligned weight file trains the wrong tokens without any error.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmcredit import __version__
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.runs import MANIFEST, atomic_write_bytes, atomic_write_json, now
+
+SIGNALS_FILE = "signals.parquet"
+SIGNALS_JSONL = "signals.jsonl"
+FORMAT = "vlmcredit-signals"
+FORMAT_VERSION = 1
+LOSS_DENOMINATORS = ("all_tokens", "selected_tokens")
+SELECTION_SCOPES = ("per_response", "per_batch")
+
+# List columns aligned to the response tokens, with their numpy dtype in memory.
+LIST_COLUMNS: dict[str, str] = {
+    "token_ids": "int64",
+    "weight": "float32",
+    "mask": "bool",
+    "cluster_id": "int32",
+    "paragraph_id": "int32",
+}
+REQUIRED = ("sample_id", "response_id", "token_ids", "weight")
+OPTIONAL_LISTS = ("mask", "cluster_id", "paragraph_id")
+COLUMN_ORDER = ("sample_id", "response_id", *LIST_COLUMNS, "sample_weight")
+# How many tokens two responses must share before a near-miss counts as a shifted alignment.
+_SHIFT_MIN_OVERLAP = 4
+_MAX_SHIFT = 2
+
+
+def response_id(token_ids: Sequence[int]) -> str:
+    """sha1 hex of the response token ids written as ASCII decimals joined by ","."""
+    return hashlib.sha1(",".join(str(int(i)) for i in token_ids).encode()).hexdigest()
+
+
+@dataclass
+class SignalsMeta:
+    """What the manifest says about a signals table (method, provenance, loss semantics)."""
+
+    method: str
+    parameters: dict[str, Any]
+    checkpoint_id: str
+    weights_sha1: str | None
+    tokenizer_sha1: str
+    loss_denominator: str = "all_tokens"
+    selection_scope: str = "per_response"
+
+    def check(self) -> None:
+        if self.loss_denominator not in LOSS_DENOMINATORS:
+            raise VlmCreditError(
+                f"loss_denominator {self.loss_denominator!r}: choose one of "
+                f"{', '.join(LOSS_DENOMINATORS)}"
+            )
+        if self.selection_scope not in SELECTION_SCOPES:
+            raise VlmCreditError(
+                f"selection_scope {self.selection_scope!r}: choose one of "
+                f"{', '.join(SELECTION_SCOPES)}"
+            )
+
+
+@dataclass
+class BatchWeights:
+    """Per-token weights for a trainer batch (B, T), and what could not be found."""
+
+    weights: Any  # torch.Tensor float32 (B, T); 1.0 where no signal and on padding
+    selected: Any  # torch.Tensor bool (B, T): tokens the method selected (mask, else weight != 0)
+    rows_found: int
+    rows_missed: int
+    tokens_missed: int
+
+
+@dataclass
+class Signals:
+    """A validated signals table and its manifest `signals` object."""
+
+    frame: Any  # pandas.DataFrame, list cells as numpy arrays
+    meta: dict[str, Any]
+    source: str = ""
+    _index: dict[tuple[str, str], int] | None = field(default=None, repr=False)
+    _by_sample: dict[str, list[int]] | None = field(default=None, repr=False)
+
+    @property
+    def loss_denominator(self) -> str:
+        return str(self.meta.get("loss_denominator", "all_tokens"))
+
+    def _build_index(self) -> None:
+        ids = self.frame["sample_id"].tolist()
+        rids = self.frame["response_id"].tolist()
+        self._index = {(s, r): i for i, (s, r) in enumerate(zip(ids, rids, strict=True))}
+        by_sample: dict[str, list[int]] = {}
+        for i, s in enumerate(ids):
+            by_sample.setdefault(s, []).append(i)
+        self._by_sample = by_sample
+
+    def row_index(self, sample_id: str, token_ids: Sequence[int]) -> int | None:
+        """Row position of (sample_id, token ids), None when absent.
+
+        A miss whose sample holds a response equal to these tokens shifted by one or two
+        positions raises: the producer and the trainer disagree about where the response starts,
+        and every weight would land on the wrong token.
+        """
+        if self._index is None:
+            self._build_index()
+        assert self._index is not None and self._by_sample is not None
+        ids = [int(t) for t in token_ids]
+        found = self._index.get((str(sample_id), response_id(ids)))
+        if found is None:
+            self._check_not_shifted(str(sample_id), ids)
+        return found
+
+    def lookup(self, sample_id: str, token_ids: Sequence[int]) -> np.ndarray | None:
+        """The advantage multipliers of this response (weight x sample_weight), or None."""
+        i = self.row_index(sample_id, token_ids)
+        if i is None:
+            return None
+        row = self.frame.iloc[i]
+        weight = np.asarray(row["weight"], dtype=np.float32)
+        if "sample_weight" in self.frame.columns and row["sample_weight"] is not None:
+            weight = weight * np.float32(row["sample_weight"])
+        return weight
+
+    def selection(self, sample_id: str, token_ids: Sequence[int]) -> np.ndarray | None:
+        """Tokens the method selected: the `mask` column, else weight != 0; None if absent."""
+        i = self.row_index(sample_id, token_ids)
+        if i is None:
+            return None
+        row = self.frame.iloc[i]
+        if "mask" in self.frame.columns and row["mask"] is not None:
+            return np.asarray(row["mask"], dtype=bool)
+        return np.asarray(row["weight"]) != 0
+
+    def batch_weights(self, sample_ids: Sequence[str], token_ids: Any, mask: Any) -> BatchWeights:
+        """(B, T) weights for a right-padded batch of responses; absent rows get weight 1.
+
+        `token_ids` and `mask` are (B, T) tensors as trainers hold them (TRL's completion_ids
+        and completion_mask, VERL's responses and response_mask); a row's response is its
+        tokens where mask is 1. Rows whose mask is all zero are skipped (no loss either).
+        """
+        import torch
+
+        ids = torch.as_tensor(token_ids)
+        valid = torch.as_tensor(mask).bool()
+        weights = torch.ones(ids.shape, dtype=torch.float32)
+        selected = valid.clone()
+        found = missed = tokens_missed = 0
+        for b, sid in enumerate(sample_ids):
+            row_mask = valid[b]
+            n = int(row_mask.sum())
+            if n == 0:
+                continue
+            tokens = ids[b][row_mask].tolist()
+            w = self.lookup(str(sid), tokens)
+            if w is None:
+                missed += 1
+                tokens_missed += n
+                continue
+            found += 1
+            positions = row_mask.nonzero().flatten()
+            weights[b, positions] = torch.tensor(w, dtype=torch.float32)
+            sel = self.selection(str(sid), tokens)
+            selected[b, positions] = torch.tensor(np.asarray(sel, dtype=bool))
+        return BatchWeights(weights, selected, found, missed, tokens_missed)
+
+    def _check_not_shifted(self, sample_id: str, ids: list[int]) -> None:
+        assert self._by_sample is not None
+        for i in self._by_sample.get(sample_id, []):
+            stored = [int(t) for t in self.frame.iloc[i]["token_ids"]]
+            for k in range(1, _MAX_SHIFT + 1):
+                for a, b in ((stored, ids), (ids, stored)):
+                    overlap = min(len(a) - k, len(b))
+                    if overlap >= _SHIFT_MIN_OVERLAP and a[k : k + overlap] == b[:overlap]:
+                        raise VlmCreditError(
+                            f"{self.source or 'signals'}: sample {sample_id!r}: the stored "
+                            f"response token ids are shifted by {k} against the trainer's "
+                            "tokens; index 0 must be the first generated token: re-export the "
+                            "signals from the same responses the trainer holds"
+                        )
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def _as_list_cell(value: Any, dtype: str, column: str, where: str) -> np.ndarray:
+    try:
+        arr = np.asarray(value, dtype=dtype)
+    except (TypeError, ValueError):
+        raise VlmCreditError(
+            f"{where}: column {column!r} must be a list of {dtype} values"
+        ) from None
+    if arr.ndim != 1:
+        raise VlmCreditError(f"{where}: column {column!r} must be a flat list per row")
+    return arr
+
+
+def _normalise_rows(rows: Any, where: str) -> Any:
+    """A DataFrame with the contract's columns, list cells as typed numpy arrays."""
+    import pandas as pd
+
+    frame = rows.copy() if isinstance(rows, pd.DataFrame) else pd.DataFrame(list(rows))
+    if frame.empty:
+        raise VlmCreditError(f"{where}: no rows; a signals table needs at least one response")
+    for column in ("sample_id", "token_ids", "weight"):
+        if column not in frame.columns:
+            raise VlmCreditError(f"{where}: rows lack the {column!r} column")
+    unknown = sorted(set(frame.columns) - set(COLUMN_ORDER))
+    if unknown:
+        raise VlmCreditError(
+            f"{where}: unknown columns {', '.join(unknown)}; the contract has "
+            f"{', '.join(COLUMN_ORDER)}"
+        )
+    frame["sample_id"] = frame["sample_id"].map(str)
+    for column, dtype in LIST_COLUMNS.items():
+        if column in frame.columns:
+            frame[column] = [
+                None
+                if v is None and column in OPTIONAL_LISTS
+                else _as_list_cell(v, dtype, column, f"{where} row {i}")
+                for i, v in enumerate(frame[column])
+            ]
+    computed = [response_id(t) for t in frame["token_ids"]]
+    if "response_id" in frame.columns:
+        for i, (given, right) in enumerate(zip(frame["response_id"], computed, strict=True)):
+            if given != right:
+                raise VlmCreditError(
+                    f"{where} row {i}: response_id does not match sha1 of its token_ids; leave "
+                    "response_id out and it is computed"
+                )
+    frame["response_id"] = computed
+    if "sample_weight" in frame.columns:
+        frame["sample_weight"] = frame["sample_weight"].astype("float32")
+    return frame[[c for c in COLUMN_ORDER if c in frame.columns]].reset_index(drop=True)
+
+
+def _validate_frame(frame: Any, where: str) -> None:
+    """Every check a trainer relies on; raises VlmCreditError naming the row."""
+    if frame.empty:
+        raise VlmCreditError(f"{where}: no rows")
+    for column in REQUIRED:
+        if column not in frame.columns:
+            raise VlmCreditError(f"{where}: missing column {column!r}; is this a signals file?")
+    for i, row in enumerate(frame.itertuples(index=False)):
+        tokens = row.token_ids
+        if len(tokens) == 0:
+            raise VlmCreditError(f"{where} row {i}: empty response (no token_ids)")
+        if tokens.min() < 0:
+            raise VlmCreditError(f"{where} row {i}: negative token id")
+        if row.response_id != response_id(tokens):
+            raise VlmCreditError(
+                f"{where} row {i} (sample {row.sample_id!r}): response_id is not the sha1 of "
+                "token_ids (token ids edited or shifted after export); re-export the signals"
+            )
+        for column in LIST_COLUMNS:
+            if column == "token_ids" or column not in frame.columns:
+                continue
+            cell = getattr(row, column)
+            if cell is None:
+                if column == "weight":
+                    raise VlmCreditError(f"{where} row {i}: weight is missing")
+                continue
+            if len(cell) != len(tokens):
+                raise VlmCreditError(
+                    f"{where} row {i} (sample {row.sample_id!r}): {column} has {len(cell)} "
+                    f"entries for {len(tokens)} response tokens; lists must align to the tokens"
+                )
+        weight = row.weight
+        if not np.all(np.isfinite(weight)) or np.any(weight < 0):
+            raise VlmCreditError(
+                f"{where} row {i} (sample {row.sample_id!r}): weights must be finite and >= 0"
+            )
+        if "sample_weight" in frame.columns:
+            alpha = row.sample_weight
+            if alpha is not None and not (math.isfinite(float(alpha)) and float(alpha) >= 0):
+                raise VlmCreditError(f"{where} row {i}: sample_weight must be finite and >= 0")
+    keys = list(zip(frame["sample_id"], frame["response_id"], strict=True))
+    if len(set(keys)) != len(keys):
+        dup = next(k for k in keys if keys.count(k) > 1)
+        raise VlmCreditError(
+            f"{where}: sample {dup[0]!r} has the same response twice; one row per "
+            "(sample_id, response)"
+        )
+
+
+def arrow_table(frame: Any) -> Any:
+    """The frame as an Arrow table with the contract's exact column types."""
+    import pyarrow as pa
+
+    types = {
+        "sample_id": pa.string(),
+        "response_id": pa.string(),
+        "token_ids": pa.list_(pa.int64()),
+        "weight": pa.list_(pa.float32()),
+        "mask": pa.list_(pa.bool_()),
+        "cluster_id": pa.list_(pa.int32()),
+        "paragraph_id": pa.list_(pa.int32()),
+        "sample_weight": pa.float32(),
+    }
+    arrays = []
+    for column in frame.columns:
+        values = frame[column].tolist()
+        if column in LIST_COLUMNS:
+            values = [None if v is None else np.asarray(v).tolist() for v in values]
+        arrays.append(pa.array(values, type=types[column]))
+    return pa.Table.from_arrays(arrays, names=list(frame.columns))
+
+
+def signals_object(meta: SignalsMeta, frame: Any) -> dict[str, Any]:
+    """The manifest's `signals` object for `frame` (docs/FORMATS.md)."""
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "tool_version": __version__,
+        "method": meta.method,
+        "parameters": json.loads(json.dumps(meta.parameters, sort_keys=True, default=str)),
+        "checkpoint": {"id": meta.checkpoint_id, "weights_sha1": meta.weights_sha1},
+        "tokenizer_sha1": meta.tokenizer_sha1,
+        "loss_denominator": meta.loss_denominator,
+        "selection_scope": meta.selection_scope,
+        "created": now(),
+        "num_rows": len(frame),
+        "columns": list(frame.columns),
+    }
+
+
+def write_signals(
+    folder: Path,
+    rows: list[dict[str, Any]] | Any,
+    meta: SignalsMeta,
+    manifest: dict[str, Any] | None = None,
+) -> Path:
+    """Write `folder/signals.parquet` and the `signals` object of `folder/manifest.json`.
+
+    The table is written first (atomically), then the manifest. The `signals` object is merged
+    into `manifest` when given (updated in place, so a `Run` that writes its manifest later keeps
+    it), else into the manifest.json already in `folder` (a run folder), else a new one.
+    """
+    meta.check()
+    folder = Path(folder)
+    where = str(folder / SIGNALS_FILE)
+    frame = _normalise_rows(rows, where)
+    _validate_frame(frame, where)
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    sink = pa.BufferOutputStream()
+    pq.write_table(arrow_table(frame), sink)
+    atomic_write_bytes(folder / SIGNALS_FILE, sink.getvalue().to_pybytes())
+    if manifest is None:
+        existing = folder / MANIFEST
+        manifest = (
+            json.loads(existing.read_text())
+            if existing.is_file()
+            else {"tool": "vlmcredit", "version": __version__, "created": now()}
+        )
+    manifest["signals"] = signals_object(meta, frame)
+    atomic_write_json(folder / MANIFEST, manifest)
+    return folder / SIGNALS_FILE
+
+
+def write_signals_jsonl(path: Path, frame: Any) -> None:
+    """The same table as JSON lines (one object per row, lists as arrays)."""
+    lines = []
+    for record in frame.to_dict("records"):
+        out = {}
+        for key, value in record.items():
+            if isinstance(value, np.ndarray):
+                value = value.tolist()
+            elif isinstance(value, np.floating):
+                value = float(value)
+            out[key] = value
+        lines.append(json.dumps(out, sort_keys=False))
+    atomic_write_bytes(path, ("\n".join(lines) + "\n").encode())
+
+
+# -- reading ------------------------------------------------------------------------------------
+
+
+def _locate(folder_or_file: Path) -> tuple[Path, Path]:
+    path = Path(folder_or_file)
+    if path.is_dir():
+        for name in (SIGNALS_FILE, SIGNALS_JSONL):
+            if (path / name).is_file():
+                return path / name, path / MANIFEST
+        raise VlmCreditError(
+            f"{path}: no {SIGNALS_FILE} here; pass a run or export folder that has trainer "
+            "signals (e.g. an anchors run)"
+        )
+    if path.is_file():
+        return path, path.parent / MANIFEST
+    raise VlmCreditError(f"{path}: no such file or folder")
+
+
+def _read_frame(table_file: Path) -> Any:
+    import pandas as pd
+
+    where = str(table_file)
+    if table_file.suffix == ".jsonl":
+        records = []
+        for n, line in enumerate(table_file.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            try:
+                records.append(json.loads(line))
+            except json.JSONDecodeError as exc:
+                raise VlmCreditError(f"{where} line {n}: not JSON ({exc.msg})") from None
+        frame = pd.DataFrame(records)
+    else:
+        import pyarrow.parquet as pq
+
+        try:
+            table = pq.read_table(table_file)
+        except Exception as exc:  # pyarrow raises several types for unreadable files
+            raise VlmCreditError(
+                f"{where}: not a readable parquet file ({type(exc).__name__})"
+            ) from None
+        frame = table.to_pandas()
+    if frame.empty:
+        raise VlmCreditError(f"{where}: no rows")
+    for column in REQUIRED:
+        if column not in frame.columns:
+            raise VlmCreditError(f"{where}: missing column {column!r}; is this a signals file?")
+    frame["sample_id"] = frame["sample_id"].map(str)
+    for column, dtype in LIST_COLUMNS.items():
+        if column in frame.columns:
+            frame[column] = [
+                None if v is None else _as_list_cell(v, dtype, column, f"{where} row {i}")
+                for i, v in enumerate(frame[column])
+            ]
+    if "sample_weight" in frame.columns:
+        frame["sample_weight"] = frame["sample_weight"].astype("float32")
+    return frame
+
+
+def _read_meta(manifest_file: Path, table_file: Path) -> dict[str, Any]:
+    if not manifest_file.is_file():
+        raise VlmCreditError(
+            f"{table_file}: no {MANIFEST} beside it; a signals table is read with its manifest "
+            "(export the run again or copy the manifest with it)"
+        )
+    try:
+        manifest = json.loads(manifest_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise VlmCreditError(f"{manifest_file}: not valid JSON ({exc.msg})") from None
+    meta = manifest.get("signals") if isinstance(manifest, dict) else None
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise VlmCreditError(
+            f"{manifest_file}: has no 'signals' object of format {FORMAT!r}; the run did not "
+            "write trainer signals"
+        )
+    version = meta.get("format_version")
+    if version != FORMAT_VERSION:
+        raise VlmCreditError(
+            f"{manifest_file}: signals format_version {version!r}, this vlmcredit reads "
+            f"{FORMAT_VERSION}; use the vlmcredit version that wrote it"
+        )
+    for key, allowed in (
+        ("loss_denominator", LOSS_DENOMINATORS),
+        ("selection_scope", SELECTION_SCOPES),
+    ):
+        if meta.get(key) not in allowed:
+            raise VlmCreditError(
+                f"{manifest_file}: signals {key} {meta.get(key)!r} is not one of "
+                f"{', '.join(allowed)}"
+            )
+    if not meta.get("tokenizer_sha1"):
+        raise VlmCreditError(f"{manifest_file}: signals object lacks tokenizer_sha1")
+    return meta
+
+
+def read_signals(
+    folder_or_file: Path,
+    tokenizer_sha1: str | None = None,
+    vocab_size: int | None = None,
+) -> Signals:
+    """Read and validate a signals table (parquet or jsonl) with its manifest.
+
+    `tokenizer_sha1` (the trainer's, from `tokenizer_hash`) and `vocab_size` make the reader
+    refuse a file written for another tokenizer instead of training on misaligned tokens.
+    """
+    table_file, manifest_file = _locate(Path(folder_or_file))
+    meta = _read_meta(manifest_file, table_file)
+    if tokenizer_sha1 is not None and meta["tokenizer_sha1"] != tokenizer_sha1:
+        raise VlmCreditError(
+            f"{table_file}: written for tokenizer {meta['tokenizer_sha1'][:12]}, but the "
+            f"trainer's tokenizer is {tokenizer_sha1[:12]} (vocabulary or chat template differ); "
+            "compute the signals with the checkpoint the trainer uses"
+        )
+    frame = _read_frame(table_file)
+    where = str(table_file)
+    _validate_frame(frame, where)
+    if meta.get("num_rows") not in (None, len(frame)):
+        raise VlmCreditError(
+            f"{where}: has {len(frame)} rows but the manifest says {meta['num_rows']}; the table "
+            "and manifest do not belong together: re-export"
+        )
+    if vocab_size is not None:
+        top = max(int(t.max()) for t in frame["token_ids"])
+        if top >= vocab_size:
+            raise VlmCreditError(
+                f"{where}: token id {top} is outside the trainer's vocabulary ({vocab_size}); "
+                "the signals belong to another tokenizer"
+            )
+    return Signals(frame.reset_index(drop=True), meta, source=where)
+
+
+def meta_from_manifest(manifest: Mapping[str, Any]) -> SignalsMeta:
+    """The SignalsMeta a `signals` object was written from (for re-writing an export)."""
+    sig = manifest.get("signals", manifest)
+    return SignalsMeta(
+        method=sig["method"],
+        parameters=dict(sig.get("parameters", {})),
+        checkpoint_id=sig.get("checkpoint", {}).get("id", ""),
+        weights_sha1=sig.get("checkpoint", {}).get("weights_sha1"),
+        tokenizer_sha1=sig["tokenizer_sha1"],
+        loss_denominator=sig["loss_denominator"],
+        selection_scope=sig["selection_scope"],
+    )
+
+
+__all__ = [
+    "BatchWeights",
+    "Signals",
+    "SignalsMeta",
+    "meta_from_manifest",
+    "read_signals",
+    "response_id",
+    "write_signals",
+    "write_signals_jsonl",
+]

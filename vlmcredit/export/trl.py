@@ -1,0 +1,164 @@
+"""TRL adapter: a `GRPOTrainer` whose advantages are multiplied by per-token weights.
+
+TRL's loss accepts (B, T) advantages (it unsqueezes only 1-D ones), so the weights enter by
+replacing `advantages` with `advantages[:, None] * weights` right after TRL has generated,
+scored and normalised a batch; the clipped surrogate, KL and every loss type then run unchanged.
+Weights come from a signals file (replayed rollouts: looked up by the dataset's sample id and
+the completion's token ids; responses with no entry keep weight 1 and are counted in the logged
+metrics `vlmcredit/rows_missed` and `vlmcredit/tokens_missed`) or from a callable for fresh
+rollouts (`weights_fn(model, batch)`, e.g. `vlmcredit.online.weights`).
+
+A signals file whose loss denominator is the selected tokens restricts TRL's loss mask to them
+(through TRL's own `tool_mask`, which multiplies into the mask every loss type normalises by).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from trl import GRPOTrainer
+
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.export.signals import LOSS_DENOMINATORS, Signals, read_signals
+from vlmcredit.probes.loading import tokenizer_hash
+
+WeightsFn = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
+# Loss types that divide by a constant (not by the masked token count) cannot average over the
+# selected tokens only.
+_CONSTANT_DENOMINATOR_LOSSES = ("dr_grpo", "luspo")
+_FORWARD_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
+
+
+class VlmCreditGRPOTrainer(GRPOTrainer):
+    """`trl.GRPOTrainer` with vlmcredit's per-token advantage weights.
+
+    Pass exactly one of `signals` (a signals folder/file or a loaded `Signals`) or `weights_fn`.
+    `sample_id_column` names the dataset column holding the rollout id the signals were
+    exported with. `loss_denominator` overrides the signals manifest's (default for a
+    `weights_fn`: all_tokens). All other arguments are GRPOTrainer's.
+    """
+
+    def __init__(
+        self,
+        *args: Any,
+        signals: str | os.PathLike[str] | Signals | None = None,
+        weights_fn: WeightsFn | None = None,
+        sample_id_column: str = "sample_id",
+        loss_denominator: str | None = None,
+        **kwargs: Any,
+    ) -> None:
+        if (signals is None) == (weights_fn is None):
+            raise VlmCreditError("VlmCreditGRPOTrainer: pass exactly one of signals or weights_fn")
+        super().__init__(*args, **kwargs)
+        self.weights_fn = weights_fn
+        self.sample_id_column = sample_id_column
+        self.signals: Signals | None = None
+        if signals is not None:
+            tok_sha1 = tokenizer_hash(self.processing_class)
+            tokenizer = getattr(self.processing_class, "tokenizer", None) or self.processing_class
+            if isinstance(signals, Signals):
+                if signals.meta["tokenizer_sha1"] != tok_sha1:
+                    raise VlmCreditError(
+                        f"{signals.source or 'signals'}: written for tokenizer "
+                        f"{signals.meta['tokenizer_sha1'][:12]}, but the trainer's tokenizer is "
+                        f"{tok_sha1[:12]}; compute the signals with the trainer's checkpoint"
+                    )
+                self.signals = signals
+            else:
+                self.signals = read_signals(Path(signals), tok_sha1, len(tokenizer))
+            columns = getattr(self.train_dataset, "column_names", None)
+            if columns is not None and self.sample_id_column not in columns:
+                raise VlmCreditError(
+                    f"train_dataset has no {self.sample_id_column!r} column; add the rollout ids "
+                    "the signals were exported with (or pass sample_id_column=...)"
+                )
+        denominator = loss_denominator or (
+            self.signals.loss_denominator if self.signals is not None else "all_tokens"
+        )
+        if denominator not in LOSS_DENOMINATORS:
+            raise VlmCreditError(
+                f"loss_denominator {denominator!r}: choose one of {', '.join(LOSS_DENOMINATORS)}"
+            )
+        if denominator == "selected_tokens" and self.loss_type in _CONSTANT_DENOMINATOR_LOSSES:
+            raise VlmCreditError(
+                f"the signals average the loss over selected tokens, but loss_type "
+                f"{self.loss_type!r} divides by a constant; use grpo, bnpo or dapo (or pass "
+                "loss_denominator='all_tokens')"
+            )
+        self.loss_denominator = denominator
+        self.signal_misses = {"rows": 0, "tokens": 0}
+
+    # The one TRL method we extend: it returns the batch the loss consumes.
+    def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
+        output = super()._generate_and_score_completions(inputs)
+        completion_ids = output["completion_ids"]
+        completion_mask = output["completion_mask"]
+        if self.signals is not None:
+            weights, selected = self._replayed_weights(inputs, completion_ids, completion_mask)
+        else:
+            weights = self._online_weights(output)
+            selected = weights != 0
+        advantages = output["advantages"]
+        if advantages.dim() == 1:
+            advantages = advantages.unsqueeze(1)
+        output["advantages"] = advantages * weights.to(advantages.device, advantages.dtype)
+        if self.loss_denominator == "selected_tokens":
+            tool_mask = output.get("tool_mask")
+            keep = selected.to(completion_mask.device, completion_mask.dtype)
+            tool_mask = keep if tool_mask is None else tool_mask * keep
+            output["tool_mask"] = tool_mask
+            # dapo/cispo/vespo normalise by this count, computed by TRL before our mask existed.
+            output["num_items_in_batch"] = self.accelerator.gather(
+                (completion_mask * tool_mask).sum()
+            ).sum()
+        return output
+
+    def _replayed_weights(
+        self, inputs: list[dict[str, Any]], completion_ids: torch.Tensor, mask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        assert self.signals is not None
+        try:
+            sample_ids = [str(x[self.sample_id_column]) for x in inputs]
+        except KeyError:
+            raise VlmCreditError(
+                f"a training example has no {self.sample_id_column!r}; every row needs its "
+                "rollout id"
+            ) from None
+        found = self.signals.batch_weights(sample_ids, completion_ids.cpu(), mask.cpu())
+        counts = torch.tensor(
+            [found.rows_missed, found.tokens_missed, found.rows_found],
+            dtype=torch.float32,
+            device=self.accelerator.device,
+        )
+        missed_rows, missed_tokens, rows_found = self.accelerator.gather(counts).view(-1, 3).sum(0)
+        self.signal_misses["rows"] += found.rows_missed
+        self.signal_misses["tokens"] += found.tokens_missed
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["vlmcredit/rows_missed"].append(missed_rows.item())
+        self._metrics[mode]["vlmcredit/tokens_missed"].append(missed_tokens.item())
+        self._metrics[mode]["vlmcredit/rows_found"].append(rows_found.item())
+        device = completion_ids.device
+        return found.weights.to(device), found.selected.to(device)
+
+    def _online_weights(self, output: Mapping[str, Any]) -> torch.Tensor:
+        assert self.weights_fn is not None
+        batch = {
+            "input_ids": torch.cat([output["prompt_ids"], output["completion_ids"]], dim=1),
+            "attention_mask": torch.cat([output["prompt_mask"], output["completion_mask"]], dim=1),
+            "response_mask": output["completion_mask"],
+        }
+        batch.update({k: output[k] for k in _FORWARD_KEYS if k in output})
+        model = self.accelerator.unwrap_model(self.model)
+        with torch.no_grad():
+            weights = self.weights_fn(model, batch)
+        expected = tuple(output["completion_ids"].shape)
+        if tuple(weights.shape) != expected:
+            raise VlmCreditError(
+                f"weights_fn returned shape {tuple(weights.shape)}; expected (batch, completion "
+                f"length) = {expected}"
+            )
+        return weights.detach().float()
