@@ -5,11 +5,16 @@ from __future__ import annotations
 import typer
 
 from vlmcredit import __version__
+from vlmcredit.cli.anchors import anchors
 from vlmcredit.cli.capture import capture
 from vlmcredit.cli.common import state
 from vlmcredit.cli.demo import demo
+from vlmcredit.cli.export import export
 from vlmcredit.cli.info import info
 from vlmcredit.cli.make_tiny import make_tiny
+from vlmcredit.cli.mme import mme_score, mme_synth
+from vlmcredit.cli.probe_heads import probe_heads
+from vlmcredit.cli.report import report
 
 app = typer.Typer(
     name="vlmcredit",
@@ -39,7 +44,13 @@ def _root(
 app.command("info")(info)
 app.command("make-tiny")(make_tiny)
 app.command("capture")(capture)
+app.command("probe-heads")(probe_heads)
+app.command("mme-score")(mme_score)
+app.command("mme-synth")(mme_synth)
+app.command("anchors")(anchors)
 app.command("demo")(demo)
+app.command("export")(export)
+app.command("report")(report)
 
 
 def main() -> None:

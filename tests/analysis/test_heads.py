@@ -1,0 +1,193 @@
+"""Head selection on hand-built scores: drops, the threshold rule, heads.json / heads.parquet."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from vlmcredit.analysis.heads import (
+    build_heads_report,
+    check_threshold,
+    heads_table,
+    max_score,
+    read_heads,
+    score_drops,
+    scores_dict,
+    select_critical,
+    write_heads,
+)
+from vlmcredit.data.mme_score import MMEPrediction, score_predictions
+from vlmcredit.errors import VlmCreditError
+
+CATS = ["existence", "count", "numerical_calculation"]
+
+
+def scores(existence: float, count: float, numerical: float) -> dict:
+    """A score dict with three subtasks; acc / acc+ are placeholders, totals summed by hand."""
+    sub = {"existence": existence, "count": count, "numerical_calculation": numerical}
+    return {
+        "total": existence + count + numerical,
+        "perception": existence + count,
+        "cognition": numerical,
+        "subtasks": {c: {"acc": s / 200, "acc_plus": s / 200, "score": s} for c, s in sub.items()},
+    }
+
+
+BASE = scores(180.0, 150.0, 120.0)  # total 450, perception 330, cognition 120
+CHECKPOINT = {"id": "tiny", "path": "/x", "family": "qwen2.5-vl", "weights_sha1": "0" * 40,
+              "geometry": {"num_layers": 4}}  # fmt: skip
+
+
+def test_drops_are_baseline_minus_ablated() -> None:
+    assert score_drops(BASE, scores(100.0, 150.0, 140.0)) == {
+        "total": 60.0,
+        "perception": 80.0,
+        "cognition": -20.0,
+    }
+
+
+def test_threshold_rule_strictly_greater_at_1e6_resolution() -> None:
+    drops = [
+        {"total": 100.0, "perception": 0.0},  # equal: not critical
+        {"total": 100.5, "perception": 0.0},
+        {"total": 100.00000000000001, "perception": 0.0},  # float noise around equality
+        {"total": 100.00001, "perception": 0.0},  # a real (small) excess
+        {"total": -250.0, "perception": 0.0},
+    ]
+    assert select_critical(drops, "total", 100.0) == [False, True, False, True, False]
+    assert select_critical(drops, "perception", 0.0) == [False] * 5
+    perception = [{"total": 0.0, "perception": 30.0}, {"total": 500.0, "perception": 10.0}]
+    assert select_critical(perception, "perception", 20.0) == [True, False]
+
+
+def test_threshold_checks() -> None:
+    assert max_score("total", CATS) == 600.0
+    assert max_score("perception", CATS) == 400.0
+    check_threshold(399.0, "perception", CATS)
+    for value, metric, fragment in [
+        (-1.0, "total", "--threshold -1.0: must be a finite number >= 0"),
+        (math.nan, "total", "--threshold nan"),
+        (400.0, "perception", "at most 400"),
+        (600.0, "total", "at most 600"),
+        (10.0, "accuracy", "--metric accuracy"),
+    ]:
+        with pytest.raises(VlmCreditError, match=fragment.replace("(", r"\(")):
+            check_threshold(value, metric, CATS)
+    with pytest.raises(VlmCreditError, match="none of the categories"):
+        check_threshold(10.0, "perception", ["numerical_calculation"])
+
+
+def _report(mode: str = "head-index", threshold: float = 100.0, metric: str = "total") -> dict:
+    results = [
+        (None if mode == "head-index" else 1, 0, scores(60.0, 150.0, 120.0)),  # drop 120 / 120
+        (None if mode == "head-index" else 0, 1, scores(180.0, 150.0, 10.0)),  # drop 110 / 0
+        (None if mode == "head-index" else 2, 2, scores(181.0, 150.0, 130.0)),  # drop -11
+        (None if mode == "head-index" else 3, 0, scores(80.0, 150.0, 120.0)),  # drop 100: no
+    ]
+    return build_heads_report(
+        checkpoint=CHECKPOINT,
+        mode=mode,
+        ablation="zero",
+        answering="logits",
+        metric=metric,
+        threshold=threshold,
+        num_questions=12,
+        categories=CATS,
+        baseline=BASE,
+        results=results,
+    )
+
+
+def test_report_follows_formats_md() -> None:
+    report = _report()
+    assert set(report) == {
+        "checkpoint", "mode", "ablation", "answering", "metric", "threshold", "num_questions",
+        "categories", "baseline", "heads", "critical", "critical_heads",
+    }  # fmt: skip
+    assert report["baseline"]["subtasks"]["count"] == {"acc": 0.75, "acc_plus": 0.75, "score": 150}
+    first = report["heads"][0]
+    assert first == {
+        "layer": None,
+        "head": 0,
+        "scores": {"total": 330.0, "perception": 210.0, "cognition": 120.0},
+        "drop": {"total": 120.0, "perception": 120.0, "cognition": 0.0},
+        "subtasks": {"existence": 60.0, "count": 150.0, "numerical_calculation": 120.0},
+        "critical": True,
+    }
+    assert [h["critical"] for h in report["heads"]] == [True, True, False, False]
+    assert report["critical"] == [{"layer": None, "head": 0}, {"layer": None, "head": 1}]
+    assert report["critical_heads"] == [0, 1]
+    # The same drops judged on perception: head 1 only hurt cognition.
+    assert _report(metric="perception")["critical_heads"] == [0]
+    # layer-head: critical (layer, head) pairs; critical_heads = sorted unique heads
+    grid = _report("layer-head", threshold=50.0)
+    assert grid["critical"] == [
+        {"layer": 1, "head": 0},
+        {"layer": 0, "head": 1},
+        {"layer": 3, "head": 0},
+    ]
+    assert grid["critical_heads"] == [0, 1]
+    json.dumps(report)  # plain JSON types only
+
+
+def test_heads_table_schema() -> None:
+    table = heads_table(_report("layer-head"))
+    assert list(table.columns) == [
+        "layer", "head", "total", "perception", "cognition", "drop_total", "drop_perception",
+        "drop_cognition", "critical", "score_existence", "score_count",
+        "score_numerical_calculation",
+    ]  # fmt: skip
+    assert str(table["layer"].dtype) == "int32" and str(table["head"].dtype) == "int32"
+    assert table["critical"].dtype == bool
+    assert list(table["layer"]) == [1, 0, 2, 3]
+    assert list(heads_table(_report())["layer"]) == [-1, -1, -1, -1]  # every layer
+    assert table.loc[2, "drop_total"] == -11.0 and table.loc[0, "score_existence"] == 60.0
+
+
+def test_scores_dict_from_official_scoring() -> None:
+    rows = [
+        MMEPrediction("existence/a.png", "existence", "q1", "Yes", "Yes"),
+        MMEPrediction("existence/a.png", "existence", "q2", "No", "No"),
+        MMEPrediction("existence/b.png", "existence", "q1", "Yes", "No"),
+        MMEPrediction("existence/b.png", "existence", "q2", "No", "No"),
+    ]
+    # acc 3/4, acc+ 1/2 -> 125
+    assert scores_dict(score_predictions(rows)) == {
+        "total": 125.0,
+        "perception": 125.0,
+        "cognition": 0.0,
+        "subtasks": {"existence": {"acc": 0.75, "acc_plus": 0.5, "score": 125.0}},
+    }
+
+
+def test_read_heads_round_trip_and_validation(tmp_path) -> None:
+    report = _report()
+    write_heads(tmp_path, report)
+    assert read_heads(tmp_path) == report
+    assert read_heads(tmp_path / "heads.json") == report
+    assert (tmp_path / "heads.parquet").is_file()
+    # Hand-written files: only critical, or only critical_heads (each head in every layer).
+    only = tmp_path / "only.json"
+    only.write_text(json.dumps({"critical": [{"layer": None, "head": 3}, {"layer": 2, "head": 1}]}))
+    assert read_heads(only)["critical_heads"] == [1, 3]
+    only.write_text(json.dumps({"critical_heads": [0, 1, 3]}))
+    assert read_heads(only)["critical"] == [{"layer": None, "head": h} for h in (0, 1, 3)]
+    bad_cases = [
+        ("{", "not valid JSON"),
+        ("[]", "top level is not an object"),
+        ('{"mode": "head-index"}', "neither critical nor critical_heads"),
+        ('{"critical_heads": [-1]}', "list of head indices"),
+        ('{"critical": [{"layer": "x", "head": 1}]}', "critical must be a list"),
+        ('{"critical": [], "critical_heads": [2]}', "critical_heads disagrees"),
+        (json.dumps({**report, "critical": [], "critical_heads": []}), "marked critical"),
+        (json.dumps({**report, "mode": "grid"}), "mode 'grid'"),
+    ]
+    for text, fragment in bad_cases:
+        only.write_text(text)
+        with pytest.raises(VlmCreditError, match=fragment) as info:
+            read_heads(only)
+        assert "\n" not in str(info.value) and str(only) in str(info.value)
+    with pytest.raises(VlmCreditError, match=r"no heads\.json there"):
+        read_heads(tmp_path / "missing")

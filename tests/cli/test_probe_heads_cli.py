@@ -1,0 +1,221 @@
+"""`vlmcredit probe-heads` end to end on a tiny yes/no checkpoint and a synthetic MME set."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pandas as pd
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tests.probes.test_mme_answer import yes_no_checkpoint
+from vlmcredit.cli.main import app
+from vlmcredit.data.mme import read_mme
+from vlmcredit.data.mme_score import read_predictions, score_predictions
+from vlmcredit.data.sample import Sample
+from vlmcredit.probes.ablation import o_proj_modules
+from vlmcredit.probes.capture_run import CRASH_ENV
+from vlmcredit.probes.inputs import encode_samples
+from vlmcredit.probes.loading import load_checkpoint
+from vlmcredit.probes.mme_answer import yes_no_tokens
+from vlmcredit.runs import Run
+
+runner = CliRunner()
+FAMILY = "qwen3-vl"  # deepstack features go through the cache end to end
+THRESHOLD = 300  # between the harmless and the critical heads of this checkpoint
+
+
+@pytest.fixture(scope="module")
+def mme(tmp_path_factory) -> Path:
+    """Synthetic MME written by the CLI: 2 images x 6 categories = 24 questions (+ parquet)."""
+    root = tmp_path_factory.mktemp("mme")
+    args = ["mme-synth", "--out", str(root / "set"), "--images-per-category", "2", "--seed", "4"]
+    result = runner.invoke(app, [*args, "--parquet", str(root / "set.parquet")])
+    assert result.exit_code == 0, result.output
+    return root / "set"
+
+
+@pytest.fixture(scope="module")
+def ckpt(tiny_ckpt, mme, tmp_path_factory) -> str:
+    return str(yes_no_checkpoint(tiny_ckpt(FAMILY), tmp_path_factory.mktemp("ck") / "yn", mme))
+
+
+def _probe(ckpt: str, mme: Path, out: Path, *extra: str):
+    args = ["probe-heads", "--ckpt", ckpt, "--mme", str(mme), "--out", str(out), "--quiet"]
+    return runner.invoke(app, [*args, "--threshold", str(THRESHOLD), *extra])
+
+
+@pytest.fixture(scope="module")
+def full_run(ckpt, mme, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs") / "full"
+    result = _probe(ckpt, mme, out, "--batch-size", "5")
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def _reference_answers(ckpt: str, mme: Path, head: int) -> list[str]:
+    """Independent path: o_proj weight columns of `head` zeroed in every layer, the processor's
+    pixel values, one ordinary forward per question, best yes vs best no variant logit."""
+    ck = load_checkpoint(ckpt, dtype="fp32")
+    d = ck.geometry.head_dim
+    with torch.no_grad():
+        for m in o_proj_modules(ck):
+            m.weight[:, head * d : (head + 1) * d] = 0
+    tokens = yes_no_tokens(ck.tokenizer)
+    answers = []
+    for q in read_mme(mme).questions:
+        batch = encode_samples(ck.processor, ck.geometry, [Sample([q.load_image()], q.question)])
+        ck.model.model.rope_deltas = None
+        with torch.no_grad():
+            last = ck.model(**batch.inputs).logits[0, -1]
+        yes, no = last[list(tokens.yes)].max(), last[list(tokens.no)].max()
+        answers.append("Yes" if yes > no else "No")
+    return answers
+
+
+def test_probe_heads_end_to_end(ckpt, mme, full_run) -> None:
+    report = json.loads((full_run / "heads.json").read_text())
+    assert report["mode"] == "head-index" and report["ablation"] == "zero"
+    assert report["answering"] == "logits" and report["metric"] == "total"
+    assert report["num_questions"] == 24 and len(report["categories"]) == 6
+    assert report["checkpoint"]["family"] == FAMILY
+    assert len(report["checkpoint"]["weights_sha1"]) == 40
+    assert [(h["layer"], h["head"]) for h in report["heads"]] == [(None, h) for h in range(4)]
+    # baseline = official scoring of the stored baseline predictions (also via mme-score)
+    scored = runner.invoke(app, ["mme-score", str(full_run / "predictions/baseline.parquet"),
+                                 "--json"])  # fmt: skip
+    assert json.loads(scored.stdout)["total"] == report["baseline"]["total"]
+    for h in report["heads"]:
+        path = full_run / "predictions" / f"head-{h['head']}.parquet"
+        ablated = score_predictions(read_predictions(path))
+        assert h["scores"]["total"] == ablated.total
+        assert h["drop"]["total"] == report["baseline"]["total"] - ablated.total
+        assert h["critical"] == (h["drop"]["total"] > THRESHOLD)
+    drops = [h["drop"]["total"] for h in report["heads"]]
+    assert max(drops) > THRESHOLD >= min(drops)  # this checkpoint has critical and other heads
+    assert report["critical_heads"] == [h["head"] for h in report["heads"] if h["critical"]]
+    # one configuration against the independent weight-edit path
+    worst = max(report["heads"], key=lambda h: h["drop"]["total"])["head"]
+    stored = pd.read_parquet(full_run / "predictions" / f"head-{worst}.parquet")
+    assert list(stored["prediction"]) == _reference_answers(ckpt, mme, worst)
+    table = pd.read_parquet(full_run / "heads.parquet")
+    assert list(table.columns[:9]) == [
+        "layer", "head", "total", "perception", "cognition", "drop_total", "drop_perception",
+        "drop_cognition", "critical",
+    ]  # fmt: skip
+    assert list(table["layer"]) == [-1] * 4 and list(table["critical"]) == [
+        h["critical"] for h in report["heads"]
+    ]
+    assert {f"score_{c}" for c in report["categories"]} <= set(table.columns)
+    manifest = json.loads((full_run / "manifest.json").read_text())
+    assert manifest["status"] == "finished"
+    assert manifest["feature_cache"]["vision_runs"] == 12  # once per image for 5 configurations
+    rows = pd.read_parquet(full_run / "samples.parquet")
+    assert list(rows["id"]) == ["baseline", "head-0", "head-1", "head-2", "head-3"]
+
+
+def test_layer_head_mean_ablation_on_parquet(ckpt, mme, tmp_path) -> None:
+    out = tmp_path / "grid"
+    result = _probe(ckpt, mme.parent / "set.parquet", out, "--mode", "layer-head", "--layers",
+                    "1-2", "--heads", "0,3", "--ablation", "mean", "--max-questions", "12",
+                    "--categories", "count,OCR,existence")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "heads.json").read_text())
+    assert [(h["layer"], h["head"]) for h in report["heads"]] == [(1, 0), (1, 3), (2, 0), (2, 3)]
+    assert report["ablation"] == "mean" and report["categories"] == ["existence", "count", "OCR"]
+    assert report["num_questions"] == 12  # two images from each category
+    means = Run.load(out).tensors("means")["value"]
+    assert means.shape == (3, 4, 16) and torch.isfinite(means).all()
+    assert f"vision-critical heads (drop in total > {THRESHOLD})" in result.stdout
+    table = pd.read_parquet(out / "heads.parquet")
+    assert list(table["layer"]) == [1, 1, 2, 2]
+
+
+def test_generate_mode(ckpt, mme, tmp_path) -> None:
+    out = tmp_path / "gen"
+    result = _probe(ckpt, mme, out, "--generate", "--max-questions", "6", "--heads", "1")
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "heads.json").read_text())
+    assert report["answering"] == "generate" and report["num_questions"] == 6
+    preds = pd.read_parquet(out / "predictions" / "baseline.parquet")
+    assert preds["prediction"].str.len().max() > 3  # decoded text, parsed officially
+    assert set(preds["parsed"]) <= {"yes", "no", "other"}
+
+
+def test_resume_after_kill_gives_the_same_heads_json(ckpt, mme, full_run, tmp_path) -> None:
+    out = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vlmcredit.cli.main", "probe-heads", "--ckpt", ckpt, "--mme",
+           str(mme), "--out", str(out), "--quiet", "--threshold", str(THRESHOLD),
+           "--batch-size", "5"]  # fmt: skip
+    crash = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, CRASH_ENV: "2"})
+    assert crash.returncode == 137, crash.stderr
+    partial = Run.load(out)
+    assert partial.manifest["status"] == "running"
+    assert [r["id"] for r in partial.rows] == ["baseline", "head-0"]
+    assert not (out / "heads.json").exists()
+    resumed = _probe(ckpt, mme, out, "--batch-size", "5", "--resume")
+    assert resumed.exit_code == 0, resumed.output
+    a = json.loads((full_run / "heads.json").read_text())
+    b = json.loads((out / "heads.json").read_text())
+    assert a == b  # heads.json holds no timing fields
+    for name in ("baseline", "head-0", "head-3"):
+        pa, pb = (pd.read_parquet(r / "predictions" / f"{name}.parquet") for r in (full_run, out))
+        assert pa.equals(pb), name
+    # a finished run re-selects with another threshold without recomputing
+    before = (out / "predictions" / "head-1.parquet").stat().st_mtime_ns
+    again = _probe(ckpt, mme, out, "--batch-size", "5", "--resume", "--threshold", "0")
+    assert again.exit_code == 0, again.output
+    reselected = json.loads((out / "heads.json").read_text())
+    assert reselected["threshold"] == 0.0
+    assert reselected["critical_heads"] == [h["head"] for h in a["heads"] if h["drop"]["total"] > 0]
+    assert (out / "predictions" / "head-1.parquet").stat().st_mtime_ns == before
+    changed = _probe(ckpt, mme, out, "--batch-size", "4", "--resume")
+    assert changed.exit_code == 2 and "different parameters (batch_size)" in changed.stderr
+
+
+def test_bad_inputs_exit_2_with_one_line(ckpt, mme, tmp_path) -> None:
+    out = tmp_path / "never"
+    for args, fragment in [
+        (["--mme", str(tmp_path / "missing")], "--mme " + str(tmp_path / "missing")),
+        (["--threshold", "-5"], "--threshold -5.0: must be a finite number >= 0"),
+        (["--threshold", "1200"], "no drop can exceed it"),
+        (["--categories", "count,nonsense"], "unknown MME category 'nonsense'"),
+        (["--metric", "perception", "--categories", "numerical_calculation"], "--metric perc"),
+        (["--mode", "grid"], "--mode grid"),
+        (["--layers", "0"], "--mode layer-head"),
+        (["--mode", "layer-head", "--layers", "7"], "--layers '7'"),
+        (["--heads", "9"], "--heads '9'"),
+        (["--max-questions", "1"], "--max-questions 1"),
+        (["--ablation", "max"], "--ablation max"),
+        (["--ckpt", str(tmp_path / "nockpt")], "no such folder"),
+    ]:
+        base = ["probe-heads", "--ckpt", ckpt, "--mme", str(mme), "--out", str(out)]
+        result = runner.invoke(app, [*base, *args])
+        assert result.exit_code == 2, (args, result.output)
+        assert fragment in result.stderr, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert not out.exists(), args
+
+
+def test_skip_bad_records_broken_images(ckpt, mme, tmp_path) -> None:
+    broken = tmp_path / "mme"
+    shutil.copytree(mme, broken)
+    (broken / "count" / "0001.png").write_bytes(b"not a png")
+    strict = _probe(ckpt, broken, tmp_path / "strict", "--heads", "0")
+    assert strict.exit_code == 2 and "0001.png" in strict.stderr
+    assert not (tmp_path / "strict").exists()
+    out = tmp_path / "lenient"
+    args = ["--heads", "0", "--max-questions", "6", "--skip-bad", "--categories", "count"]
+    args += ["--threshold", "50"]  # one category scores at most 200
+    result = _probe(ckpt, broken, out, *args)
+    assert result.exit_code == 0, result.output
+    rows = pd.read_parquet(out / "samples.parquet")
+    bad = rows[rows["status"] == "bad"]
+    assert len(bad) == 1 and "0001.png" in bad["id"].iloc[0] and "broken" in bad["error"].iloc[0]
+    assert json.loads((out / "heads.json").read_text())["num_questions"] == 2  # one good image

@@ -1,0 +1,264 @@
+"""Fast MME answering: yes/no logits vs decoding, encoded-once inputs, the image-feature cache."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import FAMILIES
+from vlmcredit.data.mme import read_mme
+from vlmcredit.data.mme_score import parse_answer
+from vlmcredit.data.mme_synth import write_synthetic_mme
+from vlmcredit.data.sample import Sample
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.probes.inputs import encode_samples
+from vlmcredit.probes.loading import load_checkpoint
+from vlmcredit.probes.mme_answer import (
+    ImageFeatureCache,
+    MMEInputs,
+    answer_generate,
+    answer_logits,
+    answer_questions,
+    yes_no_tokens,
+)
+from vlmcredit.probes.response_attention import GenerationConfig, generate_responses
+
+
+def yes_no_checkpoint(
+    src: Path, dst: Path, mme_dir: Path, base: float = 2.0, spread: float = 1.5
+) -> Path:
+    """Copy of a tiny checkpoint whose first answer token is usually a yes/no variant.
+
+    The random tiny model answers garbage. Here the lm_head rows of "Yes", " yes", "No" and
+    " No" are rewritten to read the model's own final hidden state h at the answer position:
+      row = base * m / |m|^2 + spread * (+-p  or  0.7 (+-p) + 0.7 o)
+    where m is the mean of h over the questions of `mme_dir` (so every row scores about `base`,
+    above most random logits), p a ridge-regression probe of h for the ground-truth answer and o
+    the main remaining direction of h (so " yes" / " No" sometimes beat "Yes" / "No"). Whether
+    the greedy token is yes, no or something else thus depends on the image and question
+    through every layer, and head ablation changes it.
+    """
+    ck = load_checkpoint(src, dtype="fp32")
+    questions = read_mme(mme_dir).questions
+    bank = MMEInputs(ck, questions, ImageFeatureCache(1 << 30))
+    bank.prepare()
+    states = torch.zeros(len(questions), ck.geometry.hidden_size)
+    seen: dict[str, torch.Tensor] = {}
+    handle = ck.model.lm_head.register_forward_hook(
+        lambda _m, args, _o: seen.__setitem__("h", args[0][:, -1].detach())
+    )
+    try:
+        for batch in bank.batches(8):
+            ck.model.model.rope_deltas = None
+            with torch.no_grad():
+                ck.model(**bank.inputs(batch), logits_to_keep=1)
+            states[batch] = seen["h"]
+    finally:
+        handle.remove()
+    mean = states.mean(0)
+    centred = states - mean
+
+    def unit(v: torch.Tensor) -> torch.Tensor:  # off the mean direction, unit spread over h
+        v = v - (v @ mean) / (mean @ mean) * mean
+        return v / (centred @ v).std()
+
+    target = torch.tensor([1.0 if q.answer == "Yes" else -1.0 for q in questions])
+    gram = centred.T @ centred + torch.eye(centred.shape[1])
+    probe = unit(torch.linalg.solve(gram, centred.T @ target))
+    rest = centred - torch.outer(centred @ probe, probe) / (probe @ probe)
+    other = unit(torch.linalg.svd(rest, full_matrices=False).Vh[0])
+    weight = ck.model.lm_head.weight.detach().clone()
+    offset = base * mean / (mean @ mean)
+    rows = {"Yes": probe, " yes": 0.7 * probe + 0.7 * other,
+            "No": -probe, " No": -0.7 * probe + 0.7 * other}  # fmt: skip
+    for text, direction in rows.items():
+        (token,) = ck.tokenizer.encode(text, add_special_tokens=False)
+        weight[token] = offset + spread * direction
+    from safetensors.torch import load_file, save_file
+
+    shutil.copytree(src, dst)
+    tensors = load_file(str(dst / "model.safetensors"))
+    tensors["lm_head.weight"] = weight.contiguous()
+    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+@pytest.fixture(scope="module")
+def mme_dir(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mme") / "synth"
+    write_synthetic_mme(path, 4, seed=1)
+    return path
+
+
+@pytest.fixture(scope="module")
+def mme_small(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("mme-small") / "synth"
+    write_synthetic_mme(path, 2, seed=2, categories=["existence", "count", "OCR"])
+    return path
+
+
+def test_yes_no_tokens_of_the_tokenizer(loaded) -> None:
+    tok = loaded("qwen2.5-vl").tokenizer
+    tokens = yes_no_tokens(tok)
+    assert tokens.yes_text == ("Yes", "yes", " yes")
+    assert tokens.no_text == ("No", "no", " No", " no")
+    for ids, texts, label in [
+        (tokens.yes, tokens.yes_text, "yes"),
+        (tokens.no, tokens.no_text, "no"),
+    ]:
+        for i, text in zip(ids, texts, strict=True):
+            assert tok.encode(text, add_special_tokens=False) == [i]
+            assert tok.decode([i]) == text and parse_answer(text + "Yes, no") == label
+    from vlmcredit.probes.tiny import build_tokenizer
+
+    bytes_only = build_tokenizer(vocab_size=280)  # too few merges for a one-token "Yes"
+    with pytest.raises(VlmCreditError, match=r"no single-token 'yes'.*--generate"):
+        yes_no_tokens(bytes_only, "--ckpt tiny")
+
+
+@pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
+def test_logit_answers_agree_with_generate(tiny_ckpt, mme_dir, tmp_path, family) -> None:
+    """Where greedy decoding starts with a yes/no token, the parsed answer = the logit answer."""
+    ckpt = yes_no_checkpoint(tiny_ckpt(family), tmp_path / "yes-no", mme_dir)
+    ck = load_checkpoint(ckpt, dtype="fp32")
+    tokens = yes_no_tokens(ck.tokenizer)
+    bank = MMEInputs(ck, read_mme(mme_dir).questions, ImageFeatureCache(1 << 30))
+    bank.prepare()
+    batches = bank.batches(8)
+    logit_answers = answer_questions(bank, batches, "logits", tokens)
+    decoded = answer_questions(bank, batches, "generate")
+    assert sorted(logit_answers) == sorted(decoded) == list(range(len(bank.questions)))
+    by_logits = [logit_answers[i] for i in range(len(bank.questions))]
+    by_decoding = [decoded[i] for i in range(len(bank.questions))]
+    variants = set(tokens.yes) | set(tokens.no)
+    starts = [g.top_token in variants for g in by_decoding]
+    assert 0.6 <= sum(starts) / len(starts) < 1.0  # a good share, and some that do not
+    compared = [(lg, g) for lg, g, s in zip(by_logits, by_decoding, starts, strict=True) if s]
+    assert {lg.prediction for lg, _ in compared} == {"Yes", "No"}  # both answers occur
+    for lg, g in compared:
+        assert parse_answer(g.prediction) == lg.prediction.lower(), (g.prediction, lg)
+        assert lg.top_token == g.top_token  # the same greedy first token
+    # the yes/no variants the decoder actually started with include more than "Yes"/"No"
+    texts = {ck.tokenizer.decode([g.top_token]) for _, g in compared}
+    assert {"Yes", "No"} < texts | {"Yes", "No"} and len(texts) >= 3
+
+
+def _plain_logits(ck, questions, batch):
+    """The reference: encode_samples (processor + pixel values) and an ordinary forward."""
+    samples = [Sample([questions[i].load_image()], questions[i].question) for i in batch]
+    inputs = encode_samples(ck.processor, ck.geometry, samples).inputs
+    ck.model.model.rope_deltas = None
+    with torch.no_grad():
+        return ck.model(**inputs).logits, inputs
+
+
+def _bank_logits(bank, batch):
+    bank.ck.model.model.rope_deltas = None
+    with torch.no_grad():
+        return bank.ck.model(**bank.inputs(batch)).logits
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cached_features_equal_uncached(loaded, mme_small, family) -> None:
+    ck = loaded(family)
+    questions = read_mme(mme_small).questions
+    bank = MMEInputs(ck, questions, ImageFeatureCache(1 << 30))
+    bank.prepare()
+    assert bank.cache.computed == len({q.image_id for q in questions})  # once per image
+    batches = bank.batches(5)
+    for batch in batches:
+        plain, inputs = _plain_logits(ck, questions, batch)
+        assert torch.equal(bank.inputs(batch)["input_ids"], inputs["input_ids"])
+        assert torch.equal(_bank_logits(bank, batch), plain)  # warm cache
+    assert bank.cache.computed == len({q.image_id for q in questions})  # nothing recomputed
+    off = MMEInputs(ck, questions, ImageFeatureCache(0))  # no cache: computed per batch
+    off.prepare()
+    assert len(off.cache) == 0 and off.cache.computed == 0
+    assert torch.equal(_bank_logits(off, batches[0]), _plain_logits(ck, questions, batches[0])[0])
+    images = {questions[i].image_id for i in batches[0]}
+    assert off.cache.computed == len(images) < len(batches[0])  # an image once per batch
+    # shared prefix (one prefix forward per image, questions on a repeated KV cache) = the
+    # full forward to float rounding; odd batches split some pairs into single questions
+    sizes, own_lengths = set(), set()
+    for batch in batches:
+        groups = bank.prefix_groups(batch)
+        for members, cut in groups:
+            sizes.add(len(members))
+            own_lengths.add(tuple(bank.encoded[i].ids.numel() - cut for i in members))
+            image_tokens = (bank.encoded[members[0]].ids == ck.geometry.image_token_id).nonzero()
+            assert cut > int(image_tokens.max())  # the image lies in the shared part
+        shared = bank.shared_prefix_logits(batch)
+        full = _bank_logits(bank, batch)[:, -1]
+        assert torch.allclose(shared, full, atol=1e-5, rtol=0)
+        assert torch.equal(shared.argmax(-1), full.argmax(-1))
+    assert sizes == {1, 2} and any(len(set(n)) > 1 for n in own_lengths)  # ragged suffixes
+    # logit answers are read off those logits: best yes variant vs best no variant
+    tokens = yes_no_tokens(ck.tokenizer)
+    answers = answer_logits(ck.model, bank.inputs(batches[0]), tokens)
+    last = _plain_logits(ck, questions, batches[0])[0][:, -1]
+    for row, a in zip(last, answers, strict=True):
+        yes, no = row[list(tokens.yes)].max(), row[list(tokens.no)].max()
+        assert a.yes_logit == pytest.approx(float(yes), abs=1e-6)
+        assert a.no_logit == pytest.approx(float(no), abs=1e-6)
+        assert a.prediction == ("Yes" if yes > no else "No") and a.top_token == int(row.argmax())
+
+
+def test_cache_respects_its_bound(loaded, mme_small) -> None:
+    ck = loaded("qwen3-vl")  # deepstack: features are embeds + one map per deepstack layer
+    questions = read_mme(mme_small).questions
+    full = MMEInputs(ck, questions, ImageFeatureCache(1 << 30))
+    full.prepare()
+    per_image = full.cache.nbytes // len(full.cache)
+    assert per_image == full._feature_bytes(full.encoded[0].grid)
+    bound = int(2.5 * per_image)
+    small = MMEInputs(ck, questions, ImageFeatureCache(bound))
+    small.prepare()
+    assert len(small.cache) == 2 and small.cache.nbytes <= bound
+    assert small.cache.computed == 2  # images that could not be kept were not computed yet
+    batches = small.batches(4)
+    for _ in range(2):  # two "configurations"
+        for batch in batches:
+            assert torch.equal(_bank_logits(small, batch), _bank_logits(full, batch))
+    stats = small.cache.stats()
+    assert stats["entries"] == 2 and stats["bytes"] <= bound
+    # one lookup per image and batch (both questions of an image share a batch of 4)
+    n_images = len({q.image_id for q in questions})
+    assert stats["hits"] == 2 * 2  # two cached images x two passes
+    assert stats["misses"] == stats["rejected"] == 2 * (n_images - 2)
+    assert stats["vision_runs"] == 2 + stats["misses"]
+    with pytest.raises(VlmCreditError, match="--feature-cache-mb"):
+        ImageFeatureCache(-1)
+
+
+def test_batches_keep_image_pairs_longest_first(loaded, mme_small) -> None:
+    ck = loaded("qwen2-vl")
+    questions = read_mme(mme_small).questions
+    bank = MMEInputs(ck, questions, ImageFeatureCache(1 << 30))
+    bank.prepare()
+    batches = bank.batches(3)
+    order = [i for b in batches for i in b]
+    assert sorted(order) == list(range(len(questions))) and max(map(len, batches)) == 3
+    pairs = [order[k : k + 2] for k in range(0, len(order), 2)]
+    assert all(questions[a].image_id == questions[b].image_id for a, b in pairs)
+    lengths = [max(bank.encoded[i].ids.numel() for i in p) for p in pairs]
+    assert lengths == sorted(lengths, reverse=True)
+
+
+def test_generate_answers_match_the_pixel_path(loaded, mme_small) -> None:
+    """Decoding with cached features = `generate_responses` on processor pixel values."""
+    ck = loaded("qwen2.5-vl")
+    questions = read_mme(mme_small).questions
+    bank = MMEInputs(ck, questions, ImageFeatureCache(1 << 30))
+    bank.prepare()
+    batch = bank.batches(4)[0]
+    answers = answer_generate(ck.model, ck.tokenizer, bank.inputs(batch), max_new_tokens=5)
+    samples = [Sample([questions[i].load_image()], questions[i].question) for i in batch]
+    ids, _ = generate_responses(ck, samples, GenerationConfig(5, temperature=0.0))
+    eos = {ck.tokenizer.convert_tokens_to_ids("<|im_end|>")}
+    for a, row in zip(answers, ids, strict=True):
+        kept = [t for t in row if t not in eos]
+        assert a.prediction == ck.tokenizer.decode(kept, skip_special_tokens=True)
+        assert a.top_token == row[0]

@@ -1,0 +1,126 @@
+"""`vlmcredit probe-heads`: head ablation on MME -> vision-critical heads (heads.json)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import ExitStack
+from pathlib import Path
+
+import typer
+
+from vlmcredit.cli.common import echo_err, progress_bar, user_errors
+
+SHOWN = 20  # configurations listed in the summary (largest drops first)
+
+
+@user_errors
+def probe_heads(
+    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint folder or cached hub id."),
+    mme: Path = typer.Option(..., "--mme", help="MME: lmms-lab parquet(s) or MME folder."),
+    out: Path = typer.Option(..., "--out", help="Run folder to write (or resume)."),
+    categories: str | None = typer.Option(
+        None, "--categories", help="Comma-separated MME subtasks (default: all present)."
+    ),
+    mode: str = typer.Option(
+        "head-index", "--mode", help="head-index (one head in every layer) or layer-head."
+    ),
+    layers: str = typer.Option("all", "--layers", help="layer-head mode: all, 0,4,8-11, -1."),
+    heads: str = typer.Option("all", "--heads", help="Head indices to ablate: all or a list."),
+    ablation: str = typer.Option("zero", "--ablation", help="zero, or mean (MME-set mean)."),
+    generate: bool = typer.Option(
+        False, "--generate", help="Decode up to 16 tokens and parse (reference; slower)."
+    ),
+    share_prefix: bool = typer.Option(
+        True,
+        "--share-prefix/--no-share-prefix",
+        help="Run an image's common prompt prefix once for both its questions (logits mode).",
+    ),
+    batch_size: int = typer.Option(8, "--batch-size", help="Questions per forward."),
+    max_questions: int | None = typer.Option(
+        None,
+        "--max-questions",
+        help="Quick look: about N questions, whole images from every category in turn.",
+    ),
+    threshold: float = typer.Option(
+        100.0, "--threshold", help="Critical when the score drops by more than this."
+    ),
+    metric: str = typer.Option("total", "--metric", help="total or perception."),
+    feature_cache_mb: float = typer.Option(
+        4096.0,
+        "--feature-cache-mb",
+        help="Bound of the image-feature cache, kept on the model's device (0 = off).",
+    ),
+    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32."),
+    device: str | None = typer.Option(None, "--device", help="e.g. cuda:0 (default: cpu)."),
+    device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto (multi-GPU)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip broken MME items (recorded)."),
+    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    quiet: bool = typer.Option(False, "--quiet", help="No progress bar or log lines."),
+) -> None:
+    """Ablate heads, re-score MME each time, and list the heads whose ablation hurts most."""
+    import json
+
+    from vlmcredit.probes.heads_run import ProbeHeadsConfig, run_probe_heads
+
+    cfg = ProbeHeadsConfig(
+        ckpt=ckpt,
+        mme=mme,
+        out=out,
+        categories=categories,
+        mode=mode,
+        layers=layers,
+        heads=heads,
+        ablation=ablation,
+        generate=generate,
+        share_prefix=share_prefix,
+        batch_size=batch_size,
+        max_questions=max_questions,
+        dtype=dtype,
+        device=device,
+        device_map=device_map,
+        skip_bad=skip_bad,
+        trust_remote_code=trust_remote_code,
+        threshold=threshold,
+        metric=metric,
+        feature_cache_mb=feature_cache_mb,
+        resume=resume,
+    )
+    with ExitStack() as stack:
+        advance = _LazyBar(stack, quiet)
+        run = run_probe_heads(cfg, progress=advance, log=(lambda _m: None) if quiet else echo_err)
+    report = json.loads((run.path / "heads.json").read_text())
+    base = report["baseline"]
+    typer.echo(
+        f"baseline: total {base['total']:.2f} (perception {base['perception']:.2f}, "
+        f"cognition {base['cognition']:.2f}) on {report['num_questions']} questions"
+    )
+    rows = sorted(report["heads"], key=lambda h: -h["drop"][report["metric"]])
+    typer.echo(f"{'layer':>5} {'head':>4} {'total':>9} {'drop':>9}  critical")
+    for h in rows[:SHOWN]:
+        layer = "all" if h["layer"] is None else str(h["layer"])
+        typer.echo(
+            f"{layer:>5} {h['head']:>4} {h['scores']['total']:>9.2f} "
+            f"{h['drop'][report['metric']]:>9.2f}  {'yes' if h['critical'] else ''}"
+        )
+    if len(rows) > SHOWN:
+        typer.echo(f"... {len(rows) - SHOWN} more in {run.path / 'heads.parquet'}")
+    critical = ", ".join(str(h) for h in report["critical_heads"]) or "none"
+    typer.echo(
+        f"vision-critical heads (drop in {report['metric']} > {report['threshold']:g}): "
+        f"{critical}; written to {run.path / 'heads.json'}"
+    )
+
+
+class _LazyBar:
+    """The progress bar, shown from the first update on: option and input errors, found before
+    any work starts, then print as one line with no bar around them."""
+
+    def __init__(self, stack: ExitStack, quiet: bool) -> None:
+        self.stack, self.quiet = stack, quiet
+        self.update: Callable[[int, int], None] | None = None
+
+    def __call__(self, done: int, total: int) -> None:
+        if self.update is None:
+            self.update = self.stack.enter_context(progress_bar("probe-heads", self.quiet))
+        self.update(done, total)

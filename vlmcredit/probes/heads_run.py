@@ -1,0 +1,369 @@
+"""`vlmcredit probe-heads` as a library call: head ablation on MME -> vision-critical heads.
+
+Protocol (KAWHI, MME): score MME with the unablated model (the baseline), then once per
+configuration with its heads ablated, and call a configuration vision-critical when its score
+drops by more than a threshold. A configuration is one head index in every decoder layer at once
+(`mode="head-index"`, the paper's protocol) or one (layer, head) pair (`mode="layer-head"`).
+
+The run folder (vlmcredit/runs.py) holds one committed unit per configuration, so a killed run
+resumes with every finished configuration kept:
+    manifest.json                 parameters, checkpoint, MME set, timing, feature-cache stats
+    samples.parquet               one row per unit: "means" (mean ablation's reference, its
+                                  tensor in a shard), "baseline", "head-3" / "layer-5-head-3"
+                                  (status done), and MME images skipped with --skip-bad (bad)
+    predictions/<unit>.parquet    per question: the MME prediction columns (read_predictions /
+                                  `vlmcredit mme-score` read it) + logits / first token
+    heads.json, heads.parquet     written when every configuration is done (docs/FORMATS.md)
+Threshold and metric only select among measured drops: they are not part of what a resume must
+match, so `--resume` on a finished run re-selects with new values without recomputing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vlmcredit.analysis.heads import (
+    ABLATIONS,
+    MODES,
+    build_heads_report,
+    check_metric,
+    check_threshold,
+    scores_dict,
+    write_heads,
+)
+from vlmcredit.data.mme import MMEQuestion, canonical_categories
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.probes.capture_run import CRASH_ENV
+from vlmcredit.runs import Run, atomic_write_parquet
+
+BASELINE = "baseline"
+MEANS = "means"
+PREDICTIONS_DIR = "predictions"
+
+
+@dataclass
+class ProbeHeadsConfig:
+    ckpt: str
+    mme: Path
+    out: Path
+    categories: str | None = None  # comma-separated MME categories (any case); None = all
+    mode: str = "head-index"  # or "layer-head"
+    layers: str | None = None  # layer-head mode: "all" / "0,3,5-7" / "-1"
+    heads: str | None = None  # restrict head indices, same syntax
+    ablation: str = "zero"  # or "mean" (mean o_proj input over the MME set)
+    generate: bool = False  # decode up to 16 tokens and parse, instead of yes/no logits
+    share_prefix: bool = True  # logits mode: run an image's common prompt prefix once
+    batch_size: int = 8
+    max_questions: int | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    skip_bad: bool = False
+    trust_remote_code: bool = False
+    threshold: float = 100.0
+    metric: str = "total"  # or "perception"
+    feature_cache_mb: float = 4096.0
+    resume: bool = False
+
+    def check(self) -> None:
+        """Option errors that need no data or model (one line each)."""
+        if self.mode not in MODES:
+            raise VlmCreditError(f"--mode {self.mode}: choose one of {', '.join(MODES)}")
+        if self.ablation not in ABLATIONS:
+            choices = ", ".join(ABLATIONS)
+            raise VlmCreditError(f"--ablation {self.ablation}: choose one of {choices}")
+        if self.mode == "head-index" and self.layers not in (None, "", "all"):
+            raise VlmCreditError(
+                f"--layers {self.layers}: head-index mode ablates every layer at once; use "
+                "--mode layer-head to choose layers"
+            )
+        if self.batch_size < 1:
+            raise VlmCreditError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.max_questions is not None and self.max_questions < 2:
+            raise VlmCreditError(
+                f"--max-questions {self.max_questions}: must be at least 2 (MME scores both "
+                "questions of an image)"
+            )
+        if not self.feature_cache_mb >= 0:
+            raise VlmCreditError(f"--feature-cache-mb {self.feature_cache_mb}: must be >= 0")
+        check_metric(self.metric)
+        check_threshold(self.threshold, self.metric)
+
+    def parameters(self) -> dict[str, Any]:
+        """What a resume must match: everything that changes a configuration's answers."""
+        params = asdict(self)
+        for key in ("out", "resume", "device", "device_map", "feature_cache_mb"):
+            params.pop(key)
+        for key in ("threshold", "metric"):  # selection only; recorded under "selection"
+            params.pop(key)
+        params["mme"] = str(Path(self.mme).resolve())
+        return params
+
+
+@dataclass(frozen=True)
+class Ablation:
+    """One configuration: (None, None) = baseline, (None, h) = head h everywhere, (l, h)."""
+
+    layer: int | None
+    head: int | None
+
+    @property
+    def name(self) -> str:
+        if self.head is None:
+            return BASELINE
+        if self.layer is None:
+            return f"head-{self.head}"
+        return f"layer-{self.layer}-head-{self.head}"
+
+
+def ablation_plan(
+    mode: str, num_layers: int, num_heads: int, layers: str | None, heads: str | None
+) -> list[Ablation]:
+    """Baseline first, then each configuration in (layer, head) order."""
+    from vlmcredit.probes.selection import parse_indices
+
+    head_list = parse_indices(heads, num_heads, "--heads") or list(range(num_heads))
+    plan = [Ablation(None, None)]
+    if mode == "head-index":
+        return plan + [Ablation(None, h) for h in head_list]
+    layer_list = parse_indices(layers, num_layers, "--layers") or list(range(num_layers))
+    return plan + [Ablation(layer, h) for layer in layer_list for h in head_list]
+
+
+def select_questions(questions: Sequence[MMEQuestion], limit: int | None) -> list[MMEQuestion]:
+    """At most `limit` questions: whole images (both questions), taken in turn per category.
+
+    Taking the first N questions would only cover the first category; a quick look should see
+    every category, and MME scores an image only with both of its questions.
+    """
+    if limit is None or limit >= len(questions):
+        return list(questions)
+    per_category: dict[str, list[str]] = {}
+    for q in questions:
+        images = per_category.setdefault(q.category, [])
+        if q.image_id not in images:
+            images.append(q.image_id)
+    chosen: set[str] = set()
+    rank = 0
+    while len(chosen) < limit // 2:
+        round_images = [imgs[rank] for imgs in per_category.values() if rank < len(imgs)]
+        if not round_images:
+            break
+        chosen.update(round_images[: limit // 2 - len(chosen)])
+        rank += 1
+    return [q for q in questions if q.image_id in chosen]
+
+
+def mme_fingerprint(questions: Sequence[MMEQuestion]) -> str:
+    """sha1 over question ids, texts, answers and image sizes: what a resume must find again."""
+    h = hashlib.sha1()
+    for q in questions:
+        ref = q.image_ref
+        size = len(ref) if isinstance(ref, bytes) else Path(ref).stat().st_size
+        h.update(f"{q.question_id}\t{q.question}\t{q.answer}\t{size}\n".encode())
+    return h.hexdigest()
+
+
+def predictions_frame(questions: Sequence[MMEQuestion], answers: Sequence[Any]) -> Any:
+    """One configuration's answers as a table `read_predictions` accepts (plus our columns)."""
+    import pandas as pd
+
+    from vlmcredit.data.mme_score import parse_answer
+
+    return pd.DataFrame(
+        {
+            "image_id": [q.image_id for q in questions],
+            "category": [q.category for q in questions],
+            "question": [q.question for q in questions],
+            "answer": [q.answer for q in questions],
+            "prediction": [a.prediction for a in answers],
+            "question_id": [q.question_id for q in questions],
+            "parsed": [parse_answer(a.prediction) for a in answers],
+            "top_token": pd.array([a.top_token for a in answers], dtype="int64"),
+            "yes_logit": pd.array([a.yes_logit for a in answers], dtype="Float32"),
+            "no_logit": pd.array([a.no_logit for a in answers], dtype="Float32"),
+        }
+    )
+
+
+def _scores(path: Path) -> dict[str, Any]:
+    from vlmcredit.data.mme_score import read_predictions, score_predictions
+
+    return scores_dict(score_predictions(read_predictions(path)))
+
+
+def run_probe_heads(
+    cfg: ProbeHeadsConfig,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Run:
+    """Score MME for the baseline and every ablation configuration; write heads.json."""
+    from vlmcredit.data.mme import read_mme
+    from vlmcredit.probes.loading import load_checkpoint, tokenizer_hash, weights_hash
+
+    cfg.check()
+    wanted = (
+        canonical_categories([c for c in cfg.categories.split(",") if c.strip()])
+        if cfg.categories
+        else None
+    )
+    if (Path(cfg.out) / "manifest.json").exists() and not cfg.resume:
+        raise VlmCreditError(
+            f"--out {cfg.out}: already holds a run; pass --resume to continue it or choose a "
+            "new folder"
+        )
+    try:
+        mme = read_mme(cfg.mme, wanted, skip_bad=cfg.skip_bad)
+    except VlmCreditError as exc:
+        raise VlmCreditError(f"--mme {exc}") from None
+    questions = select_questions(mme.questions, cfg.max_questions)
+    categories = [c for c in mme.categories if any(q.category == c for q in questions)]
+    check_threshold(cfg.threshold, cfg.metric, categories)
+
+    ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    geo = ck.geometry
+    plan = ablation_plan(cfg.mode, geo.num_layers, geo.num_heads, cfg.layers, cfg.heads)
+    answering = "generate" if cfg.generate else "logits"
+    import torch
+
+    from vlmcredit.probes.ablation import ablate_heads, head_means
+    from vlmcredit.probes.mme_answer import (
+        GENERATE_TOKENS,
+        ImageFeatureCache,
+        MMEInputs,
+        answer_questions,
+        yes_no_tokens,
+    )
+
+    tokens = yes_no_tokens(ck.tokenizer, f"--ckpt {cfg.ckpt}") if answering == "logits" else None
+    checkpoint = {
+        "id": cfg.ckpt,
+        "path": str(ck.path),
+        "family": ck.adapter.cli_name,
+        "weights_sha1": weights_hash(ck.path),
+        "geometry": asdict(geo),
+    }
+    params = {**cfg.parameters(), "mme_sha1": mme_fingerprint(questions)}
+    extra = {
+        "checkpoint": {**checkpoint, "tokenizer_sha1": tokenizer_hash(ck.processor)},
+        "mme": {
+            "path": str(Path(cfg.mme).resolve()),
+            "layout": mme.layout,
+            "num_questions": len(questions),
+            "num_images": len({q.image_id for q in questions}),
+            "categories": categories,
+            "skipped": [{"where": w, "error": e} for w, e in mme.bad],
+        },
+        "answering": {
+            "mode": answering,
+            "yes_tokens": list(tokens.yes_text) if tokens else None,
+            "no_tokens": list(tokens.no_text) if tokens else None,
+            "max_new_tokens": GENERATE_TOKENS if answering == "generate" else None,
+            "rule": "best yes-variant logit > best no-variant logit"
+            if tokens
+            else "greedy decoding, official MME parsing",
+            "shared_prefix": bool(tokens) and cfg.share_prefix,
+        },
+        "ablation": {
+            "mode": cfg.ablation,
+            "site": "o_proj input (forward pre-hook)",
+            "means": "mean o_proj input over every non-padding token of the scored questions"
+            if cfg.ablation == "mean"
+            else None,
+        },
+        "configurations": [a.name for a in plan],
+        "timing": {"configurations": {}},
+    }
+    run = Run.open(Path(cfg.out), "probe-heads", params, cfg.resume, extra)
+    run.manifest["selection"] = {"metric": cfg.metric, "threshold": cfg.threshold}
+    run.write_manifest()
+    if not run.rows and mme.bad:
+        run.commit({"id": f"bad:{w}", "status": "bad", "error": e} for w, e in mme.bad)
+    done = run.done_ids()
+    todo = [a for a in plan if a.name not in done]
+    ablating = any(a.head is not None for a in todo)
+    need_means = cfg.ablation == "mean" and MEANS not in done and ablating
+    n = len(questions)
+    total = n * (len(plan) + (1 if todo else 0) + (1 if need_means else 0))
+    state = {"done": n * (len(plan) - len(todo))}
+
+    def advance(count: int) -> None:
+        state["done"] += count
+        if progress:
+            progress(state["done"], total)
+
+    log(f"{n} questions, {len(plan)} configurations ({len(plan) - len(todo)} already done)")
+    advance(0)
+    cache = ImageFeatureCache(int(cfg.feature_cache_mb * 2**20))
+    bank = MMEInputs(ck, questions, cache)
+    timing = run.manifest.setdefault("timing", {"configurations": {}})
+    if todo:
+        t0 = time.perf_counter()
+        bank.prepare(advance)
+        timing["prepare"] = time.perf_counter() - t0
+    batches = bank.batches(cfg.batch_size) if todo else []
+
+    means = None
+    if cfg.ablation == "mean" and ablating:
+        if MEANS in done:
+            means = run.tensors(MEANS)["value"]
+        else:
+            t0 = time.perf_counter()
+            means = head_means(ck, (bank.inputs(b) for b in batches), advance)
+            run.commit([{"id": MEANS, "status": "done"}], {f"{MEANS}/value": means})
+            timing["means"] = time.perf_counter() - t0
+
+    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    (Path(cfg.out) / PREDICTIONS_DIR).mkdir(exist_ok=True)
+    for committed, ablation in enumerate(todo, 1):
+        t0 = time.perf_counter()
+        heads = [] if ablation.head is None else [(ablation.layer, ablation.head)]
+        with ablate_heads(ck, heads, cfg.ablation, means):
+            answers = answer_questions(
+                bank, batches, answering, tokens, advance, share_prefix=cfg.share_prefix
+            )
+        frame = predictions_frame(questions, [answers[i] for i in range(n)])
+        atomic_write_parquet(_predictions_path(run.path, ablation.name), frame)
+        timing["configurations"][ablation.name] = time.perf_counter() - t0
+        run.commit([{"id": ablation.name, "status": "done"}])
+        run.write_manifest()
+        if crash_after and committed >= crash_after:
+            os._exit(137)  # simulated kill -9: no cleanup, no finally blocks
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    baseline = _scores(_predictions_path(run.path, BASELINE))
+    results = [(a.layer, a.head, _scores(_predictions_path(run.path, a.name))) for a in plan[1:]]
+    report = build_heads_report(
+        checkpoint=checkpoint,
+        mode=cfg.mode,
+        ablation=cfg.ablation,
+        answering=answering,
+        metric=cfg.metric,
+        threshold=cfg.threshold,
+        num_questions=n,
+        categories=categories,
+        baseline=baseline,
+        results=results,
+    )
+    write_heads(run.path, report)
+    seconds = sum(timing["configurations"].values())
+    run.finish(
+        num_configurations=len(plan),
+        critical=report["critical"],
+        critical_heads=report["critical_heads"],
+        baseline_total=baseline["total"],
+        feature_cache=cache.stats(),
+        questions_per_second=(n * len(plan) / seconds) if seconds else None,
+    )
+    return run
+
+
+def _predictions_path(run_dir: Path, name: str) -> Path:
+    return run_dir / PREDICTIONS_DIR / f"{name}.parquet"

@@ -1,0 +1,498 @@
+"""Answer MME yes/no questions fast: next-token logits, encoded-once inputs, cached image features.
+
+Head ablation scores MME once per configuration (1 + 28 times for a 7B model), so each
+question is answered many times with the same image. Four things make that cheap:
+
+* Logit answering: one forward per question; the answer is "Yes" when the best next-token logit
+  among the tokenizer's yes variants ("Yes", " yes", ...) beats the best among the no variants.
+  Whenever greedy decoding would start with one of these variants, this is exactly the answer
+  MME's official parser gives the decoded text (a variant in the first characters fixes the
+  label), without decoding 16 tokens. `answer_generate` is that reference: greedy decoding of up
+  to 16 tokens, parsed officially when scored.
+* Questions are encoded (chat template, processor, image-token expansion) once per run; each
+  batch is assembled from the stored token ids, left-padded as `encode_samples` does.
+* Image features come from a bounded cache keyed by a hash of the image's pixel values and grid,
+  and reach the model through transformers' `mm_encoder_outputs` argument (also in
+  `generate()`), so the vision tower runs once per image for the whole run: decoder-head
+  ablation never touches it. Features are computed one image at a time, so they do not depend on
+  which images share a batch, and cached logits equal uncached ones exactly.
+* The two questions of an image share their prompt up to the question text (system prompt,
+  image tokens, often the first words): that prefix runs once per image and only the
+  questions' own ~20 tokens run per question, on a repeated KV cache (`shared_prefix_logits`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from vlmcredit.data.mme import MMEQuestion
+from vlmcredit.data.mme_score import parse_answer
+from vlmcredit.data.sample import Sample
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.probes.inputs import prompt_text
+from vlmcredit.probes.layout import build_mm_token_type_ids
+
+YES_VARIANTS = ("Yes", "yes", "YES", " Yes", " yes", " YES")
+NO_VARIANTS = ("No", "no", "NO", " No", " no", " NO")
+GENERATE_TOKENS = 16  # what lmms-eval's MME task decodes
+ANSWERING_MODES = ("logits", "generate")
+
+
+# -- yes / no tokens ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class YesNoTokens:
+    """Single-token spellings of yes and no in one tokenizer."""
+
+    yes: tuple[int, ...]
+    no: tuple[int, ...]
+    yes_text: tuple[str, ...] = ()
+    no_text: tuple[str, ...] = ()
+
+
+def yes_no_tokens(tokenizer: Any, source: str = "--ckpt") -> YesNoTokens:
+    """The variants of YES_VARIANTS / NO_VARIANTS that are one token and decode back unchanged.
+
+    Only spellings the official parser maps to yes/no whatever follows are candidates (no
+    leading newline or double space), so a greedy first token among them fixes the parsed label.
+    """
+    found: dict[str, list[tuple[int, str]]] = {"yes": [], "no": []}
+    for label, variants in (("yes", YES_VARIANTS), ("no", NO_VARIANTS)):
+        for text in variants:
+            ids = tokenizer.encode(text, add_special_tokens=False)
+            single = len(ids) == 1 and tokenizer.decode(ids) == text
+            if single and parse_answer(text) == label and ids[0] not in dict(found[label]):
+                found[label].append((ids[0], text))
+    for label in ("yes", "no"):
+        if not found[label]:
+            raise VlmCreditError(
+                f"{source}: the tokenizer has no single-token '{label}' (tried "
+                f"{', '.join(repr(v) for v in (YES_VARIANTS if label == 'yes' else NO_VARIANTS))});"
+                " answer with --generate instead"
+            )
+    return YesNoTokens(
+        tuple(i for i, _ in found["yes"]),
+        tuple(i for i, _ in found["no"]),
+        tuple(t for _, t in found["yes"]),
+        tuple(t for _, t in found["no"]),
+    )
+
+
+# -- image features ------------------------------------------------------------------------------
+@dataclass
+class ImageFeatures:
+    """One image's vision-tower outputs: merged-token embeddings (+ Qwen3-VL deepstack maps)."""
+
+    embeds: torch.Tensor  # (tokens, hidden)
+    deepstack: tuple[torch.Tensor, ...]  # one (tokens, hidden) per deepstack layer; () otherwise
+    output_type: type  # the model's own output class, rebuilt for `mm_encoder_outputs`
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.embeds, *self.deepstack))
+
+
+class ImageFeatureCache:
+    """Image features by key, bounded in bytes (`max_bytes` 0 disables caching).
+
+    Admission is first come until full, without eviction: a head-ablation run scans the same
+    images in the same order once per configuration, and on such a cyclic scan LRU would evict
+    every entry just before its reuse (0 hits) while keeping the first ones gives
+    capacity / set-size hits.
+    """
+
+    def __init__(self, max_bytes: int) -> None:
+        if max_bytes < 0:
+            raise VlmCreditError(f"--feature-cache-mb: must be >= 0, got {max_bytes} bytes")
+        self.max_bytes = int(max_bytes)
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self.rejected = 0
+        self.computed = 0  # vision-tower runs made through this cache's users
+        self._items: dict[str, ImageFeatures] = {}
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __contains__(self, key: str) -> bool:
+        return key in self._items
+
+    def get(self, key: str) -> ImageFeatures | None:
+        item = self._items.get(key)
+        if item is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return item
+
+    def fits(self, nbytes: int) -> bool:
+        return self.nbytes + nbytes <= self.max_bytes
+
+    def put(self, key: str, features: ImageFeatures) -> bool:
+        """Store unless it would exceed the bound; True when stored (or already there)."""
+        if key in self._items:
+            return True
+        if not self.fits(features.nbytes):
+            self.rejected += 1
+            return False
+        self._items[key] = features
+        self.nbytes += features.nbytes
+        return True
+
+    def stats(self) -> dict[str, int]:
+        return {
+            "max_bytes": self.max_bytes,
+            "bytes": self.nbytes,
+            "entries": len(self._items),
+            "hits": self.hits,
+            "misses": self.misses,
+            "rejected": self.rejected,
+            "vision_runs": self.computed,
+        }
+
+
+def image_key(pixel_values: torch.Tensor, grid: Sequence[int]) -> str:
+    """sha1 of one image's processed pixels, their dtype/shape and its (t, h, w) patch grid."""
+    pixels = pixel_values.detach().to("cpu").contiguous()
+    h = hashlib.sha1()
+    h.update(f"{tuple(int(g) for g in grid)}|{pixels.dtype}|{tuple(pixels.shape)}".encode())
+    h.update(pixels.view(torch.uint8).numpy().data if pixels.numel() else b"")
+    return h.hexdigest()
+
+
+def compute_image_features(model: Any, pixel_values: torch.Tensor, grid: Any) -> ImageFeatures:
+    """Run the vision tower on one image ((patches, dim) pixels, (1, 3) grid)."""
+    device = model_device(model)
+    grid = torch.as_tensor(grid, dtype=torch.long).reshape(1, 3)
+    with torch.no_grad():
+        out = model.model.get_image_features(
+            pixel_values.to(device), grid.to(device), return_dict=True
+        )
+    deepstack = getattr(out, "deepstack_features", None) or ()
+    return ImageFeatures(out.pooler_output[0], tuple(f[0] for f in deepstack), type(out))
+
+
+def encoder_outputs(features: Sequence[ImageFeatures]) -> dict[str, Any]:
+    """`mm_encoder_outputs` for a batch whose image tokens belong to `features`, in order."""
+    first = features[0]
+    kwargs: dict[str, Any] = {"pooler_output": tuple(f.embeds for f in features)}
+    if first.deepstack:
+        kwargs["deepstack_features"] = [
+            tuple(f.deepstack[layer] for f in features) for layer in range(len(first.deepstack))
+        ]
+    return {"image": first.output_type(**kwargs)}
+
+
+def model_device(model: Any) -> torch.device:
+    return next(model.parameters()).device
+
+
+# -- encoded questions ---------------------------------------------------------------------------
+@dataclass(frozen=True)
+class EncodedQuestion:
+    """A question's prompt token ids (image tokens expanded) and its image's key and grid."""
+
+    ids: torch.Tensor  # (S,) int64
+    image_key: str
+    grid: tuple[int, int, int]
+
+
+@dataclass
+class MMEInputs:
+    """MME questions encoded once, batched by length, with image features from `cache`.
+
+    `prepare()` runs the processor on every question (and the vision tower on every image the
+    cache has room for); `inputs(indices)` then assembles a left-padded batch without touching
+    the processor, recomputing an image's features only when the cache could not hold them.
+    """
+
+    ck: Any  # LoadedCheckpoint
+    questions: Sequence[MMEQuestion]
+    cache: ImageFeatureCache
+    encoded: list[EncodedQuestion] = field(default_factory=list)
+
+    def prepare(self, on_question: Callable[[int], None] | None = None) -> None:
+        """Encode every question; compute features of images while the cache has room."""
+        processor = self.ck.processor
+        self.encoded = []
+        for q in self.questions:
+            image = q.load_image()
+            text = prompt_text(processor, Sample([image], q.question))
+            enc = processor(text=[text], images=[image], return_tensors="pt")
+            grid = tuple(int(g) for g in enc["image_grid_thw"][0])
+            key = image_key(enc["pixel_values"], grid)
+            self.encoded.append(EncodedQuestion(enc["input_ids"][0].clone(), key, grid))  # type: ignore[arg-type]
+            if key not in self.cache and self.cache.fits(self._feature_bytes(grid)):
+                self.cache.put(key, self._compute(enc["pixel_values"], grid))
+            if on_question:
+                on_question(1)
+
+    def batches(self, batch_size: int) -> list[list[int]]:
+        """Question indices in batches: longest prompts first, an image's questions together.
+
+        Sorting by length keeps padding (wasted compute) small when image sizes vary, as in
+        MME; the longest batch comes first so an out-of-memory batch size fails at once.
+        """
+        by_image: dict[str, list[int]] = {}
+        for i, q in enumerate(self.questions):
+            by_image.setdefault(q.image_id, []).append(i)
+        groups = sorted(
+            by_image.values(), key=lambda g: (-max(self.encoded[i].ids.numel() for i in g), g[0])
+        )
+        order = [i for g in groups for i in g]
+        return [order[k : k + batch_size] for k in range(0, len(order), batch_size)]
+
+    def features(self, index: int) -> ImageFeatures:
+        """Features of question `index`'s image: from the cache, else recomputed (and offered)."""
+        enc = self.encoded[index]
+        cached = self.cache.get(enc.image_key)
+        if cached is not None:
+            return cached
+        q = self.questions[index]
+        out = self.ck.processor.image_processor(images=[q.load_image()], return_tensors="pt")
+        key = image_key(out["pixel_values"], enc.grid)
+        if key != enc.image_key:  # the processor is deterministic; anything else is a bug
+            raise RuntimeError(f"{q.image_id}: re-processed pixels differ from the first pass")
+        features = self._compute(out["pixel_values"], enc.grid)
+        self.cache.put(key, features)
+        return features
+
+    def inputs(self, indices: Sequence[int]) -> dict[str, Any]:
+        """Model inputs for these questions (left-padded, as `encode_samples` pads)."""
+        rows = [self.encoded[i].ids for i in indices]
+        input_ids, attention_mask = _pad(rows, self._pad_id(), left=True)
+        return {
+            "input_ids": input_ids,
+            "attention_mask": attention_mask,
+            "mm_token_type_ids": build_mm_token_type_ids(input_ids, self.ck.geometry).to(
+                torch.long
+            ),
+            "image_grid_thw": torch.tensor([self.encoded[i].grid for i in indices]),
+            "mm_encoder_outputs": encoder_outputs(self._batch_features(indices)),
+        }
+
+    def _batch_features(self, indices: Sequence[int]) -> list[ImageFeatures]:
+        """Features per question; an image asked twice in the batch is looked up once."""
+        seen: dict[str, ImageFeatures] = {}
+        out = []
+        for i in indices:
+            key = self.encoded[i].image_key
+            if key not in seen:
+                seen[key] = self.features(i)
+            out.append(seen[key])
+        return out
+
+    def prefix_groups(self, indices: Sequence[int]) -> list[tuple[list[int], int]]:
+        """Runs of questions on the same image in `indices`, each with its shared prefix length.
+
+        The prefix is the longest common start of the questions' token ids (system prompt,
+        image, common words), leaving each question at least one token of its own; it must hold
+        every image token, otherwise each question forms its own group.
+        """
+        runs: list[list[int]] = []
+        for i in indices:
+            if runs and self.encoded[runs[-1][0]].image_key == self.encoded[i].image_key:
+                runs[-1].append(i)
+            else:
+                runs.append([i])
+        groups: list[tuple[list[int], int]] = []
+        image_token = self.ck.geometry.image_token_id
+        for run in runs:
+            ids = [self.encoded[i].ids for i in run]
+            shortest = min(r.numel() for r in ids)
+            same = torch.stack([r[: shortest - 1] for r in ids]).eq(ids[0][: shortest - 1]).all(0)
+            common = int(same.numel() if same.all() else same.long().argmin())
+            last_image = int((ids[0] == image_token).nonzero().max())
+            if common > last_image:
+                groups.append((run, common))
+            else:  # a prompt with text before the image that differs: no sharing
+                groups.extend(([i], self.encoded[i].ids.numel() - 1) for i in run)
+        return groups
+
+    def shared_prefix_logits(self, indices: Sequence[int]) -> torch.Tensor:
+        """Next-token logits (len(indices), vocab) computing each image's shared prefix once.
+
+        Both questions of an MME image start with the same system prompt and image tokens and
+        differ only in the last ~20 tokens. One forward over the prefixes (one row per image)
+        fills a KV cache; its rows are repeated per question and a second forward runs only
+        the questions' own tokens (right-padded, so causal attention never sees the pads),
+        continuing the prefix's M-RoPE positions (text positions advance by one per token, past
+        the image's compressed positions: rope delta). About half the decoder work of one full
+        forward per question; logits agree with it to float rounding (~1e-6 in fp32).
+        """
+        model = self.ck.model
+        inner = model.model
+        device = model_device(model)
+        groups = self.prefix_groups(indices)
+        prefixes = [self.encoded[g[0]].ids[:cut] for g, cut in groups]
+        prefix_ids, prefix_mask = _pad(prefixes, self._pad_id(), left=True)
+        prefix_inputs = {
+            "input_ids": prefix_ids,
+            "attention_mask": prefix_mask,
+            "mm_token_type_ids": build_mm_token_type_ids(prefix_ids, self.ck.geometry).to(
+                torch.long
+            ),
+            "image_grid_thw": torch.tensor([self.encoded[g[0]].grid for g, _ in groups]),
+            "mm_encoder_outputs": encoder_outputs([self.features(g[0]) for g, _ in groups]),
+        }
+        inner.rope_deltas = None
+        with torch.no_grad():
+            cache = inner(**_to_device(prefix_inputs, device), use_cache=True).past_key_values
+            deltas = inner.rope_deltas.reshape(-1).to("cpu")
+            owner = torch.tensor([k for k, (g, _) in enumerate(groups) for _ in g])
+            # one cache row per question; CPU indices work for layers on any device (device_map)
+            cache.batch_select_indices(owner)
+            order = [i for g, _ in groups for i in g]
+            cuts = [cut for g, cut in groups for _ in g]
+            suffixes = [self.encoded[i].ids[cut:] for i, cut in zip(order, cuts, strict=True)]
+            suffix_ids, suffix_mask = _pad(suffixes, self._pad_id(), left=False)
+            start = torch.tensor(cuts) + deltas[owner]  # position of each question's first token
+            positions = start[:, None] + torch.arange(suffix_ids.shape[1])[None, :]
+            out = inner(
+                input_ids=suffix_ids.to(device),
+                attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=1).to(device),
+                position_ids=positions[None].expand(3, -1, -1).to(device),
+                past_key_values=cache,
+                use_cache=True,
+            )
+            last = torch.tensor([s.numel() - 1 for s in suffixes], device=device)
+            hidden = out.last_hidden_state[torch.arange(len(order), device=device), last]
+            logits = model.lm_head(hidden)
+        inner.rope_deltas = None
+        where = {i: k for k, i in enumerate(order)}
+        return logits[[where[i] for i in indices]]
+
+    def _pad_id(self) -> int:
+        tok = self.ck.tokenizer
+        return tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+
+    def _compute(self, pixel_values: torch.Tensor, grid: tuple[int, int, int]) -> ImageFeatures:
+        self.cache.computed += 1
+        return compute_image_features(self.ck.model, pixel_values, grid)
+
+    def _feature_bytes(self, grid: tuple[int, int, int]) -> int:
+        """Bytes one image's features will take, from its grid (to skip useless vision runs)."""
+        geo = self.ck.geometry
+        tokens = grid[0] * grid[1] * grid[2] // geo.merge_size**2
+        element = torch.empty((), dtype=self.ck.model.model.visual.dtype).element_size()
+        return tokens * geo.hidden_size * (1 + len(geo.deepstack_layers)) * element
+
+
+def _pad(
+    rows: Sequence[torch.Tensor], pad_id: int, left: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stack 1-D id rows into (ids, attention_mask), padding on the left or the right."""
+    length = max(r.numel() for r in rows)
+    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), length), dtype=torch.long)
+    for b, row in enumerate(rows):
+        cols = slice(length - row.numel(), length) if left else slice(0, row.numel())
+        ids[b, cols] = row
+        mask[b, cols] = 1
+    return ids, mask
+
+
+# -- answering -----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Answer:
+    """One question's answer: the text scored (officially parsed) and what produced it."""
+
+    prediction: str  # "Yes"/"No" (logits) or the decoded text (generate)
+    top_token: int  # greedy next token (logits) / first generated token (generate)
+    yes_logit: float | None = None  # best yes-variant logit (logits mode)
+    no_logit: float | None = None
+
+
+def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def yes_no_answers(logits: torch.Tensor, tokens: YesNoTokens) -> list[Answer]:
+    """Answers from next-token logits (B, vocab): best yes variant vs best no variant."""
+    yes = logits[:, list(tokens.yes)].max(dim=-1).values.float().cpu()
+    no = logits[:, list(tokens.no)].max(dim=-1).values.float().cpu()
+    top = logits.argmax(dim=-1).cpu()
+    return [
+        Answer("Yes" if y > n else "No", int(t), float(y), float(n))
+        for y, n, t in zip(yes.tolist(), no.tolist(), top.tolist(), strict=True)
+    ]
+
+
+def answer_logits(model: Any, inputs: dict[str, Any], tokens: YesNoTokens) -> list[Answer]:
+    """One full forward per question (a batch of model inputs); yes/no from the last logits."""
+    device = model_device(model)
+    model.model.rope_deltas = None  # cached between calls; each forward starts fresh
+    with torch.no_grad():
+        logits = model(**_to_device(inputs, device), logits_to_keep=1).logits[:, -1, :]
+    return yes_no_answers(logits, tokens)
+
+
+def answer_generate(
+    model: Any, tokenizer: Any, inputs: dict[str, Any], max_new_tokens: int = GENERATE_TOKENS
+) -> list[Answer]:
+    """Greedy decoding of up to `max_new_tokens` tokens per question (the lmms-eval way)."""
+    device = model_device(model)
+    eos = model.generation_config.eos_token_id
+    eos_ids = {i for i in (eos if isinstance(eos, list) else [eos]) if i is not None}
+    eos_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
+    model.model.rope_deltas = None
+    prompt_len = inputs["input_ids"].shape[1]
+    with torch.no_grad():
+        sequences = model.generate(
+            **_to_device(inputs, device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            temperature=None,
+            top_p=None,
+            top_k=None,
+            pad_token_id=pad,
+            eos_token_id=sorted(eos_ids),
+        )
+    answers = []
+    for row in sequences[:, prompt_len:].tolist():
+        kept: list[int] = []
+        for token in row:
+            if token in eos_ids:
+                break
+            kept.append(token)
+        text = tokenizer.decode(kept, skip_special_tokens=True)
+        answers.append(Answer(text, int(row[0]) if row else -1))
+    return answers
+
+
+def answer_questions(
+    bank: MMEInputs,
+    batches: Sequence[Sequence[int]],
+    answering: str = "logits",
+    tokens: YesNoTokens | None = None,
+    on_batch: Callable[[int], None] | None = None,
+    share_prefix: bool = True,
+) -> dict[int, Answer]:
+    """Answer the questions of `batches`; answers keyed by index into `bank.questions`.
+
+    `share_prefix` (logits mode) runs each image's common prompt prefix once for its questions
+    (`MMEInputs.shared_prefix_logits`); off, every question gets its own full forward.
+    """
+    if answering not in ANSWERING_MODES:
+        raise VlmCreditError(f"answering {answering!r}: choose one of {', '.join(ANSWERING_MODES)}")
+    model = bank.ck.model
+    if answering == "logits" and tokens is None:
+        tokens = yes_no_tokens(bank.ck.tokenizer)
+    out: dict[int, Answer] = {}
+    for batch in batches:
+        if answering == "generate":
+            answers = answer_generate(model, bank.ck.tokenizer, bank.inputs(batch))
+        elif share_prefix:
+            answers = yes_no_answers(bank.shared_prefix_logits(batch), tokens)  # type: ignore[arg-type]
+        else:
+            answers = answer_logits(model, bank.inputs(batch), tokens)  # type: ignore[arg-type]
+        out.update(zip(batch, answers, strict=True))
+        if on_batch:
+            on_batch(len(batch))
+    return out
