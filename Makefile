@@ -8,7 +8,7 @@ EXTRAS     ?= dev
 PY         := $(VENV)/bin/python
 STAMP      := $(VENV)/.vlmcredit-installed
 
-.PHONY: setup test demo lint format bench clean
+.PHONY: setup test demo lint format bench browser-test clean
 
 setup: $(STAMP)
 
@@ -35,8 +35,16 @@ format: $(STAMP)
 	$(PY) -m ruff check --fix .
 	$(PY) -m ruff format .
 
+# Renders the demo report in headless Chromium (needs `apt-get install -y chromium`) and fails
+# on console errors, network requests or broken images; writes docs/report.png.
+browser-test: $(STAMP)
+	@test -d demo-out/runs/anchors || $(VENV)/bin/vlmcredit demo --out demo-out
+	$(PY) scripts/browser_check.py demo-out/report.html --height 2000 --screenshot docs/report.png
+
 bench: $(STAMP)
 	$(PY) benchmarks/capture.py
+	$(PY) benchmarks/anchors.py
+	$(PY) benchmarks/probe_heads.py
 
 clean:
-	rm -rf $(VENV) demo-out .pytest_cache .ruff_cache
+	rm -rf $(VENV) demo-out report-screenshot.png .pytest_cache .ruff_cache

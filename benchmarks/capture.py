@@ -25,18 +25,32 @@ from pathlib import Path
 PRESETS = {
     # Mid-size: hidden 512, 8 layers, 8 heads / 2 kv heads; small vision tower.
     "mid": {
-        "text": dict(hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
-                     num_attention_heads=8, num_key_value_heads=2, vocab_size=4096),
-        "vision": dict(depth=2, hidden_size=128, intermediate_size=256, num_heads=4,
-                       out_hidden_size=512),
+        "text": dict(
+            hidden_size=512,
+            intermediate_size=1408,
+            num_hidden_layers=8,
+            num_attention_heads=8,
+            num_key_value_heads=2,
+            vocab_size=4096,
+        ),
+        "vision": dict(
+            depth=2, hidden_size=128, intermediate_size=256, num_heads=4, out_hidden_size=512
+        ),
         "mrope": [8, 12, 12],  # head_dim 64 -> sections sum to 32
     },
     # Full-size Qwen2.5-VL-7B text config (random weights); real vision tower size.
     "7b": {
-        "text": dict(hidden_size=3584, intermediate_size=18944, num_hidden_layers=28,
-                     num_attention_heads=28, num_key_value_heads=4, vocab_size=152064),
-        "vision": dict(depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16,
-                       out_hidden_size=3584),
+        "text": dict(
+            hidden_size=3584,
+            intermediate_size=18944,
+            num_hidden_layers=28,
+            num_attention_heads=28,
+            num_key_value_heads=4,
+            vocab_size=152064,
+        ),
+        "vision": dict(
+            depth=32, hidden_size=1280, intermediate_size=3420, num_heads=16, out_hidden_size=3584
+        ),
         "mrope": [16, 24, 24],
     },
 }
@@ -50,12 +64,23 @@ def build_model(preset: str, dtype: str, device: str):
     p = PRESETS[preset]
     config = AutoConfig.for_model(
         "qwen2_5_vl",
-        text_config={**p["text"], "max_position_embeddings": 32768,
-                     "rope_parameters": {"rope_type": "default", "rope_theta": 1e6,
-                                         "mrope_section": p["mrope"]}},
-        vision_config={**p["vision"], "patch_size": 14, "spatial_merge_size": 2,
-                       "temporal_patch_size": 2, "window_size": 112,
-                       "fullatt_block_indexes": [p["vision"]["depth"] - 1]},
+        text_config={
+            **p["text"],
+            "max_position_embeddings": 32768,
+            "rope_parameters": {
+                "rope_type": "default",
+                "rope_theta": 1e6,
+                "mrope_section": p["mrope"],
+            },
+        },
+        vision_config={
+            **p["vision"],
+            "patch_size": 14,
+            "spatial_merge_size": 2,
+            "temporal_patch_size": 2,
+            "window_size": 112,
+            "fullatt_block_indexes": [p["vision"]["depth"] - 1],
+        },
         image_token_id=p["text"]["vocab_size"] - 3,
         video_token_id=p["text"]["vocab_size"] - 2,
         vision_start_token_id=p["text"]["vocab_size"] - 5,
@@ -87,13 +112,15 @@ def build_inputs(config, seq: int, image_tokens: int, response: int, device: str
     gen = torch.Generator().manual_seed(1)
     vocab = config.text_config.vocab_size - 8
     prompt_text = text - response
-    ids = torch.cat([
-        torch.randint(0, vocab, (prompt_text // 2,), generator=gen),
-        torch.tensor([config.vision_start_token_id]),
-        torch.full((n_img,), config.image_token_id),
-        torch.tensor([config.vision_end_token_id]),
-        torch.randint(0, vocab, (prompt_text - prompt_text // 2 + response,), generator=gen),
-    ])[None]
+    ids = torch.cat(
+        [
+            torch.randint(0, vocab, (prompt_text // 2,), generator=gen),
+            torch.tensor([config.vision_start_token_id]),
+            torch.full((n_img,), config.image_token_id),
+            torch.tensor([config.vision_end_token_id]),
+            torch.randint(0, vocab, (prompt_text - prompt_text // 2 + response,), generator=gen),
+        ]
+    )[None]
     grid = torch.tensor([[1, rows * 2, cols * 2]])
     patch_dim = 3 * 2 * 14 * 14
     pixels = torch.randn(int(grid.prod()), patch_dim, generator=gen)
@@ -130,8 +157,9 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
 
     torch.set_num_threads(args.threads or torch.get_num_threads())
     model, config = build_model(args.preset, args.dtype, args.device)
-    inputs, layouts = build_inputs(config, args.seq_len, args.image_tokens, args.response,
-                                   args.device)
+    inputs, layouts = build_inputs(
+        config, args.seq_len, args.image_tokens, args.response, args.device
+    )
     cuda = args.device.startswith("cuda")
     if mode == "eager":
         model.set_attn_implementation("eager")
@@ -182,11 +210,15 @@ def run_mode(args: argparse.Namespace, mode: str) -> dict:
         peak = torch.cuda.max_memory_allocated() if cuda else rss_bytes("VmHWM")
         extras.append(peak - base)
         del result
-    return {"mode": mode, "seconds": statistics.median(times) if times else None,
-            "extra_bytes": max(extras) if extras else None, "oom": oom,
-            "seq_len": int(inputs["input_ids"].shape[1]),
-            "image_tokens": int(layouts[0].image_positions.size),
-            "response_tokens": layouts[0].num_response_tokens}
+    return {
+        "mode": mode,
+        "seconds": statistics.median(times) if times else None,
+        "extra_bytes": max(extras) if extras else None,
+        "oom": oom,
+        "seq_len": int(inputs["input_ids"].shape[1]),
+        "image_tokens": int(layouts[0].image_positions.size),
+        "response_tokens": layouts[0].num_response_tokens,
+    }
 
 
 def main() -> None:
@@ -209,16 +241,45 @@ def main() -> None:
     for seq in args.seq:
         rows = []
         for mode in args.modes:
-            cmd = [sys.executable, __file__, "--child", mode, "--seq-len", str(seq),
-                   "--preset", args.preset, "--device", args.device, "--dtype", args.dtype,
-                   "--image-tokens", str(args.image_tokens), "--response", str(args.response),
-                   "--repeats", str(args.repeats), "--threads", str(args.threads)]
-            proc = subprocess.run(cmd, capture_output=True, text=True,
-                                  env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"})
+            cmd = [
+                sys.executable,
+                __file__,
+                "--child",
+                mode,
+                "--seq-len",
+                str(seq),
+                "--preset",
+                args.preset,
+                "--device",
+                args.device,
+                "--dtype",
+                args.dtype,
+                "--image-tokens",
+                str(args.image_tokens),
+                "--response",
+                str(args.response),
+                "--repeats",
+                str(args.repeats),
+                "--threads",
+                str(args.threads),
+            ]
+            proc = subprocess.run(
+                cmd,
+                capture_output=True,
+                text=True,
+                env={**os.environ, "TRANSFORMERS_VERBOSITY": "error"},
+            )
             if proc.returncode != 0:
                 tail = proc.stderr.strip().splitlines()[-1:] or ["?"]
-                rows.append({"mode": mode, "seconds": None, "extra_bytes": None, "oom": False,
-                             "error": tail[0]})
+                rows.append(
+                    {
+                        "mode": mode,
+                        "seconds": None,
+                        "extra_bytes": None,
+                        "oom": False,
+                        "error": tail[0],
+                    }
+                )
                 continue
             rows.append(json.loads(proc.stdout.strip().splitlines()[-1]))
         report(args, seq, rows)
@@ -227,17 +288,21 @@ def main() -> None:
 def report(args: argparse.Namespace, seq: int, rows: list[dict]) -> None:
     by = {r["mode"]: r for r in rows}
     shape = next((r for r in rows if r.get("seq_len")), {})
-    print(f"\npreset={args.preset} device={args.device} dtype={args.dtype} "
-          f"S={shape.get('seq_len', seq)} image_tokens={shape.get('image_tokens')} "
-          f"response_tokens={shape.get('response_tokens')} repeats={args.repeats}")
+    print(
+        f"\npreset={args.preset} device={args.device} dtype={args.dtype} "
+        f"S={shape.get('seq_len', seq)} image_tokens={shape.get('image_tokens')} "
+        f"response_tokens={shape.get('response_tokens')} repeats={args.repeats}"
+    )
     print(f"{'mode':<14} {'median s':>10} {'extra MiB':>10} {'time / sdpa':>12}")
     base = by.get("sdpa", {})
     for r in rows:
         secs, extra = r.get("seconds"), r.get("extra_bytes")
         ratio = secs / base["seconds"] if secs and base.get("seconds") else None
-        print(f"{r['mode']:<14} {_fmt(secs, '.3f'):>10} "
-              f"{_fmt(extra / 2**20 if extra is not None else None, '.0f'):>10} "
-              f"{_fmt(ratio, '.3f'):>12}" + _status(r))
+        print(
+            f"{r['mode']:<14} {_fmt(secs, '.3f'):>10} "
+            f"{_fmt(extra / 2**20 if extra is not None else None, '.0f'):>10} "
+            f"{_fmt(ratio, '.3f'):>12}" + _status(r)
+        )
     eager = by.get("eager", {})
     if base.get("extra_bytes") is not None and eager.get("extra_bytes") is not None:
         eager_extra = eager["extra_bytes"] - base["extra_bytes"]

@@ -207,9 +207,9 @@ def main() -> None:
 
     import torch
 
-    from tests.probes.test_mme_answer import yes_no_checkpoint
     from vlmcredit.data.mme_synth import write_synthetic_mme
     from vlmcredit.probes.tiny import make_tiny
+    from vlmcredit.probes.tiny_answerer import yes_no_checkpoint
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -1,40 +1,29 @@
-"""The built-in demo: the user's path on a tiny offline checkpoint.
+"""The built-in demo: the user's whole path on a tiny offline checkpoint.
 
-It grows as commands land. Today: build the tiny checkpoint, describe it, write a small rollout
-file with rendered images, run `capture` on it (response -> image attention and Q/K into a run
-folder) and show which response tokens put the most attention on the image.
+synthetic MME -> probe-heads -> sample rollouts -> anchors -> export -> report, each step run
+through the same `vlmcredit` command a user types (in-process), so the demo exercises the real
+CLI. The checkpoint is the tiny random-weight one `make-tiny` builds, with its yes/no lm_head
+rows fitted to the synthetic MME set (`probes/tiny_answerer.py`) so that its answers depend on
+the image and ablating a head moves the score. A trained demo model will replace it: the
+numbers show the mechanics, not findings about a real model.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import json
+import shutil
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
-from vlmcredit.data.sample import Sample
+from vlmcredit.errors import VlmCreditError
 
 DEMO_FAMILY = "qwen2.5-vl"
-
-
-def demo_image(seed: int = 0):  # -> PIL.Image.Image
-    """A small rendered scene: coloured shapes on a light background."""
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (224, 168), (235, 235, 230))
-    draw = ImageDraw.Draw(img)
-    draw.ellipse((20, 30, 90, 100), fill=(200, 30, 30))
-    draw.rectangle((130, 60, 200, 130), fill=(30, 60, 200))
-    draw.text((20, 140), "RED & BLUE", fill=(10, 10, 10))
-    return img
-
-
-def demo_samples() -> list[Sample]:
-    img = demo_image()
-    return [
-        Sample(
-            [img], "Is there a red circle in the image?", "Yes, there is a red circle.", "demo-0"
-        ),
-        Sample([img], "What is on the right?", "A blue square is on the right.", "demo-1"),
-    ]
+DEMO_SEED = 0
+MME_IMAGES_PER_CATEGORY = 4
+# The paper's threshold is a drop of more than 100 in the MME total over 2,374 questions. On the
+# demo's 48 questions every one of the tiny model's 4 heads drops the total by 112-150, so the
+# demo sets the bar at 125 to show a real selection (3 of 4) flowing into anchors.
+DEMO_THRESHOLD = 125.0
 
 
 def ensure_tiny_checkpoint(out: Path) -> Path:
@@ -42,73 +31,108 @@ def ensure_tiny_checkpoint(out: Path) -> Path:
 
     ckpt = out / f"tiny-{DEMO_FAMILY}"
     if not (ckpt / "config.json").is_file():
-        make_tiny(DEMO_FAMILY, ckpt, seed=0)
+        make_tiny(DEMO_FAMILY, ckpt, seed=DEMO_SEED)
     return ckpt
 
 
-def write_demo_rollouts(folder: Path) -> Path:
-    """A JSONL rollout file with one rendered image, as users would hand one in."""
-    import json
+def answerer_checkpoint(out: Path, tiny: Path, mme: Path) -> Path:
+    """The tiny checkpoint with yes/no rows fitted to the synthetic MME set (fresh each run)."""
+    from vlmcredit.probes.tiny_answerer import yes_no_checkpoint
+
+    target = out / f"tiny-{DEMO_FAMILY}-answerer"
+    shutil.rmtree(target, ignore_errors=True)
+    return yes_no_checkpoint(tiny, target, mme)
+
+
+def describe_shapes(item) -> str:  # item: vlmcredit.data.mme_synth.SynthItem
+    """A faithful one-paragraph answer about a synthetic image (what was drawn)."""
+    if item.text:
+        return f'The image shows the text "{item.text}" written in dark letters.'
+    parts = [f"a {s.color} {s.kind} near ({s.cx}, {s.cy})" for s in item.shapes]
+    listing = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
+    return f"There are {len(parts)} shapes in the picture: {listing}. The background is plain."
+
+
+def write_demo_rollouts(folder: Path, seed: int = DEMO_SEED) -> Path:
+    """A JSONL rollout file over rendered images, as users hand one in."""
+    from vlmcredit.data.mme_synth import synth_items
 
     folder.mkdir(parents=True, exist_ok=True)
-    demo_image().save(folder / "scene.png")
-    rows = [
-        {"id": s.id, "images": ["scene.png"], "prompt": s.prompt, "response": s.response}
-        for s in demo_samples()
-    ]
+    rows = []
+    for category in ("color", "position", "count", "OCR"):
+        for item in synth_items(category, 2, seed + 1):
+            name = f"{category}-{item.name}"
+            item.image.save(folder / name)
+            rows.append(
+                {
+                    "id": f"{category}-{item.name.split('.')[0]}",
+                    "images": [name],
+                    "prompt": "Describe what you see in the image.",
+                    "response": describe_shapes(item),
+                }
+            )
     path = folder / "rollouts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
 
 
-def run_demo(out: Path, echo: Callable[[str], None] = print) -> None:
-    import shutil
+def _vlmcredit(args: Sequence[str], echo: Callable[[str], None]) -> None:
+    """Run one `vlmcredit` command in-process, exactly as typed; stop the demo if it fails."""
+    from vlmcredit.cli.main import app
 
-    from vlmcredit.probes.capture_run import CaptureRunConfig, run_capture
-    from vlmcredit.probes.describe import describe_checkpoint
+    echo("$ vlmcredit " + " ".join(args))
+    code = app(list(args), standalone_mode=False)
+    if code not in (None, 0):
+        raise VlmCreditError(f"demo step 'vlmcredit {args[0]}' failed (exit {code})")
 
+
+def run_demo(out: Path, echo: Callable[[str], None] = print) -> Path:
+    """Run the whole path into `out`; returns the report's path."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # weight-loading bars of a sub-MB model are noise
     out.mkdir(parents=True, exist_ok=True)
-    echo("vlmcredit demo (partial): checkpoint building, loading, token layout and attention")
-    echo("capture exist so far; probe-heads, anchors, export and report join as they land.\n")
-    ckpt = ensure_tiny_checkpoint(out)
-    echo(f"[1/3] tiny {DEMO_FAMILY} checkpoint (random weights): {ckpt}")
-    facts = describe_checkpoint(ckpt)
-    echo(f"[2/3] vlmcredit info --ckpt {ckpt}")
-    for key in (
-        "family",
-        "layers",
-        "heads",
-        "kv_heads",
-        "head_dim",
-        "vision_patch_size",
-        "vision_merge_size",
-        "image_token_id",
-        "parameters",
-    ):
-        echo(f"      {key:<18} {facts[key]}")
+    echo("vlmcredit demo: synthetic MME -> probe-heads -> rollouts -> anchors -> export -> report")
+    echo(f"on a tiny random-weight {DEMO_FAMILY} checkpoint (mechanics, not findings).\n")
+    ckpt = str(ensure_tiny_checkpoint(out))
+    runs = out / "runs"
+    for stale in ("heads", "anchors"):  # the demo starts fresh each time
+        shutil.rmtree(runs / stale, ignore_errors=True)
+    for stale in ("export-verl", "export-trl", "mme", "data", "report-figures"):
+        shutil.rmtree(out / stale, ignore_errors=True)
+    (out / "report.html").unlink(missing_ok=True)
+
+    echo("[1/7] the checkpoint")
+    _vlmcredit(["info", "--ckpt", ckpt], echo)
+    echo("\n[2/7] a synthetic MME set (real rendered images, one Yes and one No per image)")
+    mme = out / "mme"
+    n = str(MME_IMAGES_PER_CATEGORY)
+    _vlmcredit(["mme-synth", "--out", str(mme), "--images-per-category", n, "--seed", "0"], echo)
+    ckpt = str(answerer_checkpoint(out, Path(ckpt), mme))
+    echo(f"      yes/no lm_head rows fitted on it by a ridge probe: {ckpt}")
+    echo("\n[3/7] vision-critical heads: ablate each head index in every layer, score MME")
+    heads = runs / "heads"
+    args = ["probe-heads", "--ckpt", ckpt, "--mme", str(mme), "--out", str(heads)]
+    _vlmcredit([*args, "--threshold", str(DEMO_THRESHOLD), "--dtype", "fp32", "--quiet"], echo)
+    critical = json.loads((heads / "heads.json").read_text())["critical"]
+    echo("\n[4/7] rollouts to analyse (rendered images + responses)")
     data = write_demo_rollouts(out / "data")
-    run_dir = out / "runs" / "capture"
-    shutil.rmtree(run_dir, ignore_errors=True)  # the demo starts fresh each time
-    echo(f"[3/3] vlmcredit capture --ckpt {ckpt} --data {data} --out {run_dir}")
-    run = run_capture(CaptureRunConfig(ckpt=str(ckpt), data=data, out=run_dir, dtype="fp32"))
-    show_capture(run, ckpt, echo)
-    echo(f"\ndemo outputs in {out}/ (run folder: {run_dir})")
-
-
-def show_capture(run, ckpt: Path, echo: Callable[[str], None]) -> None:  # run: vlmcredit.runs.Run
-    """Per sample: the response tokens with the most attention mass on the image."""
-    from vlmcredit.probes.families import CLI_NAMES, FAMILIES
-    from vlmcredit.probes.loading import load_processor, resolve_checkpoint
-
-    processor = load_processor(resolve_checkpoint(ckpt), FAMILIES[CLI_NAMES[DEMO_FAMILY]])
-    for row in run.rows:
-        tensors = run.tensors(row["id"])
-        attention = tensors["attention"]  # (layers, 1, T, N): mean over heads
-        mass = attention.sum(-1).mean(0)[0]  # image mass per response token, mean over layers
-        tokens = [processor.tokenizer.decode([t]) for t in tensors["response_ids"].tolist()]
-        top = mass.argsort(descending=True)[:3].tolist()
-        shown = ", ".join(f"{tokens[i]!r} {float(mass[i]):.3f}" for i in top)
-        echo(
-            f"      {row['id']}: {row['num_response_tokens']} response x "
-            f"{row['num_image_tokens']} image tokens; most image-attentive: {shown}"
-        )
+    echo(f"      {data}")
+    echo("\n[5/7] anchor tokens: token-image graph + Leiden, ~15% of response tokens")
+    anchors = runs / "anchors"
+    args = ["anchors", "--ckpt", ckpt, "--data", str(data), "--out", str(anchors)]
+    if critical:
+        args += ["--heads-json", str(heads / "heads.json")]
+    else:
+        echo("      (no head passed the threshold: averaging every head)")
+    _vlmcredit([*args, "--dtype", "fp32", "--quiet"], echo)
+    echo("\n[6/7] export for the trainers")
+    for fmt in ("verl", "trl"):
+        target = out / f"export-{fmt}"
+        args = ["export", str(anchors), "--format", fmt, "--out", str(target)]
+        _vlmcredit([*args, "--heads", str(heads / "heads.json")], echo)
+    echo("\n[7/7] the report")
+    report = out / "report.html"
+    _vlmcredit(["report", str(heads), str(anchors), "--out", str(report), "--quiet"], echo)
+    echo(f"\ndemo done. Open the report: {report}")
+    return report

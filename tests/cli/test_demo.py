@@ -1,21 +1,36 @@
-"""`vlmcredit demo` runs offline end to end on the built-in tiny model."""
+"""`vlmcredit demo` runs the whole user path offline on the built-in tiny model."""
 
 from __future__ import annotations
 
 import json
+from html.parser import HTMLParser
 
+import pandas as pd
 from typer.testing import CliRunner
 
 from vlmcredit.cli.main import app
+from vlmcredit.export.signals import read_signals
 
 
-def test_demo_runs_and_writes_a_capture_run(tmp_path) -> None:
+def test_demo_runs_the_whole_path(tmp_path) -> None:
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    assert "[3/3] vlmcredit capture" in result.stdout
-    assert "most image-attentive" in result.stdout
-    manifest = json.loads((tmp_path / "runs" / "capture" / "manifest.json").read_text())
-    assert manifest["status"] == "finished" and manifest["samples_done"] == 2
-    # A second run reuses the checkpoint and starts the capture afresh.
+    for step in ("mme-synth", "probe-heads", "anchors", "export", "report"):
+        assert f"$ vlmcredit {step}" in result.stdout
+    heads = json.loads((tmp_path / "runs" / "heads" / "heads.json").read_text())
+    assert len(heads["heads"]) == 4  # one configuration per head index of the tiny model
+    assert 0 < len(heads["critical_heads"]) < 4  # the fitted yes/no rows make ablation matter
+    manifest = json.loads((tmp_path / "runs" / "anchors" / "manifest.json").read_text())
+    assert manifest["attention"]["heads"] == heads["critical_heads"]
+    anchors = pd.read_parquet(tmp_path / "runs" / "anchors" / "anchors.parquet")
+    assert anchors.sample_id.nunique() == 8 and anchors.anchor.any()
+    for fmt in ("verl", "trl"):
+        signals = read_signals(tmp_path / f"export-{fmt}")
+        assert len(signals.frame) == 8
+        assert (tmp_path / f"export-{fmt}" / "README.md").is_file()
+    report = (tmp_path / "report.html").read_text()
+    HTMLParser().feed(report)
+    assert str(tmp_path / "report.html") in result.stdout
+    # A second run starts afresh (stale runs are replaced, the checkpoint is reused).
     again = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
     assert again.exit_code == 0, again.output

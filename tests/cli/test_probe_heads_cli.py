@@ -14,7 +14,6 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from tests.probes.test_mme_answer import yes_no_checkpoint
 from vlmcredit.cli.main import app
 from vlmcredit.data.mme import read_mme
 from vlmcredit.data.mme_score import read_predictions, score_predictions
@@ -24,6 +23,7 @@ from vlmcredit.probes.capture_run import CRASH_ENV
 from vlmcredit.probes.inputs import encode_samples
 from vlmcredit.probes.loading import load_checkpoint
 from vlmcredit.probes.mme_answer import yes_no_tokens
+from vlmcredit.probes.tiny_answerer import yes_no_checkpoint
 from vlmcredit.runs import Run
 
 runner = CliRunner()

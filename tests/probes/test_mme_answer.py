@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
@@ -25,65 +24,7 @@ from vlmcredit.probes.mme_answer import (
     yes_no_tokens,
 )
 from vlmcredit.probes.response_attention import GenerationConfig, generate_responses
-
-
-def yes_no_checkpoint(
-    src: Path, dst: Path, mme_dir: Path, base: float = 2.0, spread: float = 1.5
-) -> Path:
-    """Copy of a tiny checkpoint whose first answer token is usually a yes/no variant.
-
-    The random tiny model answers garbage. Here the lm_head rows of "Yes", " yes", "No" and
-    " No" are rewritten to read the model's own final hidden state h at the answer position:
-      row = base * m / |m|^2 + spread * (+-p  or  0.7 (+-p) + 0.7 o)
-    where m is the mean of h over the questions of `mme_dir` (so every row scores about `base`,
-    above most random logits), p a ridge-regression probe of h for the ground-truth answer and o
-    the main remaining direction of h (so " yes" / " No" sometimes beat "Yes" / "No"). Whether
-    the greedy token is yes, no or something else thus depends on the image and question
-    through every layer, and head ablation changes it.
-    """
-    ck = load_checkpoint(src, dtype="fp32")
-    questions = read_mme(mme_dir).questions
-    bank = MMEInputs(ck, questions, ImageFeatureCache(1 << 30))
-    bank.prepare()
-    states = torch.zeros(len(questions), ck.geometry.hidden_size)
-    seen: dict[str, torch.Tensor] = {}
-    handle = ck.model.lm_head.register_forward_hook(
-        lambda _m, args, _o: seen.__setitem__("h", args[0][:, -1].detach())
-    )
-    try:
-        for batch in bank.batches(8):
-            ck.model.model.rope_deltas = None
-            with torch.no_grad():
-                ck.model(**bank.inputs(batch), logits_to_keep=1)
-            states[batch] = seen["h"]
-    finally:
-        handle.remove()
-    mean = states.mean(0)
-    centred = states - mean
-
-    def unit(v: torch.Tensor) -> torch.Tensor:  # off the mean direction, unit spread over h
-        v = v - (v @ mean) / (mean @ mean) * mean
-        return v / (centred @ v).std()
-
-    target = torch.tensor([1.0 if q.answer == "Yes" else -1.0 for q in questions])
-    gram = centred.T @ centred + torch.eye(centred.shape[1])
-    probe = unit(torch.linalg.solve(gram, centred.T @ target))
-    rest = centred - torch.outer(centred @ probe, probe) / (probe @ probe)
-    other = unit(torch.linalg.svd(rest, full_matrices=False).Vh[0])
-    weight = ck.model.lm_head.weight.detach().clone()
-    offset = base * mean / (mean @ mean)
-    rows = {"Yes": probe, " yes": 0.7 * probe + 0.7 * other,
-            "No": -probe, " No": -0.7 * probe + 0.7 * other}  # fmt: skip
-    for text, direction in rows.items():
-        (token,) = ck.tokenizer.encode(text, add_special_tokens=False)
-        weight[token] = offset + spread * direction
-    from safetensors.torch import load_file, save_file
-
-    shutil.copytree(src, dst)
-    tensors = load_file(str(dst / "model.safetensors"))
-    tensors["lm_head.weight"] = weight.contiguous()
-    save_file(tensors, str(dst / "model.safetensors"), metadata={"format": "pt"})
-    return dst
+from vlmcredit.probes.tiny_answerer import yes_no_checkpoint
 
 
 @pytest.fixture(scope="module")

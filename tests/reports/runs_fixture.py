@@ -17,25 +17,10 @@ import numpy as np
 import pandas as pd
 import torch
 
+from vlmcredit.data.mme import CATEGORIES, PERCEPTION
 from vlmcredit.runs import Run, atomic_write_json, atomic_write_parquet
 
-MME_CATEGORIES = [
-    "existence",
-    "count",
-    "position",
-    "color",
-    "posters",
-    "celebrity",
-    "scene",
-    "landmark",
-    "artwork",
-    "OCR",
-    "commonsense_reasoning",
-    "numerical_calculation",
-    "text_translation",
-    "code_reasoning",
-]
-PERCEPTION = MME_CATEGORIES[:10]
+MME_CATEGORIES = list(CATEGORIES)
 WORDS = [
     " the",
     " red",

@@ -13,7 +13,7 @@ from vlmcredit.cli.common import user_errors
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's runs."),
 ) -> None:
-    """Run what exists of the pipeline end to end on a tiny offline checkpoint."""
+    """The whole path (MME -> heads -> anchors -> export -> report) on a tiny offline model."""
     from vlmcredit.demo import run_demo
 
     run_demo(out, echo=typer.echo)

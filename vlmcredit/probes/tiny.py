@@ -224,7 +224,16 @@ def make_tiny(family: str, out: str | os.PathLike[str], seed: int = 0) -> Path:
 
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_path.parent))
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        from transformers.utils import logging as hf_logging
+
+        # A one-shard, sub-MB checkpoint: transformers' "Writing model shards" bar is noise.
+        was_on = hf_logging.is_progress_bar_enabled()
+        hf_logging.disable_progress_bar()
+        try:
+            model.save_pretrained(tmp, safe_serialization=True)
+        finally:
+            if was_on:
+                hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
         build_image_processor(model_type).save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
