@@ -226,3 +226,21 @@ def test_bad_options_fail_in_one_line(tiny_ckpt, rollouts, tmp_path, extra, mess
     lines = [line for line in result.output.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith("error:") and message in lines[0]
     assert not (tmp_path / "bad").exists()
+
+
+def test_text_only_rows_are_refused_up_front_or_skipped(tiny_ckpt, rollouts, tmp_path) -> None:
+    rows = [json.loads(line) for line in rollouts.read_text().splitlines()][:2]
+    rows.append({"id": "text", "images": [], "prompt": "Hi?", "response": "Hello there."})
+    data = rollouts.parent / "with-text-only.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    ckpt = str(tiny_ckpt(FAMILY))
+    out = tmp_path / "refused"
+    result = _anchors("--ckpt", ckpt, "--data", str(data), "--out", str(out))
+    assert result.exit_code == 2 and "sample text has no image" in result.output
+    assert not out.exists()
+    out = tmp_path / "skipped"
+    result = _anchors("--ckpt", ckpt, "--data", str(data), "--out", str(out), "--skip-bad")
+    assert result.exit_code == 0, result.output
+    status = {r["id"]: r["status"] for r in Run.load(out).rows}
+    assert status == {"s0": "done", "s1": "done", "text": "bad"}
+    assert set(pd.read_parquet(out / "anchors.parquet").sample_id) == {"s0", "s1"}

@@ -198,9 +198,6 @@ def run_anchors(
         from vlmcredit.probes.loading import load_checkpoint, weights_hash
 
         rollouts = read_rollouts(cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples)
-        samples = rollouts.samples
-        if not samples:
-            raise VlmCreditError(f"--data {cfg.data}: no usable samples")
         bad_rows = [
             {
                 "id": f"row-{b.row}" if b.id is None else b.id,
@@ -210,6 +207,21 @@ def run_anchors(
             }
             for b in rollouts.bad_rows
         ]
+        # Text-only rows have no connectivity to measure: refuse them before any work is done
+        # (or record them as bad with --skip-bad), not half-way through the run.
+        samples = []
+        for s in rollouts.samples:
+            if s.images:
+                samples.append(s)
+                continue
+            problem = f"--data {cfg.data}: sample {s.id} has no image, so no image connectivity"
+            if not cfg.skip_bad:
+                raise VlmCreditError(f"{problem} (drop text-only rows or pass --skip-bad)")
+            bad_rows.append(
+                {"id": s.id, "row": s.meta.get("row"), "status": "bad", "error": problem}
+            )
+        if not samples:
+            raise VlmCreditError(f"--data {cfg.data}: no usable samples")
         ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
         processor, geo = ck.processor, ck.geometry
         checkpoint = {
@@ -236,8 +248,8 @@ def run_anchors(
         }
         processor = _processor_for(cfg.ckpt or checkpoint["path"], checkpoint, capture)
         geo = ModelGeometry(**capture.manifest["checkpoint"]["geometry"])
-        done_rows = [r for r in capture.rows if r["status"] == "done"]
-        total = len(done_rows[: cfg.max_samples] if cfg.max_samples else done_rows)
+        done_rows = [r for r in capture.rows if r["status"] == "done"][: cfg.max_samples]
+        total = len(done_rows)
         if not total:
             raise VlmCreditError(f"--from {cfg.from_run}: holds no captured samples")
 
@@ -295,11 +307,7 @@ def run_anchors(
         source = capture_batches(ck, spec, samples, cfg.batch_size, done)
     else:
         source = capture_run_batches(capture, cfg.batch_size, cfg.max_samples, done)
-    ids = (
-        {s.id for s in samples}
-        if cfg.from_run is None
-        else {r["id"] for r in capture.rows if r["status"] == "done"}
-    )
+    ids = {s.id for s in samples} if cfg.from_run is None else {r["id"] for r in done_rows}
     finished = len(done & ids)
     log(f"{total} samples; {finished} already done")
     if progress:
