@@ -80,6 +80,15 @@ def atomic_save_tensors(
     atomic_write_bytes(path, save(contiguous, metadata=metadata))
 
 
+def sample_file_stem(sample_id: str) -> str:
+    """A file-name-safe, collision-free stem for a per-sample file (ids may hold '/', spaces)."""
+    import hashlib
+    import re
+
+    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id).strip("._")[:60] or "sample"
+    return f"{readable}-{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}"
+
+
 def now() -> str:
     return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 

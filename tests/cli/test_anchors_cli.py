@@ -244,3 +244,24 @@ def test_text_only_rows_are_refused_up_front_or_skipped(tiny_ckpt, rollouts, tmp
     status = {r["id"]: r["status"] for r in Run.load(out).rows}
     assert status == {"s0": "done", "s1": "done", "text": "bad"}
     assert set(pd.read_parquet(out / "anchors.parquet").sample_id) == {"s0", "s1"}
+
+
+def test_graphml_export_matches_the_labels(tiny_ckpt, rollouts, tmp_path) -> None:
+    """--graphml writes each sample's clustered graph; read back with networkx (an independent
+    GraphML reader), its token vertices carry the labels of anchors.parquet."""
+    import networkx as nx
+
+    from vlmcredit.runs import sample_file_stem
+
+    out = tmp_path / "graphs"
+    args = ["--ckpt", str(tiny_ckpt(FAMILY)), "--data", str(rollouts), "--out", str(out)]
+    result = _anchors(*args, "--max-samples", "2", "--graphml")
+    assert result.exit_code == 0, result.output
+    table = pd.read_parquet(out / "anchors.parquet")
+    for sid, part in table.groupby("sample_id"):
+        graph = nx.read_graphml(out / "graphs" / f"{sample_file_stem(sid)}.graphml")
+        nodes = sorted(graph.nodes(data=True), key=lambda n: int(n[0].lstrip("n")))
+        tokens = [d for _, d in nodes if not d["type"]]  # bipartite: False = token vertex
+        assert [bool(d["anchor"]) for d in tokens] == part.anchor.tolist()
+        assert [int(d["cluster"]) for d in tokens] == part.cluster.tolist()
+        assert len(nodes) - len(tokens) == Run.load(out).tensors(sid)["attention"].shape[1]

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -102,6 +103,9 @@ class AnchorResult:
     ratio_achieved: float  # anchors / T, 0.0 for T == 0
     note: str | None
     timing: dict[str, float]  # seconds: graph, cluster
+    # the clustered igraph graph, its token vertices annotated with connectivity, cluster and
+    # anchor (for GraphML / networkx export); None in threshold mode and degenerate cases
+    graph: Any = field(default=None, repr=False, compare=False)
 
     def columns(self) -> dict[str, np.ndarray]:
         """Per-token columns with the dtypes of anchors.parquet."""
@@ -264,6 +268,7 @@ def label_anchors(att: np.ndarray, cfg: AnchorConfig | None = None) -> AnchorRes
     thr = threshold_anchors(conn, cfg.ratio)
     note: str | None = None
     modularity: float | None
+    graph = None
     if cfg.mode == "threshold":
         cluster = np.full(num_tokens, -1, dtype=np.int32)
         anchor = thr.copy()
@@ -299,6 +304,8 @@ def label_anchors(att: np.ndarray, cfg: AnchorConfig | None = None) -> AnchorRes
             for i, s, m, a in zip(ids, sizes, means, chosen, strict=True)
         ]
     weight = np.where(anchor, np.float32(1.0), np.float32(cfg.other_weight)).astype(np.float32)
+    if graph is not None:
+        _annotate(graph, conn, cluster, anchor)
     return AnchorResult(
         connectivity=conn,
         cluster=cluster,
@@ -310,4 +317,13 @@ def label_anchors(att: np.ndarray, cfg: AnchorConfig | None = None) -> AnchorRes
         ratio_achieved=float(anchor.sum()) / num_tokens,
         note=note,
         timing=timing,
+        graph=graph,
     )
+
+
+def _annotate(graph: Any, conn: np.ndarray, cluster: np.ndarray, anchor: np.ndarray) -> None:
+    """Per-vertex labels for a looked-at graph; image vertices (bipartite) get -1 / False / 0."""
+    extra = graph.vcount() - conn.size
+    graph.vs["connectivity"] = np.concatenate([conn, np.zeros(extra)]).astype(float).tolist()
+    graph.vs["cluster"] = np.concatenate([cluster, np.full(extra, -1)]).astype(int).tolist()
+    graph.vs["anchor"] = np.concatenate([anchor, np.zeros(extra, bool)]).tolist()

@@ -61,6 +61,9 @@ def anchors(
     dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32."),
     device: str | None = typer.Option(None, "--device", help="e.g. cuda:0 (default: cpu)."),
     device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto (multi-GPU)."),
+    graphml: bool = typer.Option(
+        False, "--graphml", help="Also write each sample's clustered graph to RUN/graphs/*.graphml."
+    ),
     resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed rows (recorded)."),
     trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
@@ -103,6 +106,7 @@ def anchors(
         device=device,
         device_map=device_map,
         resume=resume,
+        graphml=graphml,
         skip_bad=skip_bad,
         trust_remote_code=trust_remote_code,
     )

@@ -22,6 +22,7 @@ import numpy as np
 
 from vlmcredit.analysis.anchors import AnchorConfig, AnchorResult, label_anchors
 from vlmcredit.analysis.connectivity import aggregate_attention, debias_sinks
+from vlmcredit.analysis.graphs import write_graphml
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.probes.anchors_source import (
     SourceItem,
@@ -31,7 +32,7 @@ from vlmcredit.probes.anchors_source import (
 )
 from vlmcredit.probes.anchors_tables import write_tables
 from vlmcredit.probes.capture_run import CRASH_ENV
-from vlmcredit.runs import Run
+from vlmcredit.runs import Run, sample_file_stem
 
 
 @dataclass
@@ -52,6 +53,7 @@ class AnchorsRunConfig:
     resume: bool = False
     skip_bad: bool = False
     trust_remote_code: bool = False
+    graphml: bool = False  # also write each sample's clustered graph to graphs/<id>.graphml
 
     def check(self) -> None:
         if self.from_run is None and (self.ckpt is None or self.data is None):
@@ -326,6 +328,11 @@ def run_anchors(
                 continue
             share = capture_seconds / len(items)
             tensors.update(sample_tensors(item, result, att, share))
+            if cfg.graphml and result.graph is not None:
+                # before the commit: a resumed run rewrites the graphs of unfinished batches
+                (run.path / "graphs").mkdir(exist_ok=True)
+                stem = sample_file_stem(item.row["id"])
+                write_graphml(result.graph, run.path / "graphs" / f"{stem}.graphml")
             rows.append({**item.row, "status": "done", "error": None})
         run.commit(rows, tensors)
         committed += 1
