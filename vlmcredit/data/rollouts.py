@@ -41,6 +41,11 @@ class BadRow:
     id: str | None
     error: str
 
+    def record(self) -> dict[str, object]:
+        """The run table row (samples.parquet) that records this skipped row."""
+        sample_id = f"row-{self.row}" if self.id is None else self.id
+        return {"id": sample_id, "row": self.row, "status": "bad", "error": self.error}
+
 
 @dataclass
 class RolloutSet:

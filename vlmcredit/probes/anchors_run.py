@@ -200,15 +200,7 @@ def run_anchors(
         from vlmcredit.probes.loading import load_checkpoint, weights_hash
 
         rollouts = read_rollouts(cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples)
-        bad_rows = [
-            {
-                "id": f"row-{b.row}" if b.id is None else b.id,
-                "row": b.row,
-                "status": "bad",
-                "error": b.error,
-            }
-            for b in rollouts.bad_rows
-        ]
+        bad_rows = [b.record() for b in rollouts.bad_rows]
         # Text-only rows have no connectivity to measure: refuse them before any work is done
         # (or record them as bad with --skip-bad), not half-way through the run.
         samples = []

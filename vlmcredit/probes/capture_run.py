@@ -194,15 +194,7 @@ def run_capture(
     run = Run.open(Path(cfg.out), "capture", cfg.parameters(), cfg.resume, extra)
     done = run.done_ids()
     if not run.rows and rollouts.bad_rows:
-        run.commit(
-            {
-                "id": f"row-{b.row}" if b.id is None else b.id,
-                "row": b.row,
-                "status": "bad",
-                "error": b.error,
-            }
-            for b in rollouts.bad_rows
-        )
+        run.commit(b.record() for b in rollouts.bad_rows)
     batches = [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
     finished = sum(len(b) for b in batches if all(s.id in done for s in b))
     log(f"{len(samples)} samples in {len(batches)} batches; {finished} already done")
