@@ -100,8 +100,8 @@ def build_inputs(config, seq: int, image_tokens: int, response: int, device: str
 
     import torch
 
-    from vlmcredit.probes.families import ModelGeometry
-    from vlmcredit.probes.layout import build_layouts, build_mm_token_type_ids
+    from vlmcredit.models.families import ModelGeometry
+    from vlmcredit.models.layout import build_layouts, build_mm_token_type_ids
 
     side = int(math.sqrt(image_tokens))
     rows, cols = side, image_tokens // side

@@ -49,7 +49,7 @@ def build_mid(out: Path) -> Path:
     import torch
     from transformers import AutoConfig, AutoModelForImageTextToText
 
-    from vlmcredit.probes.tiny import (
+    from vlmcredit.models.tiny import (
         QWEN_VL_CHAT_TEMPLATE,
         SPECIAL_TOKENS,
         build_image_processor,
@@ -89,8 +89,8 @@ def run_model(name: str, ckpt: Path, mme_dir: Path, args: argparse.Namespace) ->
     from vlmcredit.data.mme import read_mme
     from vlmcredit.data.mme_score import MMEPrediction, parse_answer, score_predictions
     from vlmcredit.data.sample import Sample
+    from vlmcredit.models.loading import load_checkpoint
     from vlmcredit.probes.ablation import ablate_heads
-    from vlmcredit.probes.loading import load_checkpoint
     from vlmcredit.probes.mme_answer import (
         ImageFeatureCache,
         MMEInputs,
@@ -208,7 +208,7 @@ def main() -> None:
     import torch
 
     from vlmcredit.data.mme_synth import write_synthetic_mme
-    from vlmcredit.probes.tiny import make_tiny
+    from vlmcredit.models.tiny import make_tiny
     from vlmcredit.probes.tiny_answerer import yes_no_checkpoint
 
     if args.threads:

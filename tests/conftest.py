@@ -22,7 +22,7 @@ def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_ckpt(tiny_root: Path):
     """tiny_ckpt(family) -> folder of a tiny checkpoint (seed 0), built on first use."""
-    from vlmcredit.probes.tiny import make_tiny
+    from vlmcredit.models.tiny import make_tiny
 
     def get(family: str) -> Path:
         path = tiny_root / family
@@ -36,7 +36,7 @@ def tiny_ckpt(tiny_root: Path):
 @pytest.fixture(scope="session")
 def loaded(tiny_ckpt):
     """loaded(family) -> LoadedCheckpoint in fp32 on CPU, cached per session."""
-    from vlmcredit.probes.loading import load_checkpoint
+    from vlmcredit.models.loading import load_checkpoint
 
     cache: dict[str, object] = {}
 

@@ -12,8 +12,8 @@ from vlmcredit.analysis.anchors import AnchorConfig, label_anchors
 from vlmcredit.analysis.connectivity import aggregate_attention
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
+from vlmcredit.models.inputs import encode_samples
 from vlmcredit.probes.capture import CaptureSpec
-from vlmcredit.probes.inputs import encode_samples
 from vlmcredit.probes.response_attention import capture_samples
 
 FAMILY = "qwen2.5-vl"

@@ -68,9 +68,9 @@ def capture_response_attention(
     heads: Sequence[int] | None = None,
 ) -> list[torch.Tensor]:
     """Per row, the (L, 1, T_b, N_b) response x image attention (head mean) of one forward."""
+    from vlmcredit.models.families import ModelGeometry
+    from vlmcredit.models.layout import build_mm_token_type_ids
     from vlmcredit.probes.capture import CaptureSpec, RowTarget, capture_session
-    from vlmcredit.probes.families import ModelGeometry
-    from vlmcredit.probes.layout import build_mm_token_type_ids
 
     geo = ModelGeometry.from_config(model.config)
     input_ids = batch["input_ids"]

@@ -18,10 +18,10 @@ from tests.helpers import noise_image
 from vlmcredit.analysis.anchors import AnchorConfig, label_anchors
 from vlmcredit.cli.main import app
 from vlmcredit.data.sample import Sample
-from vlmcredit.export.signals import read_signals, response_id
+from vlmcredit.formats.run import Run
+from vlmcredit.formats.signals import read_signals, response_id
 from vlmcredit.probes.capture import CaptureSpec
 from vlmcredit.probes.response_attention import capture_samples
-from vlmcredit.runs import Run
 
 runner = CliRunner()
 FAMILY = "qwen2.5-vl"
@@ -251,7 +251,7 @@ def test_graphml_export_matches_the_labels(tiny_ckpt, rollouts, tmp_path) -> Non
     GraphML reader), its token vertices carry the labels of anchors.parquet."""
     import networkx as nx
 
-    from vlmcredit.runs import sample_file_stem
+    from vlmcredit.formats.files import sample_file_stem
 
     out = tmp_path / "graphs"
     args = ["--ckpt", str(tiny_ckpt(FAMILY)), "--data", str(rollouts), "--out", str(out)]

@@ -16,8 +16,8 @@ from typer.testing import CliRunner
 
 from tests.helpers import noise_image
 from vlmcredit.cli.main import app
-from vlmcredit.probes.capture_run import CRASH_ENV
-from vlmcredit.runs import Run
+from vlmcredit.formats.run import Run
+from vlmcredit.pipelines.capture import CRASH_ENV
 
 runner = CliRunner()
 

@@ -9,7 +9,7 @@ import pandas as pd
 from typer.testing import CliRunner
 
 from vlmcredit.cli.main import app
-from vlmcredit.export.signals import read_signals
+from vlmcredit.formats.signals import read_signals
 
 
 def test_demo_runs_the_whole_path(tmp_path) -> None:

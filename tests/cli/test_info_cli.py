@@ -27,7 +27,7 @@ def test_info_json_every_family(tiny_ckpt, family: str) -> None:
     assert facts["vision_patch_size"] == (16 if family.startswith("qwen3") else 14)
     assert facts["dtype"] == "fp32"
     # Parameter count from headers equals the loaded model's.
-    from vlmcredit.probes.loading import load_checkpoint
+    from vlmcredit.models.loading import load_checkpoint
 
     model = load_checkpoint(tiny_ckpt(family)).model
     assert facts["parameters"] == sum(p.numel() for p in model.parameters())

@@ -18,13 +18,13 @@ from vlmcredit.cli.main import app
 from vlmcredit.data.mme import read_mme
 from vlmcredit.data.mme_score import read_predictions, score_predictions
 from vlmcredit.data.sample import Sample
+from vlmcredit.formats.run import Run
+from vlmcredit.models.inputs import encode_samples
+from vlmcredit.models.loading import load_checkpoint
+from vlmcredit.pipelines.capture import CRASH_ENV
 from vlmcredit.probes.ablation import o_proj_modules
-from vlmcredit.probes.capture_run import CRASH_ENV
-from vlmcredit.probes.inputs import encode_samples
-from vlmcredit.probes.loading import load_checkpoint
 from vlmcredit.probes.mme_answer import yes_no_tokens
 from vlmcredit.probes.tiny_answerer import yes_no_checkpoint
-from vlmcredit.runs import Run
 
 runner = CliRunner()
 FAMILY = "qwen3-vl"  # deepstack features go through the cache end to end

@@ -11,8 +11,8 @@ from typer.testing import CliRunner
 
 from tests.export.test_signals import TOKENIZER, meta, rows
 from vlmcredit.cli.main import app
-from vlmcredit.export.signals import read_signals, write_signals
-from vlmcredit.runs import Run
+from vlmcredit.formats.run import Run
+from vlmcredit.formats.signals import read_signals, write_signals
 
 runner = CliRunner()
 

@@ -21,7 +21,7 @@ import pytest
 import torch
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.export.signals import SignalsMeta, write_signals
+from vlmcredit.formats.signals import SignalsMeta, write_signals
 
 NUM_GENERATIONS = 2
 COMPLETION_LENGTH = 6
@@ -32,8 +32,9 @@ def trl_setup(tiny_ckpt, tmp_path_factory):
     from datasets import Dataset
 
     from tests.helpers import noise_image
-    from vlmcredit.probes.families import adapter_for
-    from vlmcredit.probes.loading import load_processor, tokenizer_hash
+    from vlmcredit.formats.provenance import tokenizer_hash
+    from vlmcredit.models.families import adapter_for
+    from vlmcredit.models.loading import load_processor
 
     ckpt = tiny_ckpt("qwen2.5-vl")
     processor = load_processor(ckpt, adapter_for("qwen2_5_vl", "test"))

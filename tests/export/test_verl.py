@@ -21,13 +21,13 @@ from verl.protocol import DataProto
 from verl.workers.config import ActorConfig
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.export.signals import SignalsMeta, read_signals, write_signals
 from vlmcredit.export.verl import (
     VerlWeighting,
     sample_ids_from_extra_info,
     weight_advantages,
     weight_dataproto,
 )
+from vlmcredit.formats.signals import SignalsMeta, read_signals, write_signals
 
 LENGTHS = [6, 4, 5, 6]  # right-padded responses
 T = 6
@@ -255,8 +255,9 @@ def test_weighting_from_trainer_config(tmp_path: Path, monkeypatch, tiny_ckpt) -
     from omegaconf import OmegaConf
 
     from vlmcredit.export.verl import _weighting_from_config
-    from vlmcredit.probes.families import adapter_for
-    from vlmcredit.probes.loading import load_processor, tokenizer_hash
+    from vlmcredit.formats.provenance import tokenizer_hash
+    from vlmcredit.models.families import adapter_for
+    from vlmcredit.models.loading import load_processor
 
     processor = load_processor(tiny_ckpt("qwen2.5-vl"), adapter_for("qwen2_5_vl", "test"))
     batch = make_batch()

@@ -10,8 +10,8 @@ import torch
 from tests.helpers import noise_image
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
+from vlmcredit.models.inputs import encode_samples
 from vlmcredit.probes.ablation import ablate_heads, head_means, o_proj_modules
-from vlmcredit.probes.inputs import encode_samples
 
 
 def _batch(ck, n: int = 3):

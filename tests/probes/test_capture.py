@@ -7,8 +7,8 @@ import torch
 
 from tests.helpers import FAMILIES, noise_image
 from vlmcredit.data.sample import Sample
+from vlmcredit.models.inputs import encode_samples
 from vlmcredit.probes.capture import CaptureSpec
-from vlmcredit.probes.inputs import encode_samples
 from vlmcredit.probes.response_attention import (
     GenerationConfig,
     capture_encoded,

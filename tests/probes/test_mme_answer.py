@@ -13,8 +13,8 @@ from vlmcredit.data.mme_score import parse_answer
 from vlmcredit.data.mme_synth import write_synthetic_mme
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.inputs import encode_samples
-from vlmcredit.probes.loading import load_checkpoint
+from vlmcredit.models.inputs import encode_samples
+from vlmcredit.models.loading import load_checkpoint
 from vlmcredit.probes.mme_answer import (
     ImageFeatureCache,
     MMEInputs,
@@ -53,7 +53,7 @@ def test_yes_no_tokens_of_the_tokenizer(loaded) -> None:
         for i, text in zip(ids, texts, strict=True):
             assert tok.encode(text, add_special_tokens=False) == [i]
             assert tok.decode([i]) == text and parse_answer(text + "Yes, no") == label
-    from vlmcredit.probes.tiny import build_tokenizer
+    from vlmcredit.models.tiny import build_tokenizer
 
     bytes_only = build_tokenizer(vocab_size=280)  # too few merges for a one-token "Yes"
     with pytest.raises(VlmCreditError, match=r"no single-token 'yes'.*--generate"):

@@ -1,4 +1,4 @@
-"""Run folders in the documented formats (docs/FORMATS.md), written through vlmcredit.runs.Run.
+"""Run folders in the documented formats (docs/FORMATS.md), written through formats.run.Run.
 
 The commands that produce these runs are written in parallel; the report tests build the folders
 here, with realistic shapes: 2-image samples (a 12 x 16 cell grid and an 8 x 8 one), 300-token
@@ -18,7 +18,8 @@ import pandas as pd
 import torch
 
 from vlmcredit.data.mme import CATEGORIES, PERCEPTION
-from vlmcredit.runs import Run, atomic_write_json, atomic_write_parquet
+from vlmcredit.formats.files import atomic_write_json, atomic_write_parquet
+from vlmcredit.formats.run import Run
 
 MME_CATEGORIES = list(CATEGORIES)
 WORDS = [

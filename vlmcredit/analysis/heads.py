@@ -184,7 +184,7 @@ def heads_table(report: Mapping[str, Any]) -> Any:
 
 def write_heads(run_dir: Path, report: Mapping[str, Any]) -> None:
     """Write heads.json and heads.parquet into a run folder (atomically)."""
-    from vlmcredit.runs import atomic_write_json, atomic_write_parquet
+    from vlmcredit.formats.files import atomic_write_json, atomic_write_parquet
 
     atomic_write_parquet(run_dir / HEADS_PARQUET, heads_table(report))
     atomic_write_json(run_dir / HEADS_JSON, report)

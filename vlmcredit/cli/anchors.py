@@ -72,7 +72,7 @@ def anchors(
     """Label anchor tokens: the ~15% of response tokens whose attention carries the image."""
     from vlmcredit.analysis.anchors import AnchorConfig
     from vlmcredit.analysis.clustering import ClusterConfig
-    from vlmcredit.probes.anchors_run import AnchorsRunConfig, run_anchors
+    from vlmcredit.pipelines.anchors import AnchorsRunConfig, run_anchors
 
     cfg = AnchorsRunConfig(
         out=out,

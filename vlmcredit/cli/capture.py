@@ -35,7 +35,7 @@ def capture(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
 ) -> None:
     """Capture response -> image attention (never the S x S matrix) beside an SDPA forward."""
-    from vlmcredit.probes.capture_run import CaptureRunConfig, run_capture
+    from vlmcredit.pipelines.capture import CaptureRunConfig, run_capture
     from vlmcredit.probes.response_attention import GenerationConfig
 
     cfg = CaptureRunConfig(

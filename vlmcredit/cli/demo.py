@@ -14,6 +14,6 @@ def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's runs."),
 ) -> None:
     """The whole path (MME -> heads -> anchors -> export -> report) on a tiny offline model."""
-    from vlmcredit.demo import run_demo
+    from vlmcredit.pipelines.demo import run_demo
 
     run_demo(out, echo=typer.echo)

@@ -7,7 +7,7 @@ import json
 import typer
 
 from vlmcredit.cli.common import user_errors
-from vlmcredit.probes.describe import describe_checkpoint
+from vlmcredit.models.describe import describe_checkpoint
 
 
 @user_errors

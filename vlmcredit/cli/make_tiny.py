@@ -18,7 +18,7 @@ def make_tiny(
     seed: int = typer.Option(0, "--seed", help="Weight seed; same seed, same bytes."),
 ) -> None:
     """Build a complete random-weight checkpoint (< 2 MB) offline, for tests and demos."""
-    from vlmcredit.probes.tiny import make_tiny as build
+    from vlmcredit.models.tiny import make_tiny as build
 
     path = build(family, out, seed=seed)
     typer.echo(f"wrote {family} tiny checkpoint to {path}")

@@ -61,7 +61,7 @@ def probe_heads(
     """Ablate heads, re-score MME each time, and list the heads whose ablation hurts most."""
     import json
 
-    from vlmcredit.probes.heads_run import ProbeHeadsConfig, run_probe_heads
+    from vlmcredit.pipelines.probe_heads import ProbeHeadsConfig, run_probe_heads
 
     cfg = ProbeHeadsConfig(
         ckpt=ckpt,

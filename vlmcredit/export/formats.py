@@ -18,14 +18,15 @@ from typing import Any
 
 from vlmcredit import __version__
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.export.signals import (
+from vlmcredit.formats.files import atomic_write_bytes, atomic_write_json, now
+from vlmcredit.formats.run import MANIFEST
+from vlmcredit.formats.signals import (
     SIGNALS_FILE,
     SIGNALS_JSONL,
     arrow_table,
     read_signals,
     write_signals_jsonl,
 )
-from vlmcredit.runs import MANIFEST, atomic_write_bytes, atomic_write_json, now
 
 FORMATS = ("parquet", "jsonl", "verl", "trl")
 HEADS_FILE = "heads.json"
@@ -162,8 +163,8 @@ README = {
 ## Reading
 
 ```python
-from vlmcredit.export.signals import read_signals
-from vlmcredit.probes.loading import tokenizer_hash
+from vlmcredit.formats.signals import read_signals
+from vlmcredit.formats.provenance import tokenizer_hash
 
 signals = read_signals("{folder}", tokenizer_sha1=tokenizer_hash(processor_or_tokenizer))
 weights = signals.lookup(sample_id, response_token_ids)  # np.float32 per token, or None
@@ -174,7 +175,7 @@ weights = signals.lookup(sample_id, response_token_ids)  # np.float32 per token,
 ## Reading
 
 `signals.jsonl` holds one JSON object per row with the same columns as signals.parquet (lists
-as JSON arrays). `vlmcredit.export.signals.read_signals("{folder}")` reads and validates it.
+as JSON arrays). `vlmcredit.formats.signals.read_signals("{folder}")` reads and validates it.
 """,
     "trl": _HEADER
     + """

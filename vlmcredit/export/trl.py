@@ -23,8 +23,8 @@ import torch
 from trl import GRPOTrainer
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.export.signals import LOSS_DENOMINATORS, Signals, read_signals
-from vlmcredit.probes.loading import tokenizer_hash
+from vlmcredit.formats.provenance import tokenizer_hash
+from vlmcredit.formats.signals import LOSS_DENOMINATORS, Signals, read_signals
 
 WeightsFn = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
 # Loss types that divide by a constant (not by the masked token count) cannot average over the

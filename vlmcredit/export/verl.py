@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.export.signals import LOSS_DENOMINATORS, Signals, read_signals
+from vlmcredit.formats.signals import LOSS_DENOMINATORS, Signals, read_signals
 
 TRAINER_NAME = "vlmcredit"
 CONFIG_KEY = "vlmcredit"  # +vlmcredit.signals=PATH [+vlmcredit.loss_denominator=...]
@@ -250,7 +250,7 @@ def _weighting_from_config(config: Any, tokenizer: Any = None) -> VerlWeighting:
     denominator = (section or {}).get("loss_denominator") or os.environ.get(ENV_DENOMINATOR)
     tok_sha1 = None
     if tokenizer is not None:
-        from vlmcredit.probes.loading import tokenizer_hash
+        from vlmcredit.formats.provenance import tokenizer_hash
 
         tok_sha1 = tokenizer_hash(tokenizer)
     return VerlWeighting.from_path(path, tokenizer_sha1=tok_sha1, loss_denominator=denominator)

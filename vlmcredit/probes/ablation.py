@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.families import FamilyAdapter, ModelGeometry, adapter_for, resolve_path
+from vlmcredit.models.families import FamilyAdapter, ModelGeometry, adapter_for, resolve_path
 
 ABLATION_MODES = ("zero", "mean")
 HeadSpec = tuple[int | None, int]  # (layer or None = every layer, query head index)

@@ -34,8 +34,8 @@ from vlmcredit.data.mme import MMEQuestion
 from vlmcredit.data.mme_score import parse_answer
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.inputs import prompt_text
-from vlmcredit.probes.layout import build_mm_token_type_ids
+from vlmcredit.models.inputs import prompt_text
+from vlmcredit.models.layout import build_mm_token_type_ids
 
 YES_VARIANTS = ("Yes", "yes", "YES", " Yes", " yes", " YES")
 NO_VARIANTS = ("No", "no", "NO", " No", " no", " NO")

@@ -14,9 +14,9 @@ from typing import Any
 import torch
 
 from vlmcredit.data.sample import Sample
+from vlmcredit.models.inputs import EncodedBatch, encode_samples
+from vlmcredit.models.layout import SampleLayout
 from vlmcredit.probes.capture import CaptureSpec, RowTarget, SampleCapture, capture_session
-from vlmcredit.probes.inputs import EncodedBatch, encode_samples
-from vlmcredit.probes.layout import SampleLayout
 
 
 @dataclass

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 
 from vlmcredit.data.mme import read_mme
-from vlmcredit.probes.loading import load_checkpoint
+from vlmcredit.models.loading import load_checkpoint
 from vlmcredit.probes.mme_answer import ImageFeatureCache, MMEInputs
 
 

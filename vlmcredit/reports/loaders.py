@@ -61,7 +61,7 @@ def safe_name(text: str, limit: int = 60) -> str:
 
 def load_run(path: Path, index: int) -> RunInput:
     """Open one run folder (manifest + samples table) or raise a one-line error."""
-    from vlmcredit.runs import MANIFEST, Run
+    from vlmcredit.formats.run import MANIFEST, Run
 
     path = Path(path)
     if not path.exists():

@@ -95,7 +95,7 @@ def check_outputs(out: Path, png_dir: Path) -> None:
 
 def write_report(report: Report, out: Path, png_dir: Path) -> list[Path]:
     """Write `<png_dir>/<name>.png` (+ .svg where made) and then `out`; return the paths."""
-    from vlmcredit.runs import atomic_write_bytes
+    from vlmcredit.formats.files import atomic_write_bytes
 
     out, png_dir = Path(out), Path(png_dir)
     check_outputs(out, png_dir)

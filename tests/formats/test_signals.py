@@ -13,13 +13,13 @@ import pytest
 import torch
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.export.signals import (
+from vlmcredit.formats.run import Run
+from vlmcredit.formats.signals import (
     SignalsMeta,
     read_signals,
     response_id,
     write_signals,
 )
-from vlmcredit.runs import Run
 
 TOKENIZER = "0123456789abcdef0123456789abcdef01234567"
 
@@ -273,8 +273,9 @@ def test_duplicates_and_bad_manifests_are_refused(tmp_path: Path) -> None:
 
 
 def test_tokenizer_hash_same_for_processor_and_tokenizer(tiny_ckpt) -> None:
-    from vlmcredit.probes.families import adapter_for
-    from vlmcredit.probes.loading import load_processor, tokenizer_hash
+    from vlmcredit.formats.provenance import tokenizer_hash
+    from vlmcredit.models.families import adapter_for
+    from vlmcredit.models.loading import load_processor
 
     processor = load_processor(tiny_ckpt("qwen2.5-vl"), adapter_for("qwen2_5_vl", "test"))
     tok = processor.tokenizer

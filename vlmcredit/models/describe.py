@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.families import ModelGeometry, adapter_for
-from vlmcredit.probes.loading import check_checkpoint_files, read_model_type, resolve_checkpoint
+from vlmcredit.models.families import ModelGeometry, adapter_for
+from vlmcredit.models.loading import check_checkpoint_files, read_model_type, resolve_checkpoint
 
 _DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8"}
 

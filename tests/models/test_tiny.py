@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.tiny import SPECIAL_TOKENS, make_tiny
+from vlmcredit.models.tiny import SPECIAL_TOKENS, make_tiny
 
 EXPECTED_FILES = {
     "config.json",

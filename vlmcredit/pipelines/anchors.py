@@ -24,15 +24,16 @@ from vlmcredit.analysis.anchors import AnchorConfig, AnchorResult, label_anchors
 from vlmcredit.analysis.connectivity import aggregate_attention, debias_sinks
 from vlmcredit.analysis.graphs import write_graphml
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.anchors_source import (
+from vlmcredit.formats.files import sample_file_stem
+from vlmcredit.formats.run import Run
+from vlmcredit.pipelines.anchors_source import (
     SourceItem,
     capture_batches,
     capture_run_batches,
     sample_tensors,
 )
-from vlmcredit.probes.anchors_tables import write_tables
-from vlmcredit.probes.capture_run import CRASH_ENV
-from vlmcredit.runs import Run, sample_file_stem
+from vlmcredit.pipelines.anchors_tables import write_tables
+from vlmcredit.pipelines.capture import CRASH_ENV
 
 
 @dataclass
@@ -77,7 +78,7 @@ class AnchorsRunConfig:
         self.analysis.check()
 
     def parameters(self) -> dict[str, Any]:
-        from vlmcredit.probes.loading import file_sha1
+        from vlmcredit.formats.provenance import file_sha1
 
         params = asdict(self)
         for key in ("out", "resume", "device", "device_map"):
@@ -106,7 +107,7 @@ class HeadChoice:
 
 
 def choose_heads(cfg: AnchorsRunConfig, num_layers: int, num_heads: int) -> HeadChoice:
-    from vlmcredit.probes.selection import parse_indices
+    from vlmcredit.models.selection import parse_indices
 
     layers = parse_indices(cfg.layers, num_layers, "--layers") or list(range(num_layers))
     if cfg.heads_json is None:
@@ -183,9 +184,9 @@ def run_anchors(
     log: Callable[[str], None] = lambda _msg: None,
 ) -> Run:
     """Label anchor tokens for every sample into the run directory `cfg.out`."""
+    from vlmcredit.formats.provenance import tokenizer_hash
+    from vlmcredit.models.families import ModelGeometry
     from vlmcredit.probes.capture import CaptureSpec
-    from vlmcredit.probes.families import ModelGeometry
-    from vlmcredit.probes.loading import tokenizer_hash
 
     cfg.check()
     if (Path(cfg.out) / "manifest.json").exists() and not cfg.resume:
@@ -197,7 +198,8 @@ def run_anchors(
     bad_rows: list[dict[str, Any]] = []
     if cfg.from_run is None:
         from vlmcredit.data.rollouts import read_rollouts
-        from vlmcredit.probes.loading import load_checkpoint, weights_hash
+        from vlmcredit.formats.provenance import weights_hash
+        from vlmcredit.models.loading import load_checkpoint
 
         rollouts = read_rollouts(cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples)
         bad_rows = [b.record() for b in rollouts.bad_rows]
@@ -340,13 +342,9 @@ def run_anchors(
 
 def _processor_for(where: str, checkpoint: dict[str, Any], capture: Run) -> Any:
     """The tokenizer of a capture run's checkpoint (to decode tokens), hash-checked."""
-    from vlmcredit.probes.families import adapter_for
-    from vlmcredit.probes.loading import (
-        load_processor,
-        read_model_type,
-        resolve_checkpoint,
-        tokenizer_hash,
-    )
+    from vlmcredit.formats.provenance import tokenizer_hash
+    from vlmcredit.models.families import adapter_for
+    from vlmcredit.models.loading import load_processor, read_model_type, resolve_checkpoint
 
     try:
         folder = resolve_checkpoint(where)

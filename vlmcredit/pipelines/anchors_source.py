@@ -17,7 +17,7 @@ import numpy as np
 
 from vlmcredit.analysis.anchors import AnchorResult
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.runs import Run
+from vlmcredit.formats.run import Run
 
 THUMB_MAX = 448  # long side of the stored image thumbnails (report heat maps)
 
@@ -39,7 +39,7 @@ def capture_batches(
     ck: Any, spec: Any, samples: Sequence[Any], batch_size: int, done: set[str]
 ) -> Iterator[tuple[list[SourceItem], float]]:
     """Capture unfinished batches now; yields the items and the capture seconds."""
-    from vlmcredit.probes.capture_run import sample_row
+    from vlmcredit.pipelines.capture import sample_row
     from vlmcredit.probes.response_attention import capture_samples
 
     for batch in batches(samples, batch_size):
@@ -97,7 +97,7 @@ def capture_run_batches(
 def images_of_capture_run(capture: Run) -> dict[str, list[Any]]:
     """The capture run's images (for thumbnails) when its data file is still there unchanged."""
     from vlmcredit.data.rollouts import read_rollouts
-    from vlmcredit.probes.loading import file_sha1
+    from vlmcredit.formats.provenance import file_sha1
 
     params = capture.manifest.get("parameters", {})
     data = Path(params.get("data", ""))

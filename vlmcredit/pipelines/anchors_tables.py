@@ -13,7 +13,8 @@ import numpy as np
 
 from vlmcredit.analysis.anchors import AnchorConfig, agreement
 from vlmcredit.analysis.connectivity import connectivity_stats
-from vlmcredit.runs import Run, atomic_write_json, atomic_write_parquet
+from vlmcredit.formats.files import atomic_write_json, atomic_write_parquet
+from vlmcredit.formats.run import Run
 
 
 def write_tables(
@@ -22,7 +23,7 @@ def write_tables(
     """anchors.parquet, signals.parquet and anchors.json from the run's shards."""
     import pandas as pd
 
-    from vlmcredit.export.signals import SignalsMeta, write_signals
+    from vlmcredit.formats.signals import SignalsMeta, write_signals
 
     tok = processor.tokenizer
     ratio = analysis.ratio

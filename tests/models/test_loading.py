@@ -11,8 +11,9 @@ import torch
 
 from tests.helpers import FAMILIES
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.families import resolve_path
-from vlmcredit.probes.loading import load_checkpoint, tokenizer_hash, weights_hash
+from vlmcredit.formats.provenance import tokenizer_hash, weights_hash
+from vlmcredit.models.families import resolve_path
+from vlmcredit.models.loading import load_checkpoint
 
 
 @pytest.mark.parametrize("family", FAMILIES)

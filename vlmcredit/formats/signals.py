@@ -21,7 +21,8 @@ import numpy as np
 
 from vlmcredit import __version__
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.runs import MANIFEST, atomic_write_bytes, atomic_write_json, now
+from vlmcredit.formats.files import atomic_write_bytes, atomic_write_json, now
+from vlmcredit.formats.run import MANIFEST
 
 SIGNALS_FILE = "signals.parquet"
 SIGNALS_JSONL = "signals.jsonl"

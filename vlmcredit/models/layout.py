@@ -16,7 +16,7 @@ from typing import Any
 import numpy as np
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.families import ModelGeometry
+from vlmcredit.models.families import ModelGeometry
 
 
 @dataclass(frozen=True)

@@ -9,8 +9,8 @@ import torch
 from tests.helpers import FAMILIES, noise_image
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.inputs import encode_samples
-from vlmcredit.probes.layout import build_layouts
+from vlmcredit.models.inputs import encode_samples
+from vlmcredit.models.layout import build_layouts
 
 
 def _rope_positions(ck, inputs):

@@ -17,16 +17,16 @@ import numpy as np
 
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
+from vlmcredit.formats.provenance import file_sha1
+from vlmcredit.formats.run import Run
+from vlmcredit.models.selection import parse_indices
 from vlmcredit.probes.capture import REDUCTIONS, CaptureSpec
-from vlmcredit.probes.loading import file_sha1
 from vlmcredit.probes.response_attention import (
     CapturedSample,
     GenerationConfig,
     capture_samples,
     generate_responses,
 )
-from vlmcredit.probes.selection import parse_indices
-from vlmcredit.runs import Run
 
 # Tests simulate a kill -9 after this many committed batches (a real process exit, no cleanup).
 CRASH_ENV = "VLMCREDIT_TEST_CRASH_AFTER_BATCHES"
@@ -137,7 +137,8 @@ def run_capture(
 ) -> Run:
     """Capture every sample of `cfg.data` into the run directory `cfg.out`."""
     from vlmcredit.data.rollouts import read_rollouts
-    from vlmcredit.probes.loading import load_checkpoint, tokenizer_hash, weights_hash
+    from vlmcredit.formats.provenance import tokenizer_hash, weights_hash
+    from vlmcredit.models.loading import load_checkpoint
 
     cfg.check()
     if not Path(cfg.data).is_file():

@@ -39,8 +39,9 @@ from vlmcredit.analysis.heads import (
 )
 from vlmcredit.data.mme import MMEQuestion, canonical_categories
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.capture_run import CRASH_ENV
-from vlmcredit.runs import Run, atomic_write_parquet
+from vlmcredit.formats.files import atomic_write_parquet
+from vlmcredit.formats.run import Run
+from vlmcredit.pipelines.capture import CRASH_ENV
 
 BASELINE = "baseline"
 MEANS = "means"
@@ -126,7 +127,7 @@ def ablation_plan(
     mode: str, num_layers: int, num_heads: int, layers: str | None, heads: str | None
 ) -> list[Ablation]:
     """Baseline first, then each configuration in (layer, head) order."""
-    from vlmcredit.probes.selection import parse_indices
+    from vlmcredit.models.selection import parse_indices
 
     head_list = parse_indices(heads, num_heads, "--heads") or list(range(num_heads))
     plan = [Ablation(None, None)]
@@ -205,7 +206,8 @@ def run_probe_heads(
 ) -> Run:
     """Score MME for the baseline and every ablation configuration; write heads.json."""
     from vlmcredit.data.mme import read_mme
-    from vlmcredit.probes.loading import load_checkpoint, tokenizer_hash, weights_hash
+    from vlmcredit.formats.provenance import tokenizer_hash, weights_hash
+    from vlmcredit.models.loading import load_checkpoint
 
     cfg.check()
     wanted = (

@@ -13,8 +13,8 @@ from typing import Any
 
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.families import ModelGeometry
-from vlmcredit.probes.layout import SampleLayout, build_layouts, build_mm_token_type_ids
+from vlmcredit.models.families import ModelGeometry
+from vlmcredit.models.layout import SampleLayout, build_layouts, build_mm_token_type_ids
 
 
 @dataclass

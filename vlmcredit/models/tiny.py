@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.probes.families import CLI_NAMES, FAMILIES
+from vlmcredit.models.families import CLI_NAMES, FAMILIES
 
 # The Qwen special tokens, in the order Qwen's tokenizers list them.
 SPECIAL_TOKENS = [

@@ -14,10 +14,7 @@ resume, shards no finished row points at are leftovers of the kill and are remov
 from __future__ import annotations
 
 import json
-import os
 import sys
-import tempfile
-import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +22,12 @@ from typing import Any
 
 from vlmcredit import __version__
 from vlmcredit.errors import VlmCreditError
+from vlmcredit.formats.files import (
+    atomic_save_tensors,
+    atomic_write_json,
+    atomic_write_parquet,
+    now,
+)
 
 MANIFEST = "manifest.json"
 SAMPLES = "samples.parquet"
@@ -40,57 +43,6 @@ SAMPLE_COLUMNS = [
     "num_response_tokens",
     "num_image_tokens",
 ]
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
-def atomic_write_json(path: Path, obj: Any) -> None:
-    atomic_write_bytes(
-        path, (json.dumps(obj, indent=2, sort_keys=True, default=str) + "\n").encode()
-    )
-
-
-def atomic_write_parquet(path: Path, frame: Any) -> None:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    sink = pa.BufferOutputStream()
-    pq.write_table(pa.Table.from_pandas(frame, preserve_index=False), sink)
-    atomic_write_bytes(path, sink.getvalue().to_pybytes())
-
-
-def atomic_save_tensors(
-    path: Path, tensors: dict[str, Any], metadata: dict[str, str] | None = None
-) -> None:
-    from safetensors.torch import save
-
-    contiguous = {k: v.contiguous() for k, v in tensors.items()}
-    atomic_write_bytes(path, save(contiguous, metadata=metadata))
-
-
-def sample_file_stem(sample_id: str) -> str:
-    """A file-name-safe, collision-free stem for a per-sample file (ids may hold '/', spaces)."""
-    import hashlib
-    import re
-
-    readable = re.sub(r"[^A-Za-z0-9._-]+", "_", sample_id).strip("._")[:60] or "sample"
-    return f"{readable}-{hashlib.sha1(sample_id.encode()).hexdigest()[:8]}"
-
-
-def now() -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S%z")
 
 
 @dataclass

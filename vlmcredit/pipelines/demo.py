@@ -27,7 +27,7 @@ DEMO_THRESHOLD = 125.0
 
 
 def ensure_tiny_checkpoint(out: Path) -> Path:
-    from vlmcredit.probes.tiny import make_tiny
+    from vlmcredit.models.tiny import make_tiny
 
     ckpt = out / f"tiny-{DEMO_FAMILY}"
     if not (ckpt / "config.json").is_file():

@@ -1,0 +1,1 @@
+"""Credit-signal methods: one module per method, all registered in `registry`."""
