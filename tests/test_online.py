@@ -14,7 +14,7 @@ from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.models.inputs import encode_samples
 from vlmcredit.probes.capture import CaptureSpec
-from vlmcredit.probes.response_attention import capture_samples
+from vlmcredit.probes.response_attention import capture_batch_attention, capture_samples
 
 FAMILY = "qwen2.5-vl"
 
@@ -71,7 +71,7 @@ def test_online_anchor_weights_equal_the_offline_path(loaded, samples) -> None:
         assert torch.all(weights[i, n:] == 1.0)  # padding: neutral, the trainer masks it
     # the trainer layout (response block right padded) sees the same attention as the
     # offline layout (whole sequences left padded)
-    online_attention = online.capture_response_attention(ck.model, batch)
+    online_attention = capture_batch_attention(ck.model, batch)
     offline = capture_samples(ck, samples, CaptureSpec(reduce="mean"))
     for got, item in zip(online_attention, offline, strict=True):
         assert torch.allclose(got, item.capture.attention, atol=1e-5)

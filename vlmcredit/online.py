@@ -52,60 +52,6 @@ def weights(
     return METHODS[method](model, batch, **params)
 
 
-def response_rows(response_mask: torch.Tensor) -> list[int]:
-    """Response length per row: up to the last 1 of a right-padded mask."""
-    lengths = []
-    for row in response_mask.bool().cpu():
-        nz = torch.nonzero(row)
-        lengths.append(int(nz[-1]) + 1 if nz.numel() else 0)
-    return lengths
-
-
-def capture_response_attention(
-    model: Any,
-    batch: Mapping[str, torch.Tensor],
-    layers: Sequence[int] | None = None,
-    heads: Sequence[int] | None = None,
-) -> list[torch.Tensor]:
-    """Per row, the (L, 1, T_b, N_b) response x image attention (head mean) of one forward."""
-    from vlmcredit.models.families import ModelGeometry
-    from vlmcredit.models.layout import build_mm_token_type_ids
-    from vlmcredit.probes.capture import CaptureSpec, RowTarget, capture_session
-
-    geo = ModelGeometry.from_config(model.config)
-    input_ids = batch["input_ids"]
-    width = batch["response_mask"].shape[1]
-    start = input_ids.shape[1] - width
-    lengths = response_rows(batch["response_mask"])
-    targets = []
-    for b, n in enumerate(lengths):
-        positions = torch.nonzero(input_ids[b] == geo.image_token_id).flatten()
-        if positions.numel() == 0:
-            raise VlmCreditError(
-                f"batch row {b}: has no image tokens, so it has no image connectivity "
-                "(filter text-only rows before asking for image-based weights)"
-            )
-        targets.append(RowTarget(start, start + n, positions))
-    inputs = {
-        k: batch[k]
-        for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-        if k in batch
-    }
-    inputs["mm_token_type_ids"] = batch.get("mm_token_type_ids")
-    if inputs["mm_token_type_ids"] is None:
-        inputs["mm_token_type_ids"] = build_mm_token_type_ids(input_ids, geo).to(torch.long)
-    spec = CaptureSpec(layers=layers, heads=heads, reduce="mean")
-    inner = model.model
-    cached = getattr(inner, "rope_deltas", None)
-    inner.rope_deltas = None  # a fresh forward: positions from this batch, not the last call
-    try:
-        with torch.no_grad(), capture_session(model, spec, targets) as session:
-            model(**inputs, logits_to_keep=1)
-        return [session.result(b).attention for b in range(len(targets))]
-    finally:
-        inner.rope_deltas = cached
-
-
 @register("anchors")
 def anchor_weights(
     model: Any,
@@ -121,12 +67,13 @@ def anchor_weights(
     """
     from vlmcredit.analysis.anchors import AnchorConfig, label_anchors
     from vlmcredit.analysis.connectivity import aggregate_attention
+    from vlmcredit.probes.response_attention import capture_batch_attention
 
     cfg = config or AnchorConfig()
     cfg.check()
     mask = batch["response_mask"]
     out = torch.ones(mask.shape, dtype=torch.float32)
-    for b, attention in enumerate(capture_response_attention(model, batch, layers, heads)):
+    for b, attention in enumerate(capture_batch_attention(model, batch, layers, heads)):
         att = aggregate_attention(attention.numpy())
         if att.shape[0] == 0:
             continue
