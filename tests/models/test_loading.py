@@ -22,12 +22,12 @@ def test_geometry_matches_modules(loaded, family: str) -> None:
     geo = ck.geometry
     layers = ck.decoder_layers()
     assert len(layers) == geo.num_layers
-    attn = resolve_path(layers[0], ck.adapter.self_attn)
-    o_proj = resolve_path(layers[0], ck.adapter.o_proj)
+    attn = resolve_path(layers[0], ck.adapter.self_attn_path)
+    o_proj = resolve_path(layers[0], ck.adapter.o_proj_path)
     assert o_proj.in_features == geo.num_heads * geo.head_dim
     assert attn.k_proj.out_features == geo.num_kv_heads * geo.head_dim
     assert attn.num_key_value_groups == geo.kv_groups == 2
-    assert resolve_path(ck.model, ck.adapter.vision_tower) is ck.model.model.visual
+    assert ck.adapter.vision_tower(ck.model) is ck.model.model.visual
     assert geo.cell_pixels == (32 if family.startswith("qwen3") else 28)
     assert bool(geo.deepstack_layers) == family.startswith("qwen3")
     # The fallback processor is the family's own class, without a video processor.

@@ -69,7 +69,7 @@ def test_hook_equals_zeroed_weight_columns_and_is_removed(loaded, family) -> Non
     with _zeroed_columns(ck, [1], 2):
         assert torch.equal(hooked, _logits(ck, inputs))
     assert torch.equal(_logits(ck, inputs), clean)  # hooks gone: logits restored exactly
-    assert all(not m._forward_pre_hooks for m in o_proj_modules(ck))
+    assert all(not m._forward_pre_hooks for m in o_proj_modules(ck).values())
 
 
 def test_hooks_act_inside_generate_and_go_away_on_error(loaded) -> None:
@@ -90,7 +90,7 @@ def test_hooks_act_inside_generate_and_go_away_on_error(loaded) -> None:
         assert torch.equal(hooked, generate())
     with pytest.raises(RuntimeError, match="boom"), ablate_heads(ck, [(None, 1)]):
         raise RuntimeError("boom")
-    assert all(not m._forward_pre_hooks for m in o_proj_modules(ck))
+    assert all(not m._forward_pre_hooks for m in o_proj_modules(ck).values())
 
 
 def test_mean_ablation_writes_the_means(loaded) -> None:
@@ -104,7 +104,7 @@ def test_mean_ablation_writes_the_means(loaded) -> None:
     modules = o_proj_modules(ck)
     handles = [
         m.register_forward_hook(lambda _m, args, _o, i=i: seen.__setitem__(i, args[0].clone()))
-        for i, m in enumerate(modules)
+        for i, m in modules.items()
     ]
     try:
         with ablate_heads(ck, [(None, 2)], mode="mean", means=means):
@@ -148,7 +148,7 @@ def test_head_means_brute_force(loaded) -> None:
     modules = o_proj_modules(ck)
     handles = [
         m.register_forward_pre_hook(lambda _m, args, i=i: captured[i].append(args[0][0]))
-        for i, m in enumerate(modules)
+        for i, m in modules.items()
     ]
     try:
         for one in singles:
@@ -175,4 +175,4 @@ def test_bad_specs(loaded) -> None:
     ]:
         with pytest.raises(VlmCreditError, match=fragment), ablate_heads(ck, heads, mode, means):
             pass
-    assert all(not m._forward_pre_hooks for m in o_proj_modules(ck))
+    assert all(not m._forward_pre_hooks for m in o_proj_modules(ck).values())

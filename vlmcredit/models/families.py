@@ -1,8 +1,8 @@
-"""Declarative adapters for the supported Qwen-VL families.
+"""The supported Qwen-VL families and the numbers every probe needs from a checkpoint's config.
 
-Each family is a small record of where things live in the transformers 5 module tree and which
-config fields hold the numbers we need. Nothing here guesses from class names or hard-codes
-token ids: ids and sizes are read from the checkpoint's config (`ModelGeometry.from_config`).
+Each family is one `FamilyAdapter` (`adapter.py`: where things live in the transformers 5 module
+tree and how to use them). Nothing here guesses from class names or hard-codes token ids: ids and
+sizes are read from the checkpoint's config (`ModelGeometry.from_config`).
 """
 
 from __future__ import annotations
@@ -11,29 +11,30 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from vlmcredit.errors import VlmCreditError
+from vlmcredit.models.adapter import (
+    AttentionLayer,
+    ChatLiterals,
+    FamilyAdapter,
+    resolve_path,
+)
 
-
-@dataclass(frozen=True)
-class FamilyAdapter:
-    """Where the parts of one Qwen-VL family live, relative to the loaded top-level model."""
-
-    model_type: str  # config.model_type, e.g. "qwen2_5_vl"
-    cli_name: str  # what users type, e.g. "qwen2.5-vl"
-    processor_class: str  # transformers processor class used by the fallback
-    decoder_layers: str = "model.language_model.layers"
-    self_attn: str = "self_attn"  # relative to one decoder layer
-    o_proj: str = "self_attn.o_proj"  # relative to one decoder layer
-    vision_tower: str = "model.visual"
-    # Qwen2-VL calls the vision tower's internal width `embed_dim`; later families `hidden_size`.
-    vision_width_key: str = "hidden_size"
-    has_deepstack: bool = False
-    is_moe: bool = False
+__all__ = [
+    "CLI_NAMES",
+    "FAMILIES",
+    "AttentionLayer",
+    "ChatLiterals",
+    "FamilyAdapter",
+    "ModelGeometry",
+    "adapter_for",
+    "adapter_of",
+    "resolve_path",
+]
 
 
 FAMILIES: dict[str, FamilyAdapter] = {
     a.model_type: a
     for a in (
-        FamilyAdapter("qwen2_vl", "qwen2-vl", "Qwen2VLProcessor", vision_width_key="embed_dim"),
+        FamilyAdapter("qwen2_vl", "qwen2-vl", "Qwen2VLProcessor"),
         FamilyAdapter("qwen2_5_vl", "qwen2.5-vl", "Qwen2_5_VLProcessor"),
         FamilyAdapter("qwen3_vl", "qwen3-vl", "Qwen3VLProcessor", has_deepstack=True),
         FamilyAdapter(
@@ -48,6 +49,11 @@ CLI_NAMES: dict[str, str] = {a.cli_name: a.model_type for a in FAMILIES.values()
 TEXT_ONLY_TYPES = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "llama", "mistral"}
 
 
+def adapter_of(model: Any) -> FamilyAdapter:
+    """The adapter of a loaded transformers model (from its config's `model_type`)."""
+    return adapter_for(getattr(model.config, "model_type", None), "model")
+
+
 def adapter_for(model_type: str | None, source: str = "checkpoint") -> FamilyAdapter:
     """The adapter for a config's `model_type`, or a one-line error naming the supported ones."""
     if model_type in FAMILIES:
@@ -59,14 +65,6 @@ def adapter_for(model_type: str | None, source: str = "checkpoint") -> FamilyAda
             f"vision-language checkpoint ({supported})"
         )
     raise VlmCreditError(f"{source}: unsupported model_type '{model_type}'; supported: {supported}")
-
-
-def resolve_path(root: Any, dotted: str) -> Any:
-    """Follow a dotted attribute path (`model.language_model.layers`) from `root`."""
-    obj = root
-    for part in dotted.split("."):
-        obj = getattr(obj, part)
-    return obj
 
 
 @dataclass(frozen=True)

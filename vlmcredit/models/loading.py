@@ -40,9 +40,7 @@ class LoadedCheckpoint:
         return self.model.config
 
     def decoder_layers(self) -> Any:
-        from vlmcredit.models.families import resolve_path
-
-        return resolve_path(self.model, self.adapter.decoder_layers)
+        return self.adapter.decoder_layers(self.model)
 
 
 def resolve_checkpoint(ckpt: str | os.PathLike[str]) -> Path:

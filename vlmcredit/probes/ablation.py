@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.models.families import FamilyAdapter, ModelGeometry, adapter_for, resolve_path
+from vlmcredit.models.families import FamilyAdapter, ModelGeometry, adapter_of
 
 ABLATION_MODES = ("zero", "mean")
 HeadSpec = tuple[int | None, int]  # (layer or None = every layer, query head index)
@@ -28,19 +28,32 @@ def _parts(model_or_ck: Any) -> tuple[Any, FamilyAdapter, ModelGeometry]:
     if hasattr(model_or_ck, "adapter") and hasattr(model_or_ck, "model"):
         return model_or_ck.model, model_or_ck.adapter, model_or_ck.geometry
     model = model_or_ck
-    adapter = adapter_for(getattr(model.config, "model_type", None), "model")
-    return model, adapter, ModelGeometry.from_config(model.config, "model")
+    return model, adapter_of(model), ModelGeometry.from_config(model.config, "model")
 
 
-def o_proj_modules(model_or_ck: Any) -> list[Any]:
-    """Each decoder layer's attention output projection, found through the family adapter."""
+def o_proj_modules(model_or_ck: Any) -> dict[int, Any]:
+    """{absolute decoder layer index: attention output projection}, through the family adapter.
+
+    Layers without softmax attention (hybrid decoders) are absent rather than shifting the
+    indices of the others.
+    """
     model, adapter, _ = _parts(model_or_ck)
-    layers = resolve_path(model, adapter.decoder_layers)
-    return [resolve_path(layer, adapter.o_proj) for layer in layers]
+    return {layer.index: layer.o_proj for layer in adapter.attention_layers(model)}
 
 
-def heads_by_layer(heads: Iterable[HeadSpec], geometry: ModelGeometry) -> dict[int, list[int]]:
-    """Expand (layer | None, head) specs to {layer: sorted heads}; out-of-range -> error."""
+def heads_by_layer(
+    heads: Iterable[HeadSpec],
+    geometry: ModelGeometry,
+    attention_layers: Sequence[int] | None = None,
+) -> dict[int, list[int]]:
+    """Expand (layer | None, head) specs to {layer: sorted heads}; out-of-range -> error.
+
+    `attention_layers`: the decoder layers that have attention heads (default: all); layer
+    None expands over those only, and naming any other layer is an error.
+    """
+    with_attention = (
+        range(geometry.num_layers) if attention_layers is None else sorted(attention_layers)
+    )
     out: dict[int, set[int]] = {}
     for layer, head in heads:
         if not 0 <= head < geometry.num_heads:
@@ -53,7 +66,12 @@ def heads_by_layer(heads: Iterable[HeadSpec], geometry: ModelGeometry) -> dict[i
                 f"layer {layer}: out of range; the model has {geometry.num_layers} decoder "
                 f"layers (0..{geometry.num_layers - 1})"
             )
-        for target in range(geometry.num_layers) if layer is None else (layer,):
+        if layer is not None and layer not in with_attention:
+            raise VlmCreditError(
+                f"layer {layer}: has no self-attention (a linear-attention layer of a hybrid "
+                "decoder); choose one of " + ", ".join(map(str, with_attention))
+            )
+        for target in with_attention if layer is None else (layer,):
             out.setdefault(target, set()).add(head)
     return {layer: sorted(hs) for layer, hs in sorted(out.items())}
 
@@ -99,13 +117,13 @@ def ablate_heads(
     if mode not in ABLATION_MODES:
         raise VlmCreditError(f"--ablation {mode}: choose one of {', '.join(ABLATION_MODES)}")
     _, _, geo = _parts(model_or_ck)
-    plan = heads_by_layer(heads, geo)
+    modules = o_proj_modules(model_or_ck)
+    plan = heads_by_layer(heads, geo, list(modules))
     if mode == "mean":
         expected = (geo.num_layers, geo.num_heads, geo.head_dim)
         if means is None or tuple(means.shape) != expected:
             got = None if means is None else tuple(means.shape)
             raise VlmCreditError(f"mean ablation needs means of shape {expected}, got {got}")
-    modules = o_proj_modules(model_or_ck)
     handles = []
     try:
         for layer, layer_heads in plan.items():
@@ -131,9 +149,10 @@ def head_means(
 
     Each batch is a dict of model inputs with an `attention_mask` (1 = real token); the model
     runs unablated. Returns float32 (layers, heads, head_dim), accumulated in float64 so a long
-    reference set does not lose precision. `on_batch(n)` is called with each batch's size.
+    reference set does not lose precision; rows of layers without attention stay zero.
+    `on_batch(n)` is called with each batch's size.
     """
-    model, _, geo = _parts(model_or_ck)
+    model, adapter, geo = _parts(model_or_ck)
     modules = o_proj_modules(model_or_ck)
     sums = torch.zeros(geo.num_layers, geo.num_heads * geo.head_dim, dtype=torch.float64)
     count = 0
@@ -147,16 +166,15 @@ def head_means(
 
         return hook
 
-    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in enumerate(modules)]
+    handles = [m.register_forward_pre_hook(make_hook(i)) for i, m in modules.items()]
     device = model_device(model)
     try:
         for batch in batches:
             inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             current["mask"] = inputs["attention_mask"]
             count += int(inputs["attention_mask"].sum())
-            model.model.rope_deltas = None  # cached between calls; each forward starts fresh
-            with torch.no_grad():
-                model(**inputs, logits_to_keep=1)
+            with torch.no_grad():  # explicit positions: independent of the model's rope cache
+                model(**adapter.with_positions(model, inputs), logits_to_keep=1)
             if on_batch:
                 on_batch(int(inputs["attention_mask"].shape[0]))
     finally:

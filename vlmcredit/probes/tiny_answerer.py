@@ -41,14 +41,15 @@ def yes_no_checkpoint(
     bank.prepare()
     states = torch.zeros(len(questions), ck.geometry.hidden_size)
     seen: dict[str, torch.Tensor] = {}
-    handle = ck.model.lm_head.register_forward_hook(
+    lm_head = ck.adapter.output_embedding(ck.model)
+    handle = lm_head.register_forward_hook(
         lambda _m, args, _o: seen.__setitem__("h", args[0][:, -1].detach())
     )
     try:
         for batch in bank.batches(8):
-            ck.model.model.rope_deltas = None
+            inputs = ck.adapter.with_positions(ck.model, bank.inputs(batch))
             with torch.no_grad():
-                ck.model(**bank.inputs(batch), logits_to_keep=1)
+                ck.model(**inputs, logits_to_keep=1)
             states[batch] = seen["h"]
     finally:
         handle.remove()
@@ -64,7 +65,7 @@ def yes_no_checkpoint(
     probe = unit(torch.linalg.solve(gram, centred.T @ target))
     rest = centred - torch.outer(centred @ probe, probe) / (probe @ probe)
     other = unit(torch.linalg.svd(rest, full_matrices=False).Vh[0])
-    weight = ck.model.lm_head.weight.detach().clone()
+    weight = lm_head.weight.detach().clone()
     offset = base * mean / (mean @ mean)
     rows = {"Yes": probe, " yes": 0.7 * probe + 0.7 * other,
             "No": -probe, " No": -0.7 * probe + 0.7 * other}  # fmt: skip
