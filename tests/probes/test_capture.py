@@ -8,12 +8,13 @@ import torch
 from tests.helpers import FAMILIES, noise_image
 from vlmcredit.data.sample import Sample
 from vlmcredit.models.inputs import encode_samples
-from vlmcredit.probes.capture import CaptureSpec
+from vlmcredit.probes.capture import CaptureSpec, capture_session
 from vlmcredit.probes.response_attention import (
     GenerationConfig,
     capture_encoded,
     capture_samples,
     generate_responses,
+    row_targets,
 )
 
 TOL = 1e-5
@@ -185,9 +186,14 @@ def test_qk_equal_projections_plus_rope(loaded, family: str) -> None:
 def test_vision_tower_stays_on_sdpa(loaded) -> None:
     ck = loaded("qwen2.5-vl")
     batch = encode_samples(ck.processor, ck.geometry, batches()["single"])
-    capture_encoded(ck.model, batch, CaptureSpec())
-    assert ck.model.config.vision_config._attn_implementation == "sdpa"
-    assert ck.model.config.text_config._attn_implementation == "vlmcredit_capture"
+    config = ck.model.config
+    before = (config.text_config._attn_implementation, config.vision_config._attn_implementation)
+    with capture_session(ck.model, CaptureSpec(), row_targets(batch.layouts, "cpu")):
+        assert config.vision_config._attn_implementation == "sdpa"
+        assert config.text_config._attn_implementation == "vlmcredit_capture"
+    # the switch lives only inside the session (tests/probes/test_restore.py covers the rest)
+    after = (config.text_config._attn_implementation, config.vision_config._attn_implementation)
+    assert after == before
 
 
 def test_bad_selection_is_refused(loaded) -> None:

@@ -24,6 +24,8 @@ from typing import Any, Literal
 
 import torch
 
+from vlmcredit.models.families import adapter_of
+
 CAPTURE_IMPLEMENTATION = "vlmcredit_capture"
 Reduce = Literal["heads", "mean", "sum"]
 REDUCTIONS = ("heads", "mean", "sum")
@@ -133,18 +135,29 @@ class CaptureSession:
     """Collects captured blocks per (layer, batch row) during one or more forwards."""
 
     def __init__(
-        self, spec: CaptureSpec, targets: Sequence[RowTarget], num_layers: int, num_heads: int
+        self,
+        spec: CaptureSpec,
+        targets: Sequence[RowTarget],
+        num_layers: int,
+        num_heads: int,
+        attention_layers: Sequence[int] | None = None,
     ) -> None:
+        """`attention_layers`: absolute indices of the decoder layers with self-attention
+        (default all); a hybrid decoder's linear-attention layers are left out of "all layers"
+        and cannot be asked for."""
         if spec.reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {spec.reduce!r}")
         self.spec = spec
         self.targets = list(targets)
-        self.attn_layers = sorted(set(range(num_layers) if spec.layers is None else spec.layers))
+        with_attn = range(num_layers) if attention_layers is None else sorted(attention_layers)
+        self.attn_layers = sorted(set(with_attn if spec.layers is None else spec.layers))
         self.heads = sorted(set(range(num_heads) if spec.heads is None else spec.heads))
         self.qk_layers = sorted(set(spec.qk_layers))
         for layer in [*self.attn_layers, *self.qk_layers]:
             if not 0 <= layer < num_layers:
                 raise ValueError(f"layer {layer} out of range (model has {num_layers})")
+            if layer not in with_attn:
+                raise ValueError(f"layer {layer} has no self-attention (linear-attention layer)")
         for head in self.heads:
             if not 0 <= head < num_heads:
                 raise ValueError(f"head {head} out of range (model has {num_heads})")
@@ -154,6 +167,11 @@ class CaptureSession:
         self._keys: dict[tuple[int, int], torch.Tensor] = {}
         self._wanted = set(self.attn_layers if spec.attention else []) | set(self.qk_layers)
         self._head_index: dict[torch.device, torch.Tensor] = {}
+        # Diagnostics: layer calls whose row log-sum-exp came from the fused CPU kernel, and
+        # those that fell back to plain SDPA + the chunked recompute (a torch upgrade that
+        # drops or changes the kernel shows up here, not as a silent slowdown).
+        self.kernel_lse_calls = 0
+        self.recomputed_lse_calls = 0
 
     # -- called from the attention function ---------------------------------------------------
     def wants(self, layer: int) -> bool:
@@ -327,15 +345,18 @@ def capture_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, **kwargs
         )
     fused = None
-    if session.spec.kernel_lse:
-        with torch.no_grad():
-            fused = _cpu_sdpa_with_lse(module, query, key, value, attention_mask, scaling, kwargs)
+    # The direct kernel call records no autograd graph: with grad on (a capture inside a
+    # training step) the layer output must come from plain SDPA, or gradients stop here.
+    if session.spec.kernel_lse and not torch.is_grad_enabled():
+        fused = _cpu_sdpa_with_lse(module, query, key, value, attention_mask, scaling, kwargs)
     if fused is None:
+        session.recomputed_lse_calls += 1
         output = sdpa_attention_forward(
             module, query, key, value, attention_mask, scaling=scaling, **kwargs
         )
         lse = None
     else:
+        session.kernel_lse_calls += 1
         output, lse = fused
     with torch.no_grad():
         session.observe(module, query, key, attention_mask, scaling, lse)
@@ -398,7 +419,8 @@ def use_capture_attention(model: Any) -> None:
     """Switch the decoder to the capture implementation; the vision tower stays on SDPA.
 
     Outside a session the implementation is plain SDPA, so a model can stay switched (e.g.
-    inside a training loop) at no cost.
+    a benchmark's model) at no cost. This does not switch back: `capture_session` and
+    `capture_attention` switch only for their block and restore what the model had.
     """
     register_capture_attention()
     if model.config.text_config._attn_implementation != CAPTURE_IMPLEMENTATION:
@@ -408,16 +430,60 @@ def use_capture_attention(model: Any) -> None:
         )
 
 
+def _attention_configs(model: Any) -> list[Any]:
+    """Every config object whose attention implementation `set_attn_implementation` may write:
+    the model's, its sub-configs at any depth and each sub-model's own (usually shared)."""
+    found: dict[int, Any] = {}
+    pending = [model.config]
+    pending += [m.config for m in model.modules() if hasattr(m, "config") and m is not model]
+    while pending:
+        config = pending.pop()
+        if id(config) in found or not hasattr(config, "_attn_implementation_internal"):
+            continue
+        found[id(config)] = config
+        for key in getattr(config, "sub_configs", None) or {}:
+            sub = getattr(config, key, None)
+            if sub is not None:
+                pending.append(sub)
+    return list(found.values())
+
+
+@contextmanager
+def capture_attention(model: Any) -> Iterator[None]:
+    """The decoder on the capture implementation inside the block only.
+
+    On exit, also on an exception, every config's attention implementation is put back exactly
+    as it was (top, text and vision, nested sub-configs): a policy loaded with eager or flash
+    attention keeps it after `vlmcredit.online` measured a batch with it. Restored on the
+    configs directly (what `set_attn_implementation` writes), so an implementation the model
+    was loaded with is never re-checked or re-dispatched.
+    """
+    saved = [(c, c._attn_implementation_internal) for c in _attention_configs(model)]
+    try:
+        use_capture_attention(model)
+        yield
+    finally:
+        for config, implementation in saved:
+            config._attn_implementation_internal = implementation
+
+
 @contextmanager
 def capture_session(
     model: Any, spec: CaptureSpec, targets: Sequence[RowTarget]
 ) -> Iterator[CaptureSession]:
-    """Activate a capture for the forwards (or `generate`) run inside the block."""
-    use_capture_attention(model)
+    """Activate a capture for the forwards (or `generate`) run inside the block.
+
+    The decoder runs on the capture implementation only inside the block: on exit, also on an
+    exception, every attention implementation is back to what it was (see `capture_attention`).
+    """
     text = model.config.text_config
-    session = CaptureSession(spec, targets, text.num_hidden_layers, text.num_attention_heads)
-    token = _ACTIVE.set(session)
-    try:
-        yield session
-    finally:
-        _ACTIVE.reset(token)
+    with_attn = [layer.index for layer in adapter_of(model).attention_layers(model)]
+    session = CaptureSession(
+        spec, targets, text.num_hidden_layers, text.num_attention_heads, with_attn
+    )
+    with capture_attention(model):
+        token = _ACTIVE.set(session)
+        try:
+            yield session
+        finally:
+            _ACTIVE.reset(token)

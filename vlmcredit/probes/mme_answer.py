@@ -23,7 +23,9 @@ question is answered many times with the same image. Four things make that cheap
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -34,6 +36,7 @@ from vlmcredit.data.mme import MMEQuestion
 from vlmcredit.data.mme_score import parse_answer
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
+from vlmcredit.models.families import adapter_of
 from vlmcredit.models.inputs import prompt_text
 from vlmcredit.models.layout import build_mm_token_type_ids
 
@@ -170,9 +173,7 @@ def compute_image_features(model: Any, pixel_values: torch.Tensor, grid: Any) ->
     device = model_device(model)
     grid = torch.as_tensor(grid, dtype=torch.long).reshape(1, 3)
     with torch.no_grad():
-        out = model.model.get_image_features(
-            pixel_values.to(device), grid.to(device), return_dict=True
-        )
+        out = adapter_of(model).image_features(model, pixel_values.to(device), grid.to(device))
     deepstack = getattr(out, "deepstack_features", None) or ()
     return ImageFeatures(out.pooler_output[0], tuple(f[0] for f in deepstack), type(out))
 
@@ -326,7 +327,7 @@ class MMEInputs:
         forward per question; logits agree with it to float rounding (~1e-6 in fp32).
         """
         model = self.ck.model
-        inner = model.model
+        inner = self.ck.adapter.base_model(model)
         device = model_device(model)
         groups = self.prefix_groups(indices)
         prefixes = [self.encoded[g[0]].ids[:cut] for g, cut in groups]
@@ -340,10 +341,14 @@ class MMEInputs:
             "image_grid_thw": torch.tensor([self.encoded[g[0]].grid for g, _ in groups]),
             "mm_encoder_outputs": encoder_outputs([self.features(g[0]) for g, _ in groups]),
         }
-        inner.rope_deltas = None
+        # Explicit M-RoPE positions (the model's public get_rope_index): the prefix forward
+        # neither reads nor writes the model's cached rope deltas, and gives us the deltas.
+        prefix_positions, deltas = self.ck.adapter.rope_index(model, prefix_inputs)
+        prefix_inputs["position_ids"] = prefix_positions
+        deltas = deltas.reshape(-1).to("cpu")
         with torch.no_grad():
-            cache = inner(**_to_device(prefix_inputs, device), use_cache=True).past_key_values
-            deltas = inner.rope_deltas.reshape(-1).to("cpu")
+            prefix_out = inner(**_to_device(prefix_inputs, device), use_cache=True)
+            cache = _returned_cache(prefix_out)
             owner = torch.tensor([k for k, (g, _) in enumerate(groups) for _ in g])
             # one cache row per question; CPU indices work for layers on any device (device_map)
             cache.batch_select_indices(owner)
@@ -357,13 +362,12 @@ class MMEInputs:
                 input_ids=suffix_ids.to(device),
                 attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=1).to(device),
                 position_ids=positions[None].expand(3, -1, -1).to(device),
-                past_key_values=cache,
+                **{_cache_kwarg(inner): cache},
                 use_cache=True,
             )
             last = torch.tensor([s.numel() - 1 for s in suffixes], device=device)
             hidden = out.last_hidden_state[torch.arange(len(order), device=device), last]
-            logits = model.lm_head(hidden)
-        inner.rope_deltas = None
+            logits = self.ck.adapter.output_embedding(model)(hidden)
         where = {i: k for k, i in enumerate(order)}
         return logits[[where[i] for i in indices]]
 
@@ -379,8 +383,22 @@ class MMEInputs:
         """Bytes one image's features will take, from its grid (to skip useless vision runs)."""
         geo = self.ck.geometry
         tokens = grid[0] * grid[1] * grid[2] // geo.merge_size**2
-        element = torch.empty((), dtype=self.ck.model.model.visual.dtype).element_size()
+        vision = self.ck.adapter.vision_tower(self.ck.model)
+        element = torch.empty((), dtype=vision.dtype).element_size()
         return tokens * geo.hidden_size * (1 + len(geo.deepstack_layers)) * element
+
+
+def _cache_kwarg(model: Any) -> str:
+    """The forward's name for a KV cache to continue: transformers 5.24 renamed
+    `past_key_values` to `cache` (the old name warns and goes in 5.40); 5.20-5.23 know only
+    the old one, and would swallow `cache=` silently into their **kwargs."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+
+
+def _returned_cache(output: Any) -> Any:
+    """The KV cache of a forward's output, under its 5.24 name `cache` or the older one."""
+    names = {f.name for f in dataclasses.fields(output)}
+    return output.cache if "cache" in names else output.past_key_values
 
 
 def _pad(
@@ -426,7 +444,7 @@ def yes_no_answers(logits: torch.Tensor, tokens: YesNoTokens) -> list[Answer]:
 def answer_logits(model: Any, inputs: dict[str, Any], tokens: YesNoTokens) -> list[Answer]:
     """One full forward per question (a batch of model inputs); yes/no from the last logits."""
     device = model_device(model)
-    model.model.rope_deltas = None  # cached between calls; each forward starts fresh
+    inputs = adapter_of(model).with_positions(model, inputs)  # fresh, whatever ran before
     with torch.no_grad():
         logits = model(**_to_device(inputs, device), logits_to_keep=1).logits[:, -1, :]
     return yes_no_answers(logits, tokens)
@@ -437,13 +455,12 @@ def answer_generate(
 ) -> list[Answer]:
     """Greedy decoding of up to `max_new_tokens` tokens per question (the lmms-eval way)."""
     device = model_device(model)
-    eos = model.generation_config.eos_token_id
-    eos_ids = {i for i in (eos if isinstance(eos, list) else [eos]) if i is not None}
-    eos_ids.add(tokenizer.convert_tokens_to_ids("<|im_end|>"))
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(eos_ids)
-    model.model.rope_deltas = None
+    adapter = adapter_of(model)
+    stop = adapter.stop_token_ids(model, tokenizer)
+    eos_ids = set(stop)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
     prompt_len = inputs["input_ids"].shape[1]
-    with torch.no_grad():
+    with torch.no_grad(), adapter.fresh_rope_cache(model):
         sequences = model.generate(
             **_to_device(inputs, device),
             max_new_tokens=max_new_tokens,
@@ -452,7 +469,7 @@ def answer_generate(
             top_p=None,
             top_k=None,
             pad_token_id=pad,
-            eos_token_id=sorted(eos_ids),
+            eos_token_id=stop,
         )
     answers = []
     for row in sequences[:, prompt_len:].tolist():

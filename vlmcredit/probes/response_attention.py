@@ -15,7 +15,7 @@ import torch
 
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.models.families import ModelGeometry
+from vlmcredit.models.families import ModelGeometry, adapter_of
 from vlmcredit.models.inputs import EncodedBatch, encode_samples
 from vlmcredit.models.layout import SampleLayout, build_mm_token_type_ids
 from vlmcredit.probes.capture import CaptureSpec, RowTarget, SampleCapture, capture_session
@@ -53,7 +53,7 @@ def capture_encoded(
     """One teacher-forced forward with capture; returns captures and the logits."""
     device = model_device(model)
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
-    model.model.rope_deltas = None  # cached between calls; analysis forwards start fresh
+    inputs = adapter_of(model).with_positions(model, inputs)  # fresh, whatever ran before
     with torch.no_grad(), capture_session(model, spec, row_targets(batch.layouts, device)) as s:
         logits = model(**inputs).logits
     return [s.result(b) for b in range(len(batch.layouts))], logits
@@ -68,6 +68,15 @@ def capture_samples(ck: Any, samples: Sequence[Sample], spec: CaptureSpec) -> li
         for sample, layout, ids, cap in zip(
             samples, batch.layouts, batch.response_ids, captures, strict=True
         )
+    ]
+
+
+def encoded_samples(ck: Any, samples: Sequence[Sample]) -> list[CapturedSample]:
+    """The layout and response ids of samples without running the model (empty capture)."""
+    batch = encode_samples(ck.processor, ck.geometry, samples)
+    return [
+        CapturedSample(sample, layout, ids, SampleCapture([], [], "none", None))
+        for sample, layout, ids in zip(samples, batch.layouts, batch.response_ids, strict=True)
     ]
 
 
@@ -93,24 +102,21 @@ def generate_responses(
     device = model_device(ck.model)
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
     tok = ck.tokenizer
-    eos = ck.model.generation_config.eos_token_id
-    eos_ids = set(eos if isinstance(eos, list) else [eos]) | {
-        tok.convert_tokens_to_ids("<|im_end|>")
-    }
-    pad = tok.pad_token_id if tok.pad_token_id is not None else next(iter(eos_ids))
+    stop = ck.adapter.stop_token_ids(ck.model, tok)
+    eos_ids = set(stop)
+    pad = tok.pad_token_id if tok.pad_token_id is not None else stop[0]
     kwargs: dict[str, Any] = {
         "max_new_tokens": gen.max_new_tokens,
         "pad_token_id": pad,
-        "eos_token_id": sorted(i for i in eos_ids if i is not None),
+        "eos_token_id": stop,
     }
     if gen.temperature > 0:
         kwargs.update(do_sample=True, temperature=gen.temperature, top_p=gen.top_p, top_k=0)
     else:
         kwargs.update(do_sample=False, temperature=None, top_p=None, top_k=None)
     torch.manual_seed(gen.seed)
-    ck.model.model.rope_deltas = None
     prompt_len = inputs["input_ids"].shape[1]
-    with torch.no_grad():
+    with torch.no_grad(), ck.adapter.fresh_rope_cache(ck.model):
         if spec is None:
             sequences = ck.model.generate(**inputs, **kwargs)
             captures = None
@@ -175,12 +181,9 @@ def capture_batch_attention(
     if inputs["mm_token_type_ids"] is None:
         inputs["mm_token_type_ids"] = build_mm_token_type_ids(input_ids, geo).to(torch.long)
     spec = CaptureSpec(layers=layers, heads=heads, reduce="mean")
-    inner = model.model
-    cached = getattr(inner, "rope_deltas", None)
-    inner.rope_deltas = None  # a fresh forward: positions from this batch, not the last call
-    try:
-        with torch.no_grad(), capture_session(model, spec, targets) as session:
-            model(**inputs, logits_to_keep=1)
-        return [session.result(b).attention for b in range(len(targets))]
-    finally:
-        inner.rope_deltas = cached
+    # Explicit positions from this batch: a fresh forward that leaves the model's cached rope
+    # deltas (e.g. a trainer's generation state) untouched.
+    inputs = adapter_of(model).with_positions(model, inputs)
+    with torch.no_grad(), capture_session(model, spec, targets) as session:
+        model(**inputs, logits_to_keep=1)
+    return [session.result(b).attention for b in range(len(targets))]
