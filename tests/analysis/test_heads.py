@@ -1,4 +1,4 @@
-"""Head selection on hand-built scores: drops, the threshold rule, heads.json / heads.parquet."""
+"""Head selection on hand-built scores: drops, the threshold rule, the heads.json object."""
 
 from __future__ import annotations
 
@@ -10,13 +10,10 @@ import pytest
 from vlmcredit.analysis.heads import (
     build_heads_report,
     check_threshold,
-    heads_table,
     max_score,
-    read_heads,
     score_drops,
     scores_dict,
     select_critical,
-    write_heads,
 )
 from vlmcredit.data.mme_score import MMEPrediction, score_predictions
 from vlmcredit.errors import VlmCreditError
@@ -132,20 +129,6 @@ def test_report_follows_formats_md() -> None:
     json.dumps(report)  # plain JSON types only
 
 
-def test_heads_table_schema() -> None:
-    table = heads_table(_report("layer-head"))
-    assert list(table.columns) == [
-        "layer", "head", "total", "perception", "cognition", "drop_total", "drop_perception",
-        "drop_cognition", "critical", "score_existence", "score_count",
-        "score_numerical_calculation",
-    ]  # fmt: skip
-    assert str(table["layer"].dtype) == "int32" and str(table["head"].dtype) == "int32"
-    assert table["critical"].dtype == bool
-    assert list(table["layer"]) == [1, 0, 2, 3]
-    assert list(heads_table(_report())["layer"]) == [-1, -1, -1, -1]  # every layer
-    assert table.loc[2, "drop_total"] == -11.0 and table.loc[0, "score_existence"] == 60.0
-
-
 def test_scores_dict_from_official_scoring() -> None:
     rows = [
         MMEPrediction("existence/a.png", "existence", "q1", "Yes", "Yes"),
@@ -160,34 +143,3 @@ def test_scores_dict_from_official_scoring() -> None:
         "cognition": 0.0,
         "subtasks": {"existence": {"acc": 0.75, "acc_plus": 0.5, "score": 125.0}},
     }
-
-
-def test_read_heads_round_trip_and_validation(tmp_path) -> None:
-    report = _report()
-    write_heads(tmp_path, report)
-    assert read_heads(tmp_path) == report
-    assert read_heads(tmp_path / "heads.json") == report
-    assert (tmp_path / "heads.parquet").is_file()
-    # Hand-written files: only critical, or only critical_heads (each head in every layer).
-    only = tmp_path / "only.json"
-    only.write_text(json.dumps({"critical": [{"layer": None, "head": 3}, {"layer": 2, "head": 1}]}))
-    assert read_heads(only)["critical_heads"] == [1, 3]
-    only.write_text(json.dumps({"critical_heads": [0, 1, 3]}))
-    assert read_heads(only)["critical"] == [{"layer": None, "head": h} for h in (0, 1, 3)]
-    bad_cases = [
-        ("{", "not valid JSON"),
-        ("[]", "top level is not an object"),
-        ('{"mode": "head-index"}', "neither critical nor critical_heads"),
-        ('{"critical_heads": [-1]}', "list of head indices"),
-        ('{"critical": [{"layer": "x", "head": 1}]}', "critical must be a list"),
-        ('{"critical": [], "critical_heads": [2]}', "critical_heads disagrees"),
-        (json.dumps({**report, "critical": [], "critical_heads": []}), "marked critical"),
-        (json.dumps({**report, "mode": "grid"}), "mode 'grid'"),
-    ]
-    for text, fragment in bad_cases:
-        only.write_text(text)
-        with pytest.raises(VlmCreditError, match=fragment) as info:
-            read_heads(only)
-        assert "\n" not in str(info.value) and str(only) in str(info.value)
-    with pytest.raises(VlmCreditError, match=r"no heads\.json there"):
-        read_heads(tmp_path / "missing")

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from tests.export.test_signals import TOKENIZER, meta, rows
+from tests.formats.test_signals import TOKENIZER, meta, rows
 from vlmcredit.cli.main import app
 from vlmcredit.formats.run import Run
 from vlmcredit.formats.signals import read_signals, write_signals
@@ -119,7 +119,8 @@ def test_export_errors_write_nothing(tmp_path: Path) -> None:
     fails([str(capture), "--out", str(out)], "this capture run has no trainer signals")
     fails([str(run), "--out", str(out), "--heads", str(tmp_path / "x.json")], "no such file")
     (tmp_path / "bad-heads.json").write_text('{"other": 1}')
-    fails([str(run), "--out", str(out), "--heads", str(tmp_path / "bad-heads.json")], "not a heads")
+    bad_heads = str(tmp_path / "bad-heads.json")
+    fails([str(run), "--out", str(out), "--heads", bad_heads], "not a usable heads.json")
 
     # A run whose table disagrees with its manifest is refused (validated before writing).
     manifest = json.loads((run / "manifest.json").read_text())

@@ -12,19 +12,24 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from tests.reports.page import Page
-from tests.reports.runs_fixture import write_anchors_run, write_capture_run, write_heads_run
 from vlmcredit.cli.main import app
+from vlmcredit.formats.run import Run
 
 runner = CliRunner()
 
 
 @pytest.fixture(scope="module")
-def good(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("cli-runs")
-    write_heads_run(root / "heads")
-    write_anchors_run(root / "anchors", num_samples=2)
-    write_capture_run(root / "capture")
-    return {"heads": root / "heads", "anchors": root / "anchors", "capture": root / "capture"}
+def good(report_runs) -> dict[str, Path]:
+    return {
+        "heads": report_runs.heads,
+        "anchors": report_runs.anchors,
+        "capture": report_runs.capture,
+    }
+
+
+def _first_sample_tokens(run: Path) -> int:
+    tokens = pd.read_parquet(run / "anchors.parquet")
+    return int((tokens["sample_id"] == tokens["sample_id"].iloc[0]).sum())
 
 
 def _report(*args: str):
@@ -51,7 +56,8 @@ def test_cli_writes_html_and_figures(good, tmp_path) -> None:
     assert "wrote" in result.stdout and "figures" in result.stdout
     page = Page(out.read_text())
     assert "My <b>runs</b>" in page.all_text() and not page.find("b")
-    assert "Truncated: showing the first 40 of 300 tokens" in page.all_text()
+    first = _first_sample_tokens(good["anchors"])
+    assert f"Truncated: showing the first 40 of {first} tokens" in page.all_text()
     pngs = sorted((tmp_path / "pngs").glob("*.png"))
     assert len(pngs) == len(page.find("img")) == 4  # heads, histogram, 1 sample map, weights
     for png in pngs:
@@ -85,6 +91,9 @@ def _cases(good: dict[str, Path], root: Path) -> list[tuple[list[str], str]]:
     short = _broken_anchors(root, "short", good["anchors"])
     frame = pd.read_parquet(short / "anchors.parquet")
     frame.drop(index=frame.index[-1]).to_parquet(short / "anchors.parquet")
+    last = str(frame["sample_id"].iloc[-1])  # its attention keeps the row the table lost
+    t, n = Run.load(good["anchors"]).tensors(last)["attention"].shape
+    assert t == (frame["sample_id"] == last).sum()
     no_json = _broken_anchors(root, "no-json", good["anchors"])
     (no_json / "anchors.json").unlink()
     bad_heads = root / "bad-heads"
@@ -100,9 +109,9 @@ def _cases(good: dict[str, Path], root: Path) -> list[tuple[list[str], str]]:
         ([str(empty)], "not a run folder (no manifest.json)"),
         ([str(good["capture"])], "nothing to report"),
         ([str(no_cols)], "anchors.parquet: missing column(s) connectivity"),
-        ([str(short)], "sample 's1': attention has shape (300, 256), expected (299, N)"),
+        ([str(short)], f"sample '{last}': attention has shape ({t}, {n}), expected ({t - 1}, N)"),
         ([str(no_json)], "missing anchors.json"),
-        ([str(bad_heads)], "heads.json: missing key 'threshold'"),
+        ([str(bad_heads)], "heads.json: not a usable heads.json (missing key 'threshold')"),
         ([str(no_shard)], "missing shard-00000.safetensors (sample 's0')"),
         ([str(good["heads"]), "--max-tokens", "0"], "--max-tokens 0"),
         ([str(good["heads"]), "--samples", "-1"], "--samples -1"),

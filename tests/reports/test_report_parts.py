@@ -5,16 +5,22 @@ from __future__ import annotations
 import numpy as np
 
 from tests.reports.page import Page
-from tests.reports.runs_fixture import ImageSpec
 from vlmcredit.reports.figures import _composite, _image_canvas, _raster
 from vlmcredit.reports.html import esc, table
 from vlmcredit.reports.tokens import ShadeScale, shaded_tokens
 
 
+def grid_boxes(rows: int, cols: int, width: float, height: float) -> np.ndarray:
+    """Cell boxes (x0, y0, x1, y1) of a rows x cols grid over a width x height image."""
+    xs = np.linspace(0, width, cols + 1)
+    ys = np.linspace(0, height, rows + 1)
+    cells = [(r, c) for r in range(rows) for c in range(cols)]
+    return np.array([[xs[c], ys[r], xs[c + 1], ys[r + 1]] for r, c in cells], np.float64)
+
+
 def test_raster_matches_point_in_box_brute_force() -> None:
     """Every canvas pixel takes the value of the cell box containing its centre."""
-    spec = ImageSpec(rows=5, cols=7, width=330, height=250)  # 47.14 px wide cells
-    boxes = spec.boxes().astype(np.float64)
+    boxes = grid_boxes(rows=5, cols=7, width=330, height=250)  # 47.14 px wide cells
     values = np.arange(len(boxes), dtype=np.float64) + 1
     scale = 0.6137  # canvas pixels per original pixel: no cell edge on a half pixel
     shape = (round(250 * scale), round(330 * scale))
@@ -43,7 +49,7 @@ def test_raster_leaves_uncovered_pixels_empty_and_composite_keeps_them() -> None
 
 
 def test_blank_canvas_from_boxes_when_no_thumbnail() -> None:
-    boxes = ImageSpec(12, 16, 896, 672).boxes().astype(np.float64)
+    boxes = grid_boxes(12, 16, 896, 672)
     background, scale, width, height = _image_canvas(0, boxes, None)
     assert (width, height) == (896, 672)
     assert background.shape == (336, 448, 3) and scale == 448 / 896

@@ -1,7 +1,8 @@
-"""Vision-critical heads from MME head-ablation scores: drops, selection, heads.json/.parquet.
+"""Vision-critical heads from MME head-ablation scores: drops, selection, the heads.json object.
 
-Pure functions on plain score dicts (no torch, no model code), so the selection rule and the
-file contract (docs/FORMATS.md, "heads run") can be tested on hand-built numbers. A score dict
+Pure functions on plain score dicts (no torch, no model code, no file I/O), so the selection
+rule and the object of the file contract (docs/FORMATS.md, "heads run") can be tested on
+hand-built numbers; `vlmcredit.formats.heads` writes and reads the files. A score dict
 is `{"total", "perception", "cognition", "subtasks": {category: {"acc", "acc_plus", "score"}}}`
 as `scores_dict` builds it from `vlmcredit.data.mme_score.MMEScores`.
 
@@ -13,10 +14,8 @@ is exactly the threshold (e.g. 100.00000000000001) does not make a head critical
 
 from __future__ import annotations
 
-import json
 import math
 from collections.abc import Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 from vlmcredit.data.mme import CATEGORIES, PERCEPTION
@@ -27,8 +26,6 @@ GROUPS = ("total", "perception", "cognition")
 MODES = ("head-index", "layer-head")
 ABLATIONS = ("zero", "mean")
 ANSWERING = ("logits", "generate")
-HEADS_JSON = "heads.json"
-HEADS_PARQUET = "heads.parquet"
 SUBTASK_MAX = 200.0  # 100 * (acc + acc+), each at most 1
 DROP_DECIMALS = 6  # resolution of the threshold comparison
 
@@ -159,115 +156,6 @@ def build_heads_report(
         "critical": critical,
         "critical_heads": critical_head_indices(critical),
     }
-
-
-def heads_table(report: Mapping[str, Any]) -> Any:
-    """heads.parquet as a DataFrame: one row per configuration (layer -1 = every layer)."""
-    import numpy as np
-    import pandas as pd
-
-    categories = list(report["categories"])
-    rows = report["heads"]
-    columns: dict[str, Any] = {
-        "layer": np.array([-1 if h["layer"] is None else h["layer"] for h in rows], np.int32),
-        "head": np.array([h["head"] for h in rows], np.int32),
-    }
-    for g in GROUPS:
-        columns[g] = np.array([h["scores"][g] for h in rows], np.float64)
-    for g in GROUPS:
-        columns[f"drop_{g}"] = np.array([h["drop"][g] for h in rows], np.float64)
-    columns["critical"] = np.array([h["critical"] for h in rows], bool)
-    for c in categories:
-        columns[f"score_{c}"] = np.array([h["subtasks"].get(c, np.nan) for h in rows], np.float64)
-    return pd.DataFrame(columns)
-
-
-def write_heads(run_dir: Path, report: Mapping[str, Any]) -> None:
-    """Write heads.json and heads.parquet into a run folder (atomically)."""
-    from vlmcredit.formats.files import atomic_write_json, atomic_write_parquet
-
-    atomic_write_parquet(run_dir / HEADS_PARQUET, heads_table(report))
-    atomic_write_json(run_dir / HEADS_JSON, report)
-
-
-def read_heads(path: str | Path) -> dict[str, Any]:
-    """Read and validate heads.json from a run folder or the file itself.
-
-    A probe-heads heads.json is checked in full (its critical list must match the heads marked
-    critical). A hand-written file may hold only `critical` ([{"layer": null | int, "head":
-    int}]) or only `critical_heads` ([int], meaning each head in every layer), e.g. the heads a
-    paper lists; the missing one of the two is filled in.
-    """
-    file = Path(path)
-    if file.is_dir():
-        file = file / HEADS_JSON
-    if not file.is_file():
-        raise VlmCreditError(
-            f"{path}: no {HEADS_JSON} there; pass a finished probe-heads run folder or its "
-            "heads.json"
-        )
-    try:
-        report = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VlmCreditError(f"{file}: not valid JSON ({exc})") from None
-    problem = _heads_problem(report)
-    if problem:
-        raise VlmCreditError(
-            f"{file}: not a usable heads.json ({problem}); rerun vlmcredit probe-heads "
-            'or write {"critical_heads": [0, 1, ...]}'
-        )
-    if "critical" not in report:
-        report["critical"] = [{"layer": None, "head": h} for h in report["critical_heads"]]
-    report["critical_heads"] = critical_head_indices(report["critical"])
-    return report
-
-
-def _is_index(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
-
-
-def _heads_problem(report: Any) -> str | None:
-    """What is wrong with a parsed heads.json, or None."""
-    if not isinstance(report, dict):
-        return "top level is not an object"
-    if "critical" not in report and "critical_heads" not in report:
-        return "neither critical nor critical_heads"
-    if "critical" in report:
-        critical = report["critical"]
-        if not isinstance(critical, list) or not all(
-            isinstance(c, dict)
-            and _is_index(c.get("head"))
-            and (c.get("layer") is None or _is_index(c.get("layer")))
-            for c in critical
-        ):
-            return "critical must be a list of {layer: null or index, head: index}"
-    elif not isinstance(report["critical_heads"], list) or not all(
-        _is_index(h) for h in report["critical_heads"]
-    ):
-        return "critical_heads must be a list of head indices"
-    if {"critical", "critical_heads"} <= report.keys() and report[
-        "critical_heads"
-    ] != critical_head_indices(report["critical"]):
-        return "critical_heads disagrees with the critical list"
-    if report.get("mode", MODES[0]) not in MODES:
-        return f"mode {report['mode']!r}"
-    if report.get("metric", METRICS[0]) not in METRICS:
-        return f"metric {report['metric']!r}"
-    if "heads" not in report:
-        return None
-    if not isinstance(report["heads"], list):
-        return "heads is not a list"
-    for i, h in enumerate(report["heads"]):
-        if not isinstance(h, dict) or not {"layer", "head", "drop", "critical"} <= h.keys():
-            return f"heads[{i}] lacks layer/head/drop/critical"
-        if not _is_index(h["head"]) or not (h["layer"] is None or _is_index(h["layer"])):
-            return f"heads[{i}] layer/head are not indices"
-    marked = [{"layer": h["layer"], "head": h["head"]} for h in report["heads"] if h["critical"]]
-    if report.get("critical", marked) != marked or report.get(
-        "critical_heads", critical_head_indices(marked)
-    ) != critical_head_indices(marked):
-        return "its critical list disagrees with the heads marked critical"
-    return None
 
 
 def _check_choice(name: str, value: str, choices: Sequence[str]) -> None:

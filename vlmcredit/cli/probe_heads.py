@@ -59,8 +59,7 @@ def probe_heads(
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or log lines."),
 ) -> None:
     """Ablate heads, re-score MME each time, and list the heads whose ablation hurts most."""
-    import json
-
+    from vlmcredit.formats.heads import read_heads
     from vlmcredit.pipelines.probe_heads import ProbeHeadsConfig, run_probe_heads
 
     cfg = ProbeHeadsConfig(
@@ -89,7 +88,7 @@ def probe_heads(
     with ExitStack() as stack:
         advance = _LazyBar(stack, quiet)
         run = run_probe_heads(cfg, progress=advance, log=(lambda _m: None) if quiet else echo_err)
-    report = json.loads((run.path / "heads.json").read_text())
+    report = read_heads(run.path)
     base = report["baseline"]
     typer.echo(
         f"baseline: total {base['total']:.2f} (perception {base['perception']:.2f}, "

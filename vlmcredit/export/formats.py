@@ -9,7 +9,6 @@ place, so a failed export leaves nothing behind.
 
 from __future__ import annotations
 
-import json
 import shutil
 import tempfile
 from dataclasses import dataclass, field
@@ -19,7 +18,9 @@ from typing import Any
 from vlmcredit import __version__
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.files import atomic_write_bytes, atomic_write_json, now
-from vlmcredit.formats.run import MANIFEST
+from vlmcredit.formats.heads import HEADS_JSON as HEADS_FILE
+from vlmcredit.formats.heads import read_heads
+from vlmcredit.formats.run import MANIFEST, read_manifest
 from vlmcredit.formats.signals import (
     SIGNALS_FILE,
     SIGNALS_JSONL,
@@ -29,7 +30,6 @@ from vlmcredit.formats.signals import (
 )
 
 FORMATS = ("parquet", "jsonl", "verl", "trl")
-HEADS_FILE = "heads.json"
 
 
 @dataclass
@@ -42,19 +42,14 @@ class ExportResult:
 
 
 def _check_heads(path: Path) -> bytes:
-    if not path.is_file():
+    """The bytes of a heads.json (or a probe-heads run folder's), validated by its reader."""
+    if not path.exists():
         raise VlmCreditError(f"--heads {path}: no such file")
-    data = path.read_bytes()
     try:
-        heads = json.loads(data)
-    except json.JSONDecodeError as exc:
-        raise VlmCreditError(f"--heads {path}: not valid JSON ({exc.msg})") from None
-    if not isinstance(heads, dict) or not ({"heads", "critical_heads"} & set(heads)):
-        raise VlmCreditError(
-            f"--heads {path}: not a heads.json (no 'heads' or 'critical_heads'); pass the "
-            "heads.json a probe-heads run wrote"
-        )
-    return data
+        read_heads(path)
+    except VlmCreditError as exc:
+        raise VlmCreditError(f"--heads {exc}") from None
+    return (path / HEADS_FILE if path.is_dir() else path).read_bytes()
 
 
 def export_run(run: Path, fmt: str, out: Path, heads: Path | None = None) -> ExportResult:
@@ -62,10 +57,9 @@ def export_run(run: Path, fmt: str, out: Path, heads: Path | None = None) -> Exp
     if fmt not in FORMATS:
         raise VlmCreditError(f"--format {fmt}: choose one of {', '.join(FORMATS)}")
     run, out = Path(run), Path(out)
-    if not (run / MANIFEST).is_file():
-        raise VlmCreditError(f"{run}: not a run folder (no {MANIFEST})")
+    run_manifest = read_manifest(run)
     if not (run / SIGNALS_FILE).is_file():
-        command = json.loads((run / MANIFEST).read_text()).get("command", "?")
+        command = run_manifest.get("command", "?")
         raise VlmCreditError(
             f"{run}: this {command} run has no trainer signals ({SIGNALS_FILE}); export an "
             "anchors or weights run"
@@ -74,7 +68,6 @@ def export_run(run: Path, fmt: str, out: Path, heads: Path | None = None) -> Exp
         raise VlmCreditError(f"--out {out}: exists and is not empty; choose a new folder")
     heads_bytes = _check_heads(Path(heads)) if heads is not None else None
     signals = read_signals(run)  # validates before anything is written
-    run_manifest = json.loads((run / MANIFEST).read_text())
 
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
@@ -107,7 +100,7 @@ def _write_folder(
     else:
         table_name = SIGNALS_FILE
         sink = pa.BufferOutputStream()
-        pq.write_table(arrow_table(signals.frame), sink)
+        pq.write_table(arrow_table(signals.frame, signals.meta.get("extra_columns")), sink)
         atomic_write_bytes(folder / table_name, sink.getvalue().to_pybytes())
     files = [table_name]
     if heads_bytes is not None:

@@ -71,7 +71,7 @@ class Run:
                     f"--out {path}: already holds a run; pass --resume to continue it or choose "
                     "a new folder"
                 )
-            old = json.loads(manifest_file.read_text())
+            old = read_manifest(path)
             if old.get("command") != command or old.get("parameters") != _jsonable(parameters):
                 changed = sorted(
                     k
@@ -110,9 +110,8 @@ class Run:
     @classmethod
     def load(cls, path: Path) -> Run:
         """Open a finished (or partial) run for reading."""
-        if not (path / MANIFEST).is_file():
-            raise VlmCreditError(f"{path}: not a run folder (no {MANIFEST})")
-        return cls(path, json.loads((path / MANIFEST).read_text()), _read_rows(path))
+        path = Path(path)
+        return cls(path, read_manifest(path), _read_rows(path))
 
     # -- progress -------------------------------------------------------------------------------
     def done_ids(self) -> set[str]:
@@ -161,16 +160,58 @@ class Run:
             tmp.unlink()
 
     # -- reading --------------------------------------------------------------------------------
-    def tensors(self, sample_id: str) -> dict[str, Any]:
-        """All tensors stored for one sample, names without the id prefix."""
+    def shard_of(self, sample_id: str) -> str | None:
+        """The shard file holding the sample's tensors, None when the run stored none for it."""
+        # A row without tensors reads back with shard None or NaN (pandas), never a str.
+        shard = next(
+            (
+                r["shard"]
+                for r in self.rows
+                if r["id"] == sample_id and isinstance(r.get("shard"), str)
+            ),
+            None,
+        )
+        return shard or None
+
+    def tensors(self, sample_id: str, framework: str = "pt") -> dict[str, Any]:
+        """All tensors stored for one sample, names without the id prefix.
+
+        `framework="np"` gives numpy arrays without importing torch (the report reads so).
+        """
         from safetensors import safe_open
 
-        row = next((r for r in self.rows if r["id"] == sample_id and r.get("shard")), None)
-        if row is None:
+        shard = self.shard_of(sample_id)
+        if shard is None:
             raise VlmCreditError(f"{self.path}: no stored tensors for sample {sample_id!r}")
+        file = self.path / shard
+        if not file.is_file():
+            raise VlmCreditError(
+                f"{self.path}: missing {shard} (sample {sample_id!r}); rerun the command"
+            )
         prefix = f"{sample_id}/"
-        with safe_open(str(self.path / row["shard"]), framework="pt") as f:
-            return {k[len(prefix) :]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}  # noqa: SIM118
+        try:
+            with safe_open(str(file), framework=framework) as f:
+                return {
+                    k[len(prefix) :]: f.get_tensor(k)
+                    for k in f.keys()  # noqa: SIM118
+                    if k.startswith(prefix)
+                }
+        except Exception as exc:  # safetensors raises its own error types for damaged files
+            raise VlmCreditError(f"{file}: unreadable shard ({exc}); rerun the command") from None
+
+
+def read_manifest(path: Path) -> dict[str, Any]:
+    """manifest.json of a run (or export) folder, or a one-line error."""
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        raise VlmCreditError(f"{path}: not a run folder (no {MANIFEST})")
+    try:
+        manifest = json.loads(file.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise VlmCreditError(f"{file}: unreadable ({exc}); rerun the command") from None
+    if not isinstance(manifest, dict):
+        raise VlmCreditError(f"{file}: not a JSON object; rerun the command")
+    return manifest
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:
@@ -179,7 +220,10 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
     file = path / SAMPLES
     if not file.exists():
         return []
-    frame = pd.read_parquet(file)
+    try:
+        frame = pd.read_parquet(file)
+    except Exception as exc:  # pyarrow raises several types for a damaged file
+        raise VlmCreditError(f"{file}: unreadable parquet ({exc}); rerun the command") from None
     rows = frame.to_dict("records")
     for row in rows:
         for key in ("prompt_span", "response_span", "image_refs"):

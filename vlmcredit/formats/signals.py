@@ -47,6 +47,26 @@ _SHIFT_MIN_OVERLAP = 4
 _MAX_SHIFT = 2
 
 
+EXTRA_DTYPES = ("float32", "int32", "int64", "bool")
+
+
+def check_extra_columns(extra: Mapping[str, str], where: str) -> None:
+    """Method-declared columns: new names, with a dtype the contract knows."""
+    for column, dtype in extra.items():
+        if column in COLUMN_ORDER:
+            raise VlmCreditError(f"{where}: extra column {column!r} is a contract column")
+        if dtype not in EXTRA_DTYPES:
+            raise VlmCreditError(
+                f"{where}: extra column {column!r} has dtype {dtype!r}; use one of "
+                f"{', '.join(EXTRA_DTYPES)}"
+            )
+
+
+def list_columns(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The per-token list columns of a table: the contract's plus a method's declared ones."""
+    return {**LIST_COLUMNS, **(extra or {})}
+
+
 def response_id(token_ids: Sequence[int]) -> str:
     """sha1 hex of the response token ids written as ASCII decimals joined by ","."""
     return hashlib.sha1(",".join(str(int(i)) for i in token_ids).encode()).hexdigest()
@@ -63,8 +83,11 @@ class SignalsMeta:
     tokenizer_sha1: str
     loss_denominator: str = "all_tokens"
     selection_scope: str = "per_response"
+    # per-token columns a method declares beyond the contract's own (name -> dtype)
+    extra_columns: dict[str, str] = field(default_factory=dict)
 
     def check(self) -> None:
+        check_extra_columns(self.extra_columns, "signals")
         if self.loss_denominator not in LOSS_DENOMINATORS:
             raise VlmCreditError(
                 f"loss_denominator {self.loss_denominator!r}: choose one of "
@@ -211,7 +234,7 @@ def _as_list_cell(value: Any, dtype: str, column: str, where: str) -> np.ndarray
     return arr
 
 
-def _normalise_rows(rows: Any, where: str) -> Any:
+def _normalise_rows(rows: Any, where: str, extra: Mapping[str, str]) -> Any:
     """A DataFrame with the contract's columns, list cells as typed numpy arrays."""
     import pandas as pd
 
@@ -221,18 +244,19 @@ def _normalise_rows(rows: Any, where: str) -> Any:
     for column in ("sample_id", "token_ids", "weight"):
         if column not in frame.columns:
             raise VlmCreditError(f"{where}: rows lack the {column!r} column")
-    unknown = sorted(set(frame.columns) - set(COLUMN_ORDER))
+    order = column_order(extra)
+    unknown = sorted(set(frame.columns) - set(order))
     if unknown:
         raise VlmCreditError(
             f"{where}: unknown columns {', '.join(unknown)}; the contract has "
-            f"{', '.join(COLUMN_ORDER)}"
+            f"{', '.join(order)} (a method declares extra columns in its registry entry)"
         )
     frame["sample_id"] = frame["sample_id"].map(str)
-    for column, dtype in LIST_COLUMNS.items():
+    for column, dtype in list_columns(extra).items():
         if column in frame.columns:
             frame[column] = [
                 None
-                if v is None and column in OPTIONAL_LISTS
+                if v is None and (column in OPTIONAL_LISTS or column in extra)
                 else _as_list_cell(v, dtype, column, f"{where} row {i}")
                 for i, v in enumerate(frame[column])
             ]
@@ -247,10 +271,15 @@ def _normalise_rows(rows: Any, where: str) -> Any:
     frame["response_id"] = computed
     if "sample_weight" in frame.columns:
         frame["sample_weight"] = frame["sample_weight"].astype("float32")
-    return frame[[c for c in COLUMN_ORDER if c in frame.columns]].reset_index(drop=True)
+    return frame[[c for c in order if c in frame.columns]].reset_index(drop=True)
 
 
-def _validate_frame(frame: Any, where: str) -> None:
+def column_order(extra: Mapping[str, str] | None = None) -> tuple[str, ...]:
+    """Column order of a table: the contract's, then the method's extra columns."""
+    return (*COLUMN_ORDER, *sorted(extra or {}))
+
+
+def _validate_frame(frame: Any, where: str, extra: Mapping[str, str]) -> None:
     """Every check a trainer relies on; raises VlmCreditError naming the row."""
     if frame.empty:
         raise VlmCreditError(f"{where}: no rows")
@@ -268,7 +297,7 @@ def _validate_frame(frame: Any, where: str) -> None:
                 f"{where} row {i} (sample {row.sample_id!r}): response_id is not the sha1 of "
                 "token_ids (token ids edited or shifted after export); re-export the signals"
             )
-        for column in LIST_COLUMNS:
+        for column in list_columns(extra):
             if column == "token_ids" or column not in frame.columns:
                 continue
             cell = getattr(row, column)
@@ -299,9 +328,11 @@ def _validate_frame(frame: Any, where: str) -> None:
         )
 
 
-def arrow_table(frame: Any) -> Any:
+def arrow_table(frame: Any, extra: Mapping[str, str] | None = None) -> Any:
     """The frame as an Arrow table with the contract's exact column types."""
     import pyarrow as pa
+
+    scalar = {"float32": pa.float32(), "int32": pa.int32(), "int64": pa.int64(), "bool": pa.bool_()}
 
     types = {
         "sample_id": pa.string(),
@@ -312,11 +343,13 @@ def arrow_table(frame: Any) -> Any:
         "cluster_id": pa.list_(pa.int32()),
         "paragraph_id": pa.list_(pa.int32()),
         "sample_weight": pa.float32(),
+        **{column: pa.list_(scalar[dtype]) for column, dtype in (extra or {}).items()},
     }
+    lists = list_columns(extra)
     arrays = []
     for column in frame.columns:
         values = frame[column].tolist()
-        if column in LIST_COLUMNS:
+        if column in lists:
             values = [None if v is None else np.asarray(v).tolist() for v in values]
         arrays.append(pa.array(values, type=types[column]))
     return pa.Table.from_arrays(arrays, names=list(frame.columns))
@@ -334,6 +367,7 @@ def signals_object(meta: SignalsMeta, frame: Any) -> dict[str, Any]:
         "tokenizer_sha1": meta.tokenizer_sha1,
         "loss_denominator": meta.loss_denominator,
         "selection_scope": meta.selection_scope,
+        "extra_columns": dict(sorted(meta.extra_columns.items())),
         "created": now(),
         "num_rows": len(frame),
         "columns": list(frame.columns),
@@ -355,13 +389,13 @@ def write_signals(
     meta.check()
     folder = Path(folder)
     where = str(folder / SIGNALS_FILE)
-    frame = _normalise_rows(rows, where)
-    _validate_frame(frame, where)
+    frame = _normalise_rows(rows, where, meta.extra_columns)
+    _validate_frame(frame, where, meta.extra_columns)
     import pyarrow as pa
     import pyarrow.parquet as pq
 
     sink = pa.BufferOutputStream()
-    pq.write_table(arrow_table(frame), sink)
+    pq.write_table(arrow_table(frame, meta.extra_columns), sink)
     atomic_write_bytes(folder / SIGNALS_FILE, sink.getvalue().to_pybytes())
     if manifest is None:
         existing = folder / MANIFEST
@@ -408,7 +442,7 @@ def _locate(folder_or_file: Path) -> tuple[Path, Path]:
     raise VlmCreditError(f"{path}: no such file or folder")
 
 
-def _read_frame(table_file: Path) -> Any:
+def _read_frame(table_file: Path, extra: Mapping[str, str]) -> Any:
     import pandas as pd
 
     where = str(table_file)
@@ -437,8 +471,14 @@ def _read_frame(table_file: Path) -> Any:
     for column in REQUIRED:
         if column not in frame.columns:
             raise VlmCreditError(f"{where}: missing column {column!r}; is this a signals file?")
+    unknown = sorted(set(frame.columns) - set(column_order(extra)))
+    if unknown:
+        raise VlmCreditError(
+            f"{where}: columns {', '.join(unknown)} are neither contract columns nor declared "
+            "in the manifest's signals extra_columns; re-export with this vlmcredit"
+        )
     frame["sample_id"] = frame["sample_id"].map(str)
-    for column, dtype in LIST_COLUMNS.items():
+    for column, dtype in list_columns(extra).items():
         if column in frame.columns:
             frame[column] = [
                 None if v is None else _as_list_cell(v, dtype, column, f"{where} row {i}")
@@ -503,9 +543,11 @@ def read_signals(
             f"trainer's tokenizer is {tokenizer_sha1[:12]} (vocabulary or chat template differ); "
             "compute the signals with the checkpoint the trainer uses"
         )
-    frame = _read_frame(table_file)
+    extra = meta.get("extra_columns") or {}
+    check_extra_columns(extra, str(manifest_file))
+    frame = _read_frame(table_file, extra)
     where = str(table_file)
-    _validate_frame(frame, where)
+    _validate_frame(frame, where, extra)
     if meta.get("num_rows") not in (None, len(frame)):
         raise VlmCreditError(
             f"{where}: has {len(frame)} rows but the manifest says {meta['num_rows']}; the table "
@@ -532,6 +574,7 @@ def meta_from_manifest(manifest: Mapping[str, Any]) -> SignalsMeta:
         tokenizer_sha1=sig["tokenizer_sha1"],
         loss_denominator=sig["loss_denominator"],
         selection_scope=sig["selection_scope"],
+        extra_columns=dict(sig.get("extra_columns") or {}),
     )
 
 

@@ -6,6 +6,8 @@ from typing import Any
 
 import numpy as np
 
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.formats.anchors import read_anchor_tokens
 from vlmcredit.reports import figures
 from vlmcredit.reports.html import Raw, esc, figure, key_values, note, section
 from vlmcredit.reports.loaders import (
@@ -27,14 +29,11 @@ class _TokenTexts:
         self.run = run
         self.by_sample: dict[str, tuple[list[int], list[str]]] = {}
         if run.has(ANCHORS_PARQUET):
-            import pandas as pd
-
             try:
-                frame = pd.read_parquet(
-                    run.path / ANCHORS_PARQUET,
-                    columns=["sample_id", "token_index", "token_id", "token"],
+                frame = read_anchor_tokens(
+                    run.path, columns=("sample_id", "token_index", "token_id", "token")
                 )
-            except Exception:  # no token_id column or unreadable: other sources remain
+            except VlmCreditError:  # no token_id column or unreadable: other sources remain
                 frame = None
             if frame is not None:
                 frame = frame.sort_values(["sample_id", "token_index"], kind="stable")
@@ -57,6 +56,16 @@ class _TokenTexts:
             self.source = "checkpoint tokenizer"
             return [self._tokenizer.decode([i], skip_special_tokens=False) for i in ids]
         return [f"⟨{i}⟩" for i in ids]
+
+
+def _method_facts(name: str) -> list[tuple[str, str]]:
+    """What the method registry says of the run's method (nothing for an unknown one)."""
+    from vlmcredit.methods.registry import REGISTRY, available
+
+    if name not in available():
+        return []
+    m = REGISTRY[name]
+    return [("signal", m.summary), ("source", m.paper)]
 
 
 def build(run: RunInput, options: ReportOptions) -> Section:
@@ -88,6 +97,7 @@ def build(run: RunInput, options: ReportOptions) -> Section:
         ("mean weight", float(weights.mean()) if weights.size else None),
         ("non-zero weights", f"{(weights != 0).mean():.1%}" if weights.size else "–"),
     ]
+    facts[1:1] = _method_facts(str(meta.get("method", "")))
     params = meta.get("parameters")
     if isinstance(params, dict):
         facts += [(f"parameter {k}", str(v)) for k, v in sorted(params.items())]

@@ -7,8 +7,11 @@ import shlex
 from datetime import datetime
 from typing import Any
 
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.formats.anchors import ANCHORS_JSON, read_anchors_summary
+from vlmcredit.formats.heads import HEADS_JSON, read_heads
 from vlmcredit.reports.html import Raw, code, details, esc, key_values, section, table
-from vlmcredit.reports.loaders import ANCHORS_JSON, RunInput
+from vlmcredit.reports.loaders import RunInput
 from vlmcredit.reports.sections import Section
 
 
@@ -23,11 +26,11 @@ def _seconds_between(start: Any, end: Any) -> float | None:
 
 def _checkpoint(run: RunInput) -> dict[str, Any]:
     ck = run.manifest.get("checkpoint")
-    if not isinstance(ck, dict) and run.has("heads.json"):
+    if not isinstance(ck, dict) and run.has(HEADS_JSON):
         # heads.json carries its checkpoint too; manifest first, it is the run's own record.
         try:
-            ck = json.loads((run.path / "heads.json").read_text()).get("checkpoint")
-        except (json.JSONDecodeError, OSError, AttributeError):
+            ck = read_heads(run.path).get("checkpoint")
+        except VlmCreditError:  # the heads section reports what is wrong with the file
             ck = None
     return ck if isinstance(ck, dict) else {}
 
@@ -47,8 +50,8 @@ def _timing(run: RunInput) -> dict[str, Any]:
     timing = dict(timing) if isinstance(timing, dict) else {}
     if run.has(ANCHORS_JSON):
         try:
-            more = json.loads((run.path / ANCHORS_JSON).read_text()).get("timing")
-        except (json.JSONDecodeError, OSError, AttributeError):
+            more = read_anchors_summary(run.path).get("timing")
+        except VlmCreditError:  # the anchors section reports what is wrong with the file
             more = None
         if isinstance(more, dict):
             timing.update(more)
