@@ -80,7 +80,7 @@ def test_online_anchor_weights_equal_the_offline_path(loaded, samples) -> None:
 def test_unknown_method_and_text_only_rows_are_refused(loaded, samples) -> None:
     ck = loaded(FAMILY)
     batch = trainer_batch(ck, samples)
-    with pytest.raises(VlmCreditError, match="not available online"):
+    with pytest.raises(VlmCreditError, match="unknown; choose one of anchors"):
         online.weights(ck.model, batch, method="nope")
     text_only = dict(batch)
     text_only["input_ids"] = batch["input_ids"].clone()

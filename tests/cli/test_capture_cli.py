@@ -17,7 +17,7 @@ from typer.testing import CliRunner
 from tests.helpers import noise_image
 from vlmcredit.cli.main import app
 from vlmcredit.formats.run import Run
-from vlmcredit.pipelines.capture import CRASH_ENV
+from vlmcredit.pipelines.skeleton import CRASH_ENV
 
 runner = CliRunner()
 

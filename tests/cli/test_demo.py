@@ -15,8 +15,8 @@ from vlmcredit.formats.signals import read_signals
 def test_demo_runs_the_whole_path(tmp_path) -> None:
     result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
     assert result.exit_code == 0, result.output
-    for step in ("mme-synth", "probe-heads", "anchors", "export", "report"):
-        assert f"$ vlmcredit {step}" in result.stdout
+    for step in ("synthetic MME", "vision-critical heads", "anchor tokens", "export", "report"):
+        assert step in result.stdout
     heads = json.loads((tmp_path / "runs" / "heads" / "heads.json").read_text())
     assert len(heads["heads"]) == 4  # one configuration per head index of the tiny model
     assert 0 < len(heads["critical_heads"]) < 4  # the fitted yes/no rows make ablation matter
@@ -34,3 +34,14 @@ def test_demo_runs_the_whole_path(tmp_path) -> None:
     # A second run starts afresh (stale runs are replaced, the checkpoint is reused).
     again = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
     assert again.exit_code == 0, again.output
+
+
+def test_demo_never_touches_a_folder_it_did_not_make(tmp_path) -> None:
+    user = tmp_path / "project"
+    (user / "data").mkdir(parents=True)
+    (user / "data" / "train.jsonl").write_text("keep\n")
+    result = CliRunner().invoke(app, ["demo", "--out", str(user)])
+    assert result.exit_code == 2
+    assert "was not made by `vlmcredit demo`" in result.output
+    assert (user / "data" / "train.jsonl").read_text() == "keep\n"
+    assert sorted(p.name for p in user.iterdir()) == ["data"]

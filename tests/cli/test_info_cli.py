@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from tests.helpers import FAMILIES
-from tests.probes.test_loading import broken_checkpoints
+from tests.models.test_loading import broken_checkpoints
 from vlmcredit.cli.main import app
 
 runner = CliRunner()

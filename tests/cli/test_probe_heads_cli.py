@@ -21,7 +21,7 @@ from vlmcredit.data.sample import Sample
 from vlmcredit.formats.run import Run
 from vlmcredit.models.inputs import encode_samples
 from vlmcredit.models.loading import load_checkpoint
-from vlmcredit.pipelines.capture import CRASH_ENV
+from vlmcredit.pipelines.skeleton import CRASH_ENV
 from vlmcredit.probes.ablation import o_proj_modules
 from vlmcredit.probes.mme_answer import yes_no_tokens
 from vlmcredit.probes.tiny_answerer import yes_no_checkpoint
@@ -65,7 +65,7 @@ def _reference_answers(ckpt: str, mme: Path, head: int) -> list[str]:
     ck = load_checkpoint(ckpt, dtype="fp32")
     d = ck.geometry.head_dim
     with torch.no_grad():
-        for m in o_proj_modules(ck):
+        for m in o_proj_modules(ck).values():
             m.weight[:, head * d : (head + 1) * d] = 0
     tokens = yes_no_tokens(ck.tokenizer)
     answers = []

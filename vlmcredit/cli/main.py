@@ -15,6 +15,7 @@ from vlmcredit.cli.make_tiny import make_tiny
 from vlmcredit.cli.mme import mme_score, mme_synth
 from vlmcredit.cli.probe_heads import probe_heads
 from vlmcredit.cli.report import report
+from vlmcredit.cli.weights import weights
 
 app = typer.Typer(
     name="vlmcredit",
@@ -48,6 +49,7 @@ app.command("probe-heads")(probe_heads)
 app.command("mme-score")(mme_score)
 app.command("mme-synth")(mme_synth)
 app.command("anchors")(anchors)
+app.command("weights")(weights)
 app.command("demo")(demo)
 app.command("export")(export)
 app.command("report")(report)

@@ -1,7 +1,8 @@
 """`vlmcredit anchors` as a library call: capture (or a capture run) -> graph -> Leiden -> anchors.
 
 Per batch, the response x image attention is captured (or read from a finished capture run),
-aggregated over the chosen layers and heads, and labelled by `vlmcredit.analysis.anchors`. Each
+aggregated over the chosen layers and heads, and labelled by the registered AT-RL method
+(`vlmcredit.methods.anchors`) on the shared run skeleton (`pipelines/skeleton.py`). Each
 batch is committed as one shard holding everything per sample (the attention the graph was built
 from, per-token results, cluster table, timing, image boxes and thumbnails), so a killed run
 resumes at the first unfinished batch. The tables (anchors.parquet, anchors.json and the
@@ -11,7 +12,6 @@ writes exactly what an uninterrupted one would.
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -21,19 +21,24 @@ from typing import Any
 import numpy as np
 
 from vlmcredit.analysis.anchors import AnchorConfig, AnchorResult, label_anchors
-from vlmcredit.analysis.connectivity import aggregate_attention, debias_sinks
+from vlmcredit.analysis.connectivity import debias_sinks
 from vlmcredit.analysis.graphs import write_graphml
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.files import sample_file_stem
 from vlmcredit.formats.run import Run
+from vlmcredit.methods.anchors import ANCHORS, aggregated_attention
+from vlmcredit.methods.registry import SamplePasses
+from vlmcredit.models.families import ModelGeometry
 from vlmcredit.pipelines.anchors_source import (
     SourceItem,
-    capture_batches,
-    capture_run_batches,
+    capture_items,
+    capture_run_items,
+    images_of_capture_run,
     sample_tensors,
 )
 from vlmcredit.pipelines.anchors_tables import write_tables
-from vlmcredit.pipelines.capture import CRASH_ENV
+from vlmcredit.pipelines.heads_choice import HeadChoice, choose_heads, pair_indices
+from vlmcredit.pipelines.skeleton import batched, drive, refuse_taken
 
 
 @dataclass
@@ -42,8 +47,8 @@ class AnchorsRunConfig:
     ckpt: str | None = None  # capture with this checkpoint (or: tokenizer for --from)
     data: Path | None = None
     from_run: Path | None = None  # reuse a finished capture run instead of capturing
-    layers: str | None = None
-    heads: str | None = None
+    layers: str | None = "all"
+    heads: str | None = "all"
     heads_json: Path | None = None  # vision-critical heads from probe-heads
     analysis: AnchorConfig = field(default_factory=AnchorConfig)
     batch_size: int = 4
@@ -94,87 +99,113 @@ class AnchorsRunConfig:
         return params
 
 
-# -- head selection -----------------------------------------------------------------------------
-@dataclass
-class HeadChoice:
-    """Which attention to aggregate: capture options and the (layer, head) pairs to average."""
-
-    layers: list[int]
-    heads: list[int]
-    reduce: str  # "mean" when every captured (layer, head) is averaged, else "heads"
-    pairs: list[tuple[int, int]] | None  # absolute (layer, head); None = all captured
-    source: str  # "all", "--layers/--heads" or the heads.json path
-
-
-def choose_heads(cfg: AnchorsRunConfig, num_layers: int, num_heads: int) -> HeadChoice:
-    from vlmcredit.models.selection import parse_indices
-
-    layers = parse_indices(cfg.layers, num_layers, "--layers") or list(range(num_layers))
-    if cfg.heads_json is None:
-        heads = parse_indices(cfg.heads, num_heads, "--heads") or list(range(num_heads))
-        source = "all" if cfg.layers in (None, "all") and cfg.heads in (None, "all") else "select"
-        return HeadChoice(layers, heads, "mean", None, source)
-    from vlmcredit.analysis.heads import read_heads
-
-    critical = read_heads(Path(cfg.heads_json))["critical"]
-    if not critical:
-        raise VlmCreditError(
-            f"--heads-json {cfg.heads_json}: lists no vision-critical heads (lower the "
-            "probe-heads --threshold, or run anchors without --heads-json)"
-        )
-    pairs: list[tuple[int, int]] = []
-    for entry in critical:
-        head = int(entry["head"])
-        if head >= num_heads:
-            raise VlmCreditError(
-                f"--heads-json {cfg.heads_json}: head {head} does not exist in a model with "
-                f"{num_heads} heads (heads.json from another checkpoint?)"
-            )
-        if entry.get("layer") is None:
-            pairs.extend((layer, head) for layer in layers)
-        elif int(entry["layer"]) in layers:
-            pairs.append((int(entry["layer"]), head))
-    if not pairs:
-        raise VlmCreditError(
-            f"--heads-json {cfg.heads_json}: none of its critical heads lies in --layers"
-        )
-    used_layers = sorted({p[0] for p in pairs})
-    used_heads = sorted({p[1] for p in pairs})
-    if len(pairs) == len(used_layers) * len(used_heads):  # a full grid: let capture average it
-        return HeadChoice(used_layers, used_heads, "mean", None, str(cfg.heads_json))
-    return HeadChoice(used_layers, used_heads, "heads", sorted(pairs), str(cfg.heads_json))
-
-
-def pair_indices(
-    pairs: Sequence[tuple[int, int]] | None, layers: Sequence[int], heads: Sequence[int]
-) -> list[tuple[int, int]] | None:
-    """Absolute (layer, head) pairs -> indices into a captured (L, H, ...) block."""
-    if pairs is None:
-        return None
-    lpos = {layer: i for i, layer in enumerate(layers)}
-    hpos = {head: i for i, head in enumerate(heads)}
-    missing = [p for p in pairs if p[0] not in lpos or p[1] not in hpos]
-    if missing:
-        raise VlmCreditError(
-            f"the capture run lacks (layer, head) {missing[0]} that --heads-json asks for; "
-            "capture those layers with --reduce heads, or run anchors with --ckpt"
-        )
-    return [(lpos[layer], hpos[head]) for layer, head in pairs]
-
-
 # -- per-sample analysis ------------------------------------------------------------------------
 def analyse(
     item: SourceItem, cfg: AnchorConfig, pairs: list[tuple[int, int]] | None
 ) -> tuple[AnchorResult, np.ndarray]:
-    """Aggregate the captured block and label anchors; also returns the debiased (T, N)."""
-    att = aggregate_attention(item.attention, pairs)
-    if att.shape[1] == 0:
-        raise VlmCreditError(
-            f"sample {item.row['id']}: has no image tokens, so there is no connectivity to "
-            "measure (drop text-only rows or pass --skip-bad)"
-        )
+    """Label anchors through the registered method; also returns the debiased (T, N)."""
+    sample = SamplePasses(
+        sample_id=str(item.row["id"]),
+        token_ids=np.asarray(item.response_ids, dtype=np.int64),
+        attention=item.attention,
+        pairs=pairs,
+    )
+    att = aggregated_attention(sample)
     result = label_anchors(att, cfg)
     return result, debias_sinks(att, cfg.sink, cfg.sink_k)
+
+
+@dataclass
+class _Source:
+    """Where the attention comes from: a checkpoint now, or a finished capture run."""
+
+    processor: Any
+    geometry: ModelGeometry
+    checkpoint: dict[str, Any]
+    units: list[Any]  # samples (capture now) or samples.parquet rows (--from)
+    bad_rows: list[dict[str, Any]]
+    ck: Any = None
+    capture: Run | None = None
+
+
+def _capture_now(cfg: AnchorsRunConfig) -> _Source:
+    from vlmcredit.data.rollouts import read_rollouts
+    from vlmcredit.formats.provenance import weights_hash
+    from vlmcredit.models.loading import load_checkpoint
+
+    rollouts = read_rollouts(cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples)
+    bad_rows = [b.record() for b in rollouts.bad_rows]
+    # Text-only rows have no connectivity to measure: refuse them before any work is done
+    # (or record them as bad with --skip-bad), not half-way through the run.
+    samples = []
+    for s in rollouts.samples:
+        if s.images:
+            samples.append(s)
+            continue
+        problem = f"--data {cfg.data}: sample {s.id} has no image, so no image connectivity"
+        if not cfg.skip_bad:
+            raise VlmCreditError(f"{problem} (drop text-only rows or pass --skip-bad)")
+        bad_rows.append({"id": s.id, "row": s.meta.get("row"), "status": "bad", "error": problem})
+    if not samples:
+        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
+    ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    checkpoint = {
+        "id": cfg.ckpt,
+        "path": str(ck.path),
+        "family": ck.adapter.cli_name,
+        "weights_sha1": weights_hash(ck.path),
+    }
+    return _Source(ck.processor, ck.geometry, checkpoint, samples, bad_rows, ck=ck)
+
+
+def _from_capture_run(cfg: AnchorsRunConfig) -> _Source:
+    capture = Run.load(Path(cfg.from_run))
+    if capture.manifest.get("command") != "capture":
+        raise VlmCreditError(
+            f"--from {cfg.from_run}: is a '{capture.manifest.get('command')}' run, not a "
+            "capture run"
+        )
+    if capture.manifest.get("status") != "finished":
+        raise VlmCreditError(
+            f"--from {cfg.from_run}: the capture run did not finish; resume it first "
+            "(vlmcredit capture ... --resume)"
+        )
+    checkpoint = {
+        k: capture.manifest["checkpoint"][k] for k in ("id", "path", "family", "weights_sha1")
+    }
+    processor = _processor_for(cfg.ckpt or checkpoint["path"], checkpoint, capture)
+    geo = ModelGeometry(**capture.manifest["checkpoint"]["geometry"])
+    rows = [r for r in capture.rows if r["status"] == "done"][: cfg.max_samples]
+    if not rows:
+        raise VlmCreditError(f"--from {cfg.from_run}: holds no captured samples")
+    return _Source(processor, geo, checkpoint, rows, [], capture=capture)
+
+
+def _captured_blocks(
+    cfg: AnchorsRunConfig, choice: HeadChoice, capture: Run | None
+) -> tuple[list[int], list[int]]:
+    """The (layers, heads) axes of the attention blocks the analysis will read (-1 = averaged);
+    with --from, reconciles the heads asked for with what the capture run holds."""
+    if capture is None:
+        return choice.layers, choice.heads if choice.reduce == "heads" else [-1]
+    cap = capture.manifest["capture"]
+    if choice.pairs is None and (choice.layers, choice.heads) != (cap["layers"], cap["heads"]):
+        if cap["reduce"] != "heads" or not (
+            set(choice.layers) <= set(cap["layers"]) and set(choice.heads) <= set(cap["heads"])
+        ):
+            raise VlmCreditError(
+                f"--from {cfg.from_run}: captured layers {cap['layers']} x heads "
+                f"{cap['heads']} (reduce {cap['reduce']}); the heads asked for need a "
+                "capture with --reduce heads over them, or run anchors with --ckpt"
+            )
+        choice.pairs = [(la, h) for la in choice.layers for h in choice.heads]
+    elif choice.pairs is not None and cap["reduce"] != "heads":
+        raise VlmCreditError(
+            f"--from {cfg.from_run}: the capture averaged its heads (--reduce "
+            f"{cap['reduce']}); --heads-json needs a capture with --reduce heads, or run "
+            "anchors with --ckpt"
+        )
+    return cap["layers"], cap["heads"] if cap["reduce"] == "heads" else [-1]
 
 
 # -- the run ------------------------------------------------------------------------------------
@@ -185,104 +216,20 @@ def run_anchors(
 ) -> Run:
     """Label anchor tokens for every sample into the run directory `cfg.out`."""
     from vlmcredit.formats.provenance import tokenizer_hash
-    from vlmcredit.models.families import ModelGeometry
     from vlmcredit.probes.capture import CaptureSpec
 
     cfg.check()
-    if (Path(cfg.out) / "manifest.json").exists() and not cfg.resume:
-        raise VlmCreditError(
-            f"--out {cfg.out}: already holds a run; pass --resume to continue it or choose a "
-            "new folder"
-        )
+    refuse_taken(cfg.out, cfg.resume)
     total_start = time.perf_counter()
-    bad_rows: list[dict[str, Any]] = []
-    if cfg.from_run is None:
-        from vlmcredit.data.rollouts import read_rollouts
-        from vlmcredit.formats.provenance import weights_hash
-        from vlmcredit.models.loading import load_checkpoint
-
-        rollouts = read_rollouts(cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples)
-        bad_rows = [b.record() for b in rollouts.bad_rows]
-        # Text-only rows have no connectivity to measure: refuse them before any work is done
-        # (or record them as bad with --skip-bad), not half-way through the run.
-        samples = []
-        for s in rollouts.samples:
-            if s.images:
-                samples.append(s)
-                continue
-            problem = f"--data {cfg.data}: sample {s.id} has no image, so no image connectivity"
-            if not cfg.skip_bad:
-                raise VlmCreditError(f"{problem} (drop text-only rows or pass --skip-bad)")
-            bad_rows.append(
-                {"id": s.id, "row": s.meta.get("row"), "status": "bad", "error": problem}
-            )
-        if not samples:
-            raise VlmCreditError(f"--data {cfg.data}: no usable samples")
-        ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
-        processor, geo = ck.processor, ck.geometry
-        checkpoint = {
-            "id": cfg.ckpt,
-            "path": str(ck.path),
-            "family": ck.adapter.cli_name,
-            "weights_sha1": weights_hash(ck.path),
-        }
-        total = len(samples)
-    else:
-        capture = Run.load(Path(cfg.from_run))
-        if capture.manifest.get("command") != "capture":
-            raise VlmCreditError(
-                f"--from {cfg.from_run}: is a '{capture.manifest.get('command')}' run, not a "
-                "capture run"
-            )
-        if capture.manifest.get("status") != "finished":
-            raise VlmCreditError(
-                f"--from {cfg.from_run}: the capture run did not finish; resume it first "
-                "(vlmcredit capture ... --resume)"
-            )
-        checkpoint = {
-            k: capture.manifest["checkpoint"][k] for k in ("id", "path", "family", "weights_sha1")
-        }
-        processor = _processor_for(cfg.ckpt or checkpoint["path"], checkpoint, capture)
-        geo = ModelGeometry(**capture.manifest["checkpoint"]["geometry"])
-        done_rows = [r for r in capture.rows if r["status"] == "done"][: cfg.max_samples]
-        total = len(done_rows)
-        if not total:
-            raise VlmCreditError(f"--from {cfg.from_run}: holds no captured samples")
-
-    choice = choose_heads(cfg, geo.num_layers, geo.num_heads)
-    if cfg.from_run is not None:
-        cap = capture.manifest["capture"]
-        if choice.pairs is None and (choice.layers, choice.heads) != (
-            cap["layers"],
-            cap["heads"],
-        ):
-            if cap["reduce"] != "heads" or not (
-                set(choice.layers) <= set(cap["layers"]) and set(choice.heads) <= set(cap["heads"])
-            ):
-                raise VlmCreditError(
-                    f"--from {cfg.from_run}: captured layers {cap['layers']} x heads "
-                    f"{cap['heads']} (reduce {cap['reduce']}); the heads asked for need a "
-                    "capture with --reduce heads over them, or run anchors with --ckpt"
-                )
-            choice.pairs = [(la, h) for la in choice.layers for h in choice.heads]
-        elif choice.pairs is not None and cap["reduce"] != "heads":
-            raise VlmCreditError(
-                f"--from {cfg.from_run}: the capture averaged its heads (--reduce "
-                f"{cap['reduce']}); --heads-json needs a capture with --reduce heads, or run "
-                "anchors with --ckpt"
-            )
-        captured_layers, captured_heads = cap["layers"], cap["heads"]
-        if cap["reduce"] != "heads":
-            captured_heads = [-1]
-    else:
-        captured_layers = choice.layers
-        captured_heads = choice.heads if choice.reduce == "heads" else [-1]
+    src = _capture_now(cfg) if cfg.from_run is None else _from_capture_run(cfg)
+    geo = src.geometry
+    choice = choose_heads(cfg.layers, cfg.heads, cfg.heads_json, geo.num_layers, geo.num_heads)
+    captured_layers, captured_heads = _captured_blocks(cfg, choice, src.capture)
     pairs = pair_indices(choice.pairs, captured_layers, captured_heads)
-
     extra = {
         "checkpoint": {
-            **checkpoint,
-            "tokenizer_sha1": tokenizer_hash(processor),
+            **src.checkpoint,
+            "tokenizer_sha1": tokenizer_hash(src.processor),
             "geometry": asdict(geo),
         },
         "attention": {
@@ -295,22 +242,28 @@ def run_anchors(
         },
     }
     run = Run.open(Path(cfg.out), "anchors", cfg.parameters(), cfg.resume, extra)
-    done = run.done_ids()
-    if not run.rows and bad_rows:
-        run.commit(bad_rows)
-    if cfg.from_run is None:
+    if not run.rows and src.bad_rows:
+        run.commit(src.bad_rows)
+    if src.capture is None:
         spec = CaptureSpec(layers=choice.layers, heads=choice.heads, reduce=choice.reduce)
-        source = capture_batches(ck, spec, samples, cfg.batch_size, done)
+
+        def items_of(batch: Sequence[Any]) -> tuple[list[SourceItem], float]:
+            return capture_items(src.ck, spec, batch)
+
+        def key(sample: Any) -> str:
+            return sample.id
     else:
-        source = capture_run_batches(capture, cfg.batch_size, cfg.max_samples, done)
-    ids = {s.id for s in samples} if cfg.from_run is None else {r["id"] for r in done_rows}
-    finished = len(done & ids)
-    log(f"{total} samples; {finished} already done")
-    if progress:
-        progress(finished, total)
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-    committed = 0
-    for items, capture_seconds in source:
+        capture = src.capture
+        images = images_of_capture_run(capture)
+
+        def items_of(batch: Sequence[Any]) -> tuple[list[SourceItem], float]:
+            return capture_run_items(capture, batch, images), 0.0
+
+        def key(row: Any) -> str:
+            return row["id"]
+
+    def work(batch: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        items, capture_seconds = items_of(batch)
         rows, tensors = [], {}
         for item in items:
             try:
@@ -320,22 +273,19 @@ def run_anchors(
                     raise
                 rows.append({**item.row, "status": "bad", "error": str(exc)})
                 continue
-            share = capture_seconds / len(items)
-            tensors.update(sample_tensors(item, result, att, share))
+            tensors.update(sample_tensors(item, result, att, capture_seconds / len(items)))
             if cfg.graphml and result.graph is not None:
                 # before the commit: a resumed run rewrites the graphs of unfinished batches
                 (run.path / "graphs").mkdir(exist_ok=True)
                 stem = sample_file_stem(item.row["id"])
                 write_graphml(result.graph, run.path / "graphs" / f"{stem}.graphml")
             rows.append({**item.row, "status": "done", "error": None})
-        run.commit(rows, tensors)
-        committed += 1
-        finished += len(items)
-        if progress:
-            progress(finished, total)
-        if crash_after and committed >= crash_after:
-            os._exit(137)  # simulated kill -9 (tests)
-    summary = write_tables(run, processor, cfg.analysis, time.perf_counter() - total_start)
+        return rows, tensors
+
+    drive(run, batched(src.units, cfg.batch_size), key, work, progress, log)
+    summary = write_tables(
+        run, src.processor, cfg.analysis, time.perf_counter() - total_start, ANCHORS
+    )
     run.finish(anchors=summary)
     return run
 

@@ -1,14 +1,13 @@
 """Where an anchors run gets its attention, and what it stores per sample.
 
-Two sources yield the same `SourceItem`s batch by batch: a capture done now with a checkpoint,
-or a finished `vlmcredit capture` run read back from disk (no model needed). Finished batches are
-skipped, so a resumed run starts at the first unfinished one.
+Two sources give the same `SourceItem`s for a batch: a capture done now with a checkpoint, or a
+finished `vlmcredit capture` run read back from disk (no model needed).
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,63 +34,53 @@ class SourceItem:
 
 
 # -- sources ------------------------------------------------------------------------------------
-def capture_batches(
-    ck: Any, spec: Any, samples: Sequence[Any], batch_size: int, done: set[str]
-) -> Iterator[tuple[list[SourceItem], float]]:
-    """Capture unfinished batches now; yields the items and the capture seconds."""
+def capture_items(ck: Any, spec: Any, batch: Sequence[Any]) -> tuple[list[SourceItem], float]:
+    """Capture one batch of samples now; returns the items and the capture seconds."""
     from vlmcredit.pipelines.capture import sample_row
     from vlmcredit.probes.response_attention import capture_samples
 
-    for batch in batches(samples, batch_size):
-        if all(s.id in done for s in batch):
-            continue
-        start = time.perf_counter()
-        captured = capture_samples(ck, batch, spec)
-        seconds = time.perf_counter() - start
-        items = []
-        for item in captured:
-            images = item.layout.images
-            items.append(
-                SourceItem(
-                    sample_row(item),
-                    list(item.response_ids),
-                    item.capture.attention.numpy(),
-                    np.concatenate([im.boxes for im in images]) if images else np.zeros((0, 4)),
-                    np.asarray(item.layout.image_token_owner),
-                    list(item.sample.images),
-                )
+    start = time.perf_counter()
+    captured = capture_samples(ck, batch, spec)
+    seconds = time.perf_counter() - start
+    items = []
+    for item in captured:
+        images = item.layout.images
+        items.append(
+            SourceItem(
+                sample_row(item),
+                list(item.response_ids),
+                item.capture.attention.numpy(),
+                np.concatenate([im.boxes for im in images]) if images else np.zeros((0, 4)),
+                np.asarray(item.layout.image_token_owner),
+                list(item.sample.images),
             )
-        yield items, seconds
+        )
+    return items, seconds
 
 
-def capture_run_batches(
-    capture: Run, batch_size: int, max_samples: int | None, done: set[str]
-) -> Iterator[tuple[list[SourceItem], float]]:
-    """Read unfinished batches from a finished capture run (no model needed)."""
-    rows = [r for r in capture.rows if r["status"] == "done"][:max_samples]
-    images = images_of_capture_run(capture)
-    for batch in batches(rows, batch_size):
-        if all(r["id"] in done for r in batch):
-            continue
-        items = []
-        for row in batch:
-            t = capture.tensors(row["id"])
-            if "attention" not in t:
-                raise VlmCreditError(
-                    f"--from {capture.path}: sample {row['id']} has no attention (captured with "
-                    "--no-attention?); capture it again"
-                )
-            items.append(
-                SourceItem(
-                    {k: row.get(k) for k in row if k != "shard"},
-                    t["response_ids"].tolist(),
-                    t["attention"].numpy(),
-                    t["image_boxes"].numpy() if "image_boxes" in t else np.zeros((0, 4)),
-                    t["image_owner"].numpy(),
-                    images.get(row["id"]),
-                )
+def capture_run_items(
+    capture: Run, rows: Sequence[dict[str, Any]], images: dict[str, list[Any]]
+) -> list[SourceItem]:
+    """Read one batch of rows from a finished capture run (no model needed)."""
+    items = []
+    for row in rows:
+        t = capture.tensors(row["id"])
+        if "attention" not in t:
+            raise VlmCreditError(
+                f"--from {capture.path}: sample {row['id']} has no attention (captured with "
+                "--no-attention?); capture it again"
             )
-        yield items, 0.0
+        items.append(
+            SourceItem(
+                {k: row.get(k) for k in row if k != "shard"},
+                t["response_ids"].tolist(),
+                t["attention"].numpy(),
+                t["image_boxes"].numpy() if "image_boxes" in t else np.zeros((0, 4)),
+                t["image_owner"].numpy(),
+                images.get(row["id"]),
+            )
+        )
+    return items
 
 
 def images_of_capture_run(capture: Run) -> dict[str, list[Any]]:
@@ -105,10 +94,6 @@ def images_of_capture_run(capture: Run) -> dict[str, list[Any]]:
         return {}
     rollouts = read_rollouts(data, skip_bad=True, max_samples=params.get("max_samples"))
     return {s.id: list(s.images) for s in rollouts.samples}
-
-
-def batches(items: Sequence[Any], size: int) -> list[Sequence[Any]]:
-    return [items[i : i + size] for i in range(0, len(items), size)]
 
 
 # -- what is stored per sample ------------------------------------------------------------

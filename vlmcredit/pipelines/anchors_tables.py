@@ -13,17 +13,17 @@ import numpy as np
 
 from vlmcredit.analysis.anchors import AnchorConfig, agreement
 from vlmcredit.analysis.connectivity import connectivity_stats
-from vlmcredit.formats.files import atomic_write_json, atomic_write_parquet
+from vlmcredit.formats.anchors import COLUMNS, write_anchors
 from vlmcredit.formats.run import Run
+from vlmcredit.methods.registry import Method
+from vlmcredit.pipelines.method_signals import write_method_signals
 
 
 def write_tables(
-    run: Run, processor: Any, analysis: AnchorConfig, total_seconds: float
+    run: Run, processor: Any, analysis: AnchorConfig, total_seconds: float, method: Method
 ) -> dict[str, Any]:
     """anchors.parquet, signals.parquet and anchors.json from the run's shards."""
     import pandas as pd
-
-    from vlmcredit.formats.signals import SignalsMeta, write_signals
 
     tok = processor.tokenizer
     ratio = analysis.ratio
@@ -90,21 +90,11 @@ def write_tables(
         all_conn.append(conn)
         all_anchor.append(anchor)
         all_thresh.append(thresh)
-    columns = [
-        "sample_id",
-        "token_index",
-        "token_id",
-        "token",
-        "connectivity",
-        "cluster",
-        "anchor",
-        "weight",
-        "threshold_anchor",
-    ]
     table = (
-        pd.concat(token_rows, ignore_index=True) if token_rows else pd.DataFrame(columns=columns)
+        pd.concat(token_rows, ignore_index=True)
+        if token_rows
+        else pd.DataFrame(columns=list(COLUMNS))
     )
-    atomic_write_parquet(run.path / "anchors.parquet", table)
     conn = np.concatenate(all_conn) if all_conn else np.zeros(0)
     anchor = np.concatenate(all_anchor) if all_anchor else np.zeros(0, bool)
     thresh = np.concatenate(all_thresh) if all_thresh else np.zeros(0, bool)
@@ -126,25 +116,10 @@ def write_tables(
             "total": float(total_seconds),
         },
     }
-    atomic_write_json(
-        run.path / "anchors.json",
+    write_anchors(
+        run.path,
+        table,
         {**summary, "parameters": run.manifest["parameters"], "samples": per_sample},
     )
-    ck = run.manifest["checkpoint"]
-    write_signals(
-        run.path,
-        signal_rows,
-        SignalsMeta(
-            method="anchors",
-            parameters=analysis.to_dict(),
-            checkpoint_id=ck["id"],
-            weights_sha1=ck.get("weights_sha1"),
-            tokenizer_sha1=ck["tokenizer_sha1"],
-            # AT-RL: anchors carry the advantage, others get `other_weight`; the loss still
-            # averages over every response token (the recipe's own denominator).
-            loss_denominator="all_tokens",
-            selection_scope="per_response",
-        ),
-        manifest=run.manifest,  # the run writes it when it finishes
-    )
+    write_method_signals(run, method, analysis, signal_rows)
     return summary

@@ -1,13 +1,11 @@
 """`vlmcredit capture` as a library call: rollouts -> run directory of captured tensors.
 
-Batches are fixed slices of the sample list, and each batch is committed as one shard, so a
-resumed run recomputes exactly the batches that were not committed, with the same composition
-(and so the same padding and numbers) as an uninterrupted run.
+Runs on the shared skeleton (pipelines/skeleton.py): fixed batches, one shard each, resume at
+the first uncommitted batch.
 """
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -20,6 +18,7 @@ from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.provenance import file_sha1
 from vlmcredit.formats.run import Run
 from vlmcredit.models.selection import parse_indices
+from vlmcredit.pipelines.skeleton import batched, checkpoint_record, drive, refuse_taken
 from vlmcredit.probes.capture import REDUCTIONS, CaptureSpec
 from vlmcredit.probes.response_attention import (
     CapturedSample,
@@ -28,17 +27,14 @@ from vlmcredit.probes.response_attention import (
     generate_responses,
 )
 
-# Tests simulate a kill -9 after this many committed batches (a real process exit, no cleanup).
-CRASH_ENV = "VLMCREDIT_TEST_CRASH_AFTER_BATCHES"
-
 
 @dataclass
 class CaptureRunConfig:
     ckpt: str
     data: Path
     out: Path
-    layers: str | None = None  # "all" / "0,3,5-7" / "-1"
-    heads: str | None = None
+    layers: str | None = "all"  # "all" / "0,3,5-7" / "-1"
+    heads: str | None = "all"
     reduce: str = "mean"
     batch_size: int = 4
     max_samples: int | None = None
@@ -137,17 +133,12 @@ def run_capture(
 ) -> Run:
     """Capture every sample of `cfg.data` into the run directory `cfg.out`."""
     from vlmcredit.data.rollouts import read_rollouts
-    from vlmcredit.formats.provenance import tokenizer_hash, weights_hash
     from vlmcredit.models.loading import load_checkpoint
 
     cfg.check()
     if not Path(cfg.data).is_file():
         raise VlmCreditError(f"--data {cfg.data}: no such file")
-    if (Path(cfg.out) / "manifest.json").exists() and not cfg.resume:
-        raise VlmCreditError(
-            f"--out {cfg.out}: already holds a run; pass --resume to continue it or choose a "
-            "new folder"
-        )
+    refuse_taken(cfg.out, cfg.resume)
     rollouts = read_rollouts(
         cfg.data,
         skip_bad=cfg.skip_bad,
@@ -174,14 +165,7 @@ def run_capture(
         else (),
     )
     extra = {
-        "checkpoint": {
-            "id": cfg.ckpt,
-            "path": str(ck.path),
-            "family": ck.adapter.cli_name,
-            "weights_sha1": weights_hash(ck.path),
-            "tokenizer_sha1": tokenizer_hash(ck.processor),
-            "geometry": asdict(geo),
-        },
+        "checkpoint": checkpoint_record(ck, cfg.ckpt),
         "data_format": rollouts.format,
         "capture": {
             "layers": spec.layers or list(range(geo.num_layers)),
@@ -193,19 +177,10 @@ def run_capture(
         },
     }
     run = Run.open(Path(cfg.out), "capture", cfg.parameters(), cfg.resume, extra)
-    done = run.done_ids()
     if not run.rows and rollouts.bad_rows:
         run.commit(b.record() for b in rollouts.bad_rows)
-    batches = [samples[i : i + cfg.batch_size] for i in range(0, len(samples), cfg.batch_size)]
-    finished = sum(len(b) for b in batches if all(s.id in done for s in b))
-    log(f"{len(samples)} samples in {len(batches)} batches; {finished} already done")
-    if progress:
-        progress(finished, len(samples))
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
-    committed = 0
-    for batch in batches:
-        if all(s.id in done for s in batch):
-            continue
+
+    def work(batch: Sequence[Sample]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if cfg.generate:
             responses, _ = generate_responses(ck, batch, cfg.generation)
             batch = [
@@ -216,13 +191,9 @@ def run_capture(
         tensors: dict[str, Any] = {}
         for item in items:
             tensors.update(sample_tensors(item))
-        run.commit([sample_row(item) for item in items], tensors)
-        committed += 1
-        finished += len(batch)
-        if progress:
-            progress(finished, len(samples))
-        if crash_after and committed >= crash_after:
-            os._exit(137)  # simulated kill -9: no cleanup, no finally blocks
+        return [sample_row(item) for item in items], tensors
+
+    drive(run, batched(samples, cfg.batch_size), lambda s: s.id, work, progress, log)
     run.finish(
         samples_done=sum(r["status"] == "done" for r in run.rows),
         samples_bad=sum(r["status"] == "bad" for r in run.rows),

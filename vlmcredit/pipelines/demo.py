@@ -1,10 +1,10 @@
 """The built-in demo: the user's whole path on a tiny offline checkpoint.
 
 synthetic MME -> probe-heads -> sample rollouts -> anchors -> export -> report, each step run
-through the same `vlmcredit` command a user types (in-process), so the demo exercises the real
-CLI. The checkpoint is the tiny random-weight one `make-tiny` builds, with its yes/no lm_head
-rows fitted to the synthetic MME set (`probes/tiny_answerer.py`) so that its answers depend on
-the image and ablating a head moves the score. A trained demo model will replace it: the
+through the same pipeline functions the commands call (the demo drives the library, not the
+CLI module). The checkpoint is the tiny random-weight one `make-tiny` builds, with its yes/no
+lm_head rows fitted to the synthetic MME set (`probes/tiny_answerer.py`) so that its answers
+depend on the image and ablating a head moves the score. A trained demo model will replace it: the
 numbers show the mechanics, not findings about a real model.
 """
 
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from pathlib import Path
 
 from vlmcredit.errors import VlmCreditError
@@ -76,63 +76,107 @@ def write_demo_rollouts(folder: Path, seed: int = DEMO_SEED) -> Path:
     return path
 
 
-def _vlmcredit(args: Sequence[str], echo: Callable[[str], None]) -> None:
-    """Run one `vlmcredit` command in-process, exactly as typed; stop the demo if it fails."""
-    from vlmcredit.cli.main import app
+DEMO_MARKER = ".vlmcredit-demo"
+# What a demo run writes inside --out; only these are replaced when the demo runs again.
+DEMO_OUTPUTS = ("mme", "data", "runs", "export-verl", "export-trl", "report.html", "report-figures")
 
-    echo("$ vlmcredit " + " ".join(args))
-    code = app(list(args), standalone_mode=False)
-    if code not in (None, 0):
-        raise VlmCreditError(f"demo step 'vlmcredit {args[0]}' failed (exit {code})")
+
+def prepare_out(out: Path) -> None:
+    """Use `out` only if it is new, empty, or a folder an earlier demo made (its marker file);
+    then remove exactly what an earlier demo wrote there, nothing else."""
+    if out.exists() and not out.is_dir():
+        raise VlmCreditError(f"--out {out}: is a file; choose a folder for the demo")
+    if out.is_dir() and any(out.iterdir()) and not (out / DEMO_MARKER).is_file():
+        raise VlmCreditError(
+            f"--out {out}: exists, is not empty and was not made by `vlmcredit demo`; choose a "
+            "new folder"
+        )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / DEMO_MARKER).write_text("made by vlmcredit demo; it replaces its own outputs here\n")
+    for name in DEMO_OUTPUTS:
+        target = out / name
+        if target.is_dir():
+            shutil.rmtree(target)
+        elif target.exists():
+            target.unlink()
 
 
 def run_demo(out: Path, echo: Callable[[str], None] = print) -> Path:
-    """Run the whole path into `out`; returns the report's path."""
+    """Run the whole path into `out` through the library; returns the report's path."""
     from transformers.utils import logging as hf_logging
 
+    from vlmcredit.data.mme_synth import write_synthetic_mme
+    from vlmcredit.export.formats import export_run
+    from vlmcredit.formats.heads import read_heads
+    from vlmcredit.models.describe import describe_checkpoint
+    from vlmcredit.pipelines.anchors import AnchorsRunConfig, run_anchors
+    from vlmcredit.pipelines.probe_heads import ProbeHeadsConfig, run_probe_heads
+    from vlmcredit.reports.report import build_report, default_png_dir, write_report
+    from vlmcredit.reports.sections import ReportOptions
+
     hf_logging.disable_progress_bar()  # weight-loading bars of a sub-MB model are noise
-    out.mkdir(parents=True, exist_ok=True)
+    prepare_out(out)
     echo("vlmcredit demo: synthetic MME -> probe-heads -> rollouts -> anchors -> export -> report")
     echo(f"on a tiny random-weight {DEMO_FAMILY} checkpoint (mechanics, not findings).\n")
-    ckpt = str(ensure_tiny_checkpoint(out))
+    tiny = ensure_tiny_checkpoint(out)
     runs = out / "runs"
-    for stale in ("heads", "anchors"):  # the demo starts fresh each time
-        shutil.rmtree(runs / stale, ignore_errors=True)
-    for stale in ("export-verl", "export-trl", "mme", "data", "report-figures"):
-        shutil.rmtree(out / stale, ignore_errors=True)
-    (out / "report.html").unlink(missing_ok=True)
 
     echo("[1/7] the checkpoint")
-    _vlmcredit(["info", "--ckpt", ckpt], echo)
+    facts = describe_checkpoint(str(tiny))
+    echo("      " + ", ".join(f"{k} {facts[k]}" for k in list(facts)[:6]))
     echo("\n[2/7] a synthetic MME set (real rendered images, one Yes and one No per image)")
     mme = out / "mme"
-    n = str(MME_IMAGES_PER_CATEGORY)
-    _vlmcredit(["mme-synth", "--out", str(mme), "--images-per-category", n, "--seed", "0"], echo)
-    ckpt = str(answerer_checkpoint(out, Path(ckpt), mme))
+    counts = write_synthetic_mme(mme, MME_IMAGES_PER_CATEGORY, 0, None)
+    echo(f"      {sum(counts.values())} images in {len(counts)} categories: {mme}")
+    ckpt = answerer_checkpoint(out, tiny, mme)
     echo(f"      yes/no lm_head rows fitted on it by a ridge probe: {ckpt}")
+
     echo("\n[3/7] vision-critical heads: ablate each head index in every layer, score MME")
-    heads = runs / "heads"
-    args = ["probe-heads", "--ckpt", ckpt, "--mme", str(mme), "--out", str(heads)]
-    _vlmcredit([*args, "--threshold", str(DEMO_THRESHOLD), "--dtype", "fp32", "--quiet"], echo)
-    critical = json.loads((heads / "heads.json").read_text())["critical"]
+    heads = run_probe_heads(
+        ProbeHeadsConfig(
+            ckpt=str(ckpt), mme=mme, out=runs / "heads", threshold=DEMO_THRESHOLD, dtype="fp32"
+        )
+    ).path
+    report = read_heads(heads)
+    drops = ", ".join(
+        f"head {h['head']}: {h['drop'][report['metric']]:.1f}" for h in report["heads"]
+    )
+    echo(f"      baseline total {report['baseline']['total']:.2f}; drops {drops}")
+    echo(
+        f"      critical (drop > {report['threshold']:g}): "
+        f"{', '.join(map(str, report['critical_heads'])) or 'none'}"
+    )
+
     echo("\n[4/7] rollouts to analyse (rendered images + responses)")
     data = write_demo_rollouts(out / "data")
     echo(f"      {data}")
     echo("\n[5/7] anchor tokens: token-image graph + Leiden, ~15% of response tokens")
-    anchors = runs / "anchors"
-    args = ["anchors", "--ckpt", ckpt, "--data", str(data), "--out", str(anchors)]
-    if critical:
-        args += ["--heads-json", str(heads / "heads.json")]
-    else:
+    if not report["critical"]:
         echo("      (no head passed the threshold: averaging every head)")
-    _vlmcredit([*args, "--dtype", "fp32", "--quiet"], echo)
+    anchors = run_anchors(
+        AnchorsRunConfig(
+            out=runs / "anchors",
+            ckpt=str(ckpt),
+            data=data,
+            heads_json=heads / "heads.json" if report["critical"] else None,
+            dtype="fp32",
+        )
+    )
+    s = anchors.manifest["anchors"]
+    echo(
+        f"      {s['num_anchors']} anchors of {s['num_tokens']} response tokens "
+        f"({100 * s['ratio_achieved']:.1f}%) in {s['num_samples']} samples: {anchors.path}"
+    )
+
     echo("\n[6/7] export for the trainers")
     for fmt in ("verl", "trl"):
-        target = out / f"export-{fmt}"
-        args = ["export", str(anchors), "--format", fmt, "--out", str(target)]
-        _vlmcredit([*args, "--heads", str(heads / "heads.json")], echo)
+        result = export_run(anchors.path, fmt, out / f"export-{fmt}", heads / "heads.json")
+        echo(f"      {fmt}: {result.out} ({', '.join(result.files)})")
+
     echo("\n[7/7] the report")
-    report = out / "report.html"
-    _vlmcredit(["report", str(heads), str(anchors), "--out", str(report), "--quiet"], echo)
-    echo(f"\ndemo done. Open the report: {report}")
-    return report
+    page = out / "report.html"
+    built = build_report([heads, anchors.path], ReportOptions())
+    write_report(built, page, default_png_dir(page))
+    echo(f"      {len(built.sections)} sections, {len(built.figures)} figures")
+    echo(f"\ndemo done. Open the report: {page}")
+    return page

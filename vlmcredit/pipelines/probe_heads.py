@@ -21,7 +21,6 @@ match, so `--resume` on a finished run re-selects with new values without recomp
 from __future__ import annotations
 
 import hashlib
-import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
@@ -35,13 +34,13 @@ from vlmcredit.analysis.heads import (
     check_metric,
     check_threshold,
     scores_dict,
-    write_heads,
 )
 from vlmcredit.data.mme import MMEQuestion, canonical_categories
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.files import atomic_write_parquet
+from vlmcredit.formats.heads import write_heads
 from vlmcredit.formats.run import Run
-from vlmcredit.pipelines.capture import CRASH_ENV
+from vlmcredit.pipelines.skeleton import KillSwitch, refuse_taken
 
 BASELINE = "baseline"
 MEANS = "means"
@@ -55,8 +54,8 @@ class ProbeHeadsConfig:
     out: Path
     categories: str | None = None  # comma-separated MME categories (any case); None = all
     mode: str = "head-index"  # or "layer-head"
-    layers: str | None = None  # layer-head mode: "all" / "0,3,5-7" / "-1"
-    heads: str | None = None  # restrict head indices, same syntax
+    layers: str | None = "all"  # layer-head mode: "all" / "0,3,5-7" / "-1"
+    heads: str | None = "all"  # restrict head indices, same syntax
     ablation: str = "zero"  # or "mean" (mean o_proj input over the MME set)
     generate: bool = False  # decode up to 16 tokens and parse, instead of yes/no logits
     share_prefix: bool = True  # logits mode: run an image's common prompt prefix once
@@ -215,11 +214,7 @@ def run_probe_heads(
         if cfg.categories
         else None
     )
-    if (Path(cfg.out) / "manifest.json").exists() and not cfg.resume:
-        raise VlmCreditError(
-            f"--out {cfg.out}: already holds a run; pass --resume to continue it or choose a "
-            "new folder"
-        )
+    refuse_taken(cfg.out, cfg.resume)
     try:
         mme = read_mme(cfg.mme, wanted, skip_bad=cfg.skip_bad)
     except VlmCreditError as exc:
@@ -321,9 +316,9 @@ def run_probe_heads(
             run.commit([{"id": MEANS, "status": "done"}], {f"{MEANS}/value": means})
             timing["means"] = time.perf_counter() - t0
 
-    crash_after = int(os.environ.get(CRASH_ENV, "0") or 0)
+    kill = KillSwitch()
     (Path(cfg.out) / PREDICTIONS_DIR).mkdir(exist_ok=True)
-    for committed, ablation in enumerate(todo, 1):
+    for ablation in todo:
         t0 = time.perf_counter()
         heads = [] if ablation.head is None else [(ablation.layer, ablation.head)]
         with ablate_heads(ck, heads, cfg.ablation, means):
@@ -335,8 +330,7 @@ def run_probe_heads(
         timing["configurations"][ablation.name] = time.perf_counter() - t0
         run.commit([{"id": ablation.name, "status": "done"}])
         run.write_manifest()
-        if crash_after and committed >= crash_after:
-            os._exit(137)  # simulated kill -9: no cleanup, no finally blocks
+        kill.committed()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 

@@ -1,0 +1,261 @@
+"""`vlmcredit weights --method NAME[,NAME...]` as a library call: rollouts -> signals per method.
+
+Every method comes from the registry (`vlmcredit.methods`). The pipeline takes the union of the
+model passes the chosen methods need, runs each pass once per batch for all of them (one
+capture forward serves attention and Q/K), hands the arrays to every method and commits one
+shard per batch on the shared run skeleton, so a killed run resumes at the first unfinished
+batch. The signals tables are assembled from the shards at the end: with one method
+`RUN/signals.parquet` (the run folder is then what `vlmcredit export` and the trainers read),
+with several `RUN/<method>/signals.parquet`, each with its manifest.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.formats.run import Run
+from vlmcredit.methods.registry import (
+    Method,
+    MethodOutput,
+    Needs,
+    SamplePasses,
+    config_dict,
+    parse_methods,
+)
+from vlmcredit.pipelines.heads_choice import choose_heads, pair_indices
+from vlmcredit.pipelines.method_signals import signal_row, write_method_signals
+from vlmcredit.pipelines.skeleton import batched, checkpoint_record, drive, refuse_taken
+
+
+@dataclass
+class WeightsRunConfig:
+    out: Path
+    ckpt: str
+    data: Path
+    method: str = "anchors"  # one name or several, comma-separated
+    params: dict[str, Any] = field(default_factory=dict)  # NAME=VALUE, or METHOD.NAME=VALUE
+    layers: str | None = "all"
+    heads: str | None = "all"
+    heads_json: Path | None = None
+    batch_size: int = 4
+    max_samples: int | None = None
+    dtype: str = "auto"
+    device: str | None = None
+    device_map: str | None = None
+    resume: bool = False
+    skip_bad: bool = False
+    trust_remote_code: bool = False
+
+    def check(self) -> None:
+        if self.batch_size < 1:
+            raise VlmCreditError(f"--batch-size {self.batch_size}: must be at least 1")
+        if self.max_samples is not None and self.max_samples < 1:
+            raise VlmCreditError(f"--max-samples {self.max_samples}: must be at least 1")
+        if not Path(self.data).is_file():
+            raise VlmCreditError(f"--data {self.data}: no such file")
+        if self.heads_json is not None and not Path(self.heads_json).exists():
+            raise VlmCreditError(f"--heads-json {self.heads_json}: no such file or run folder")
+        if self.heads_json is not None and self.heads not in (None, "", "all"):
+            raise VlmCreditError("--heads and --heads-json: choose one way to pick heads")
+
+    def parameters(self, configs: Mapping[str, Any]) -> dict[str, Any]:
+        from vlmcredit.formats.provenance import file_sha1
+
+        params = asdict(self)
+        for key in ("out", "resume", "device", "device_map", "params"):
+            params.pop(key)
+        params["method"] = list(configs)
+        params["configs"] = {name: config_dict(cfg) for name, cfg in configs.items()}
+        params["data"] = str(Path(self.data).resolve())
+        params["data_sha1"] = file_sha1(Path(self.data))
+        if self.heads_json is not None:
+            params["heads_json"] = str(Path(self.heads_json).resolve())
+        return params
+
+
+def method_configs(methods: Sequence[Method], params: Mapping[str, Any]) -> dict[str, Any]:
+    """Each method's config with its share of `params` applied.
+
+    With one method a key is that method's parameter; with several, prefix it with the method
+    name (`anchors.ratio=0.2`).
+    """
+    names = {m.name for m in methods}
+    own: dict[str, dict[str, Any]] = {m.name: {} for m in methods}
+    for key, value in params.items():
+        head, _, rest = key.partition(".")
+        if head in names and rest:
+            own[head][rest] = value
+        elif len(methods) == 1:
+            own[methods[0].name][key] = value
+        else:
+            raise VlmCreditError(
+                f"--param {key}: with several methods, prefix the parameter with the method "
+                f"name ({', '.join(sorted(names))}), e.g. {methods[0].name}.{key}"
+            )
+    return {m.name: m.make_config(own[m.name]) for m in methods}
+
+
+def combined_needs(methods: Sequence[Method], configs: Mapping[str, Any]) -> Needs:
+    """The union of the passes the methods need: each pass runs once for all of them."""
+    needs = [m.needs(configs[m.name]) for m in methods]
+    qk = sorted({layer for n in needs for layer in n.qk_layers})
+    return Needs(attention=any(n.attention for n in needs), qk_layers=tuple(qk))
+
+
+def _numpy(tensor: Any) -> np.ndarray | None:
+    return None if tensor is None else tensor.numpy()
+
+
+def _tensors(sid: str, name: str, out: MethodOutput) -> dict[str, Any]:
+    import torch
+
+    prefix = f"{sid}/{name}."
+    tensors = {prefix + "weight": torch.from_numpy(np.asarray(out.weight, dtype=np.float32))}
+    if out.mask is not None:
+        tensors[prefix + "mask"] = torch.from_numpy(np.asarray(out.mask, dtype=np.uint8))
+    for column, values in out.columns.items():
+        tensors[prefix + "col." + column] = torch.from_numpy(np.ascontiguousarray(values))
+    if out.sample_weight is not None:
+        tensors[prefix + "sample_weight"] = torch.tensor([float(out.sample_weight)])
+    return tensors
+
+
+def _output(t: Mapping[str, Any], name: str, method: Method) -> MethodOutput:
+    prefix = f"{name}."
+    columns = {
+        key[len(prefix) + 4 :]: value.numpy()
+        for key, value in t.items()
+        if key.startswith(prefix + "col.")
+    }
+    return MethodOutput(
+        weight=t[prefix + "weight"].numpy(),
+        mask=t[prefix + "mask"].numpy().astype(bool) if prefix + "mask" in t else None,
+        columns={c: v.astype(method.columns.get(c, v.dtype)) for c, v in columns.items()},
+        sample_weight=float(t[prefix + "sample_weight"][0])
+        if prefix + "sample_weight" in t
+        else None,
+    )
+
+
+def run_weights(
+    cfg: WeightsRunConfig,
+    progress: Callable[[int, int], None] | None = None,
+    log: Callable[[str], None] = lambda _msg: None,
+) -> Run:
+    """Compute the chosen methods' signals for every sample into the run folder `cfg.out`."""
+    from vlmcredit.data.rollouts import read_rollouts
+    from vlmcredit.models.loading import load_checkpoint
+    from vlmcredit.pipelines.capture import sample_row
+    from vlmcredit.probes.capture import CaptureSpec
+    from vlmcredit.probes.response_attention import capture_samples, encoded_samples
+
+    cfg.check()
+    methods = parse_methods(cfg.method)
+    configs = method_configs(methods, cfg.params)
+    needs = combined_needs(methods, configs)
+    refuse_taken(cfg.out, cfg.resume)
+    start = time.perf_counter()
+    rollouts = read_rollouts(cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples)
+    samples = rollouts.samples
+    if not samples:
+        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
+    ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    geo = ck.geometry
+    choice = choose_heads(cfg.layers, cfg.heads, cfg.heads_json, geo.num_layers, geo.num_heads)
+    captured_heads = choice.heads if choice.reduce == "heads" else [-1]
+    pairs = pair_indices(choice.pairs, choice.layers, captured_heads)
+    qk_layers = sorted({layer % geo.num_layers for layer in needs.qk_layers})
+    spec = CaptureSpec(
+        layers=choice.layers,
+        heads=choice.heads,
+        reduce=choice.reduce,  # type: ignore[arg-type]
+        attention=needs.attention,
+        qk_layers=qk_layers,
+    )
+    extra = {
+        "checkpoint": checkpoint_record(ck, cfg.ckpt),
+        "passes": needs.names(),
+        "attention": {
+            "layers": choice.layers,
+            "heads": choice.heads,
+            "pairs": choice.pairs,
+            "heads_source": choice.source,
+        }
+        if needs.attention
+        else None,
+    }
+    run = Run.open(Path(cfg.out), "weights", cfg.parameters(configs), cfg.resume, extra)
+    if not run.rows and rollouts.bad_rows:
+        run.commit(b.record() for b in rollouts.bad_rows)
+
+    def work(batch: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        import torch
+
+        # with no model pass needed, the token layout alone gives the response ids
+        run_model = bool(needs.names())
+        captured = capture_samples(ck, batch, spec) if run_model else encoded_samples(ck, batch)
+        passes = [
+            SamplePasses(
+                sample_id=item.sample.id,
+                token_ids=np.asarray(item.response_ids, dtype=np.int64),
+                attention=None
+                if item.capture.attention is None
+                else item.capture.attention.numpy(),
+                pairs=pairs,
+                queries={k: v.numpy() for k, v in item.capture.queries.items()},
+                keys={k: v.numpy() for k, v in item.capture.keys.items()},
+                image_boxes=np.concatenate([im.boxes for im in item.layout.images])
+                if item.layout.images
+                else np.zeros((0, 4)),
+            )
+            for item in captured
+        ]
+        tensors: dict[str, Any] = {}
+        for sample in passes:
+            tensors[f"{sample.sample_id}/response_ids"] = torch.from_numpy(sample.token_ids)
+        for m in methods:
+            for sample, out in zip(passes, m.run(passes, configs[m.name]), strict=True):
+                tensors.update(_tensors(sample.sample_id, m.name, out))
+        return [sample_row(item) for item in captured], tensors
+
+    drive(run, batched(samples, cfg.batch_size), lambda s: s.id, work, progress, log)
+    summary = write_signal_tables(run, methods, configs)
+    run.finish(weights=summary, seconds=time.perf_counter() - start)
+    return run
+
+
+def write_signal_tables(
+    run: Run, methods: Sequence[Method], configs: Mapping[str, Any]
+) -> dict[str, Any]:
+    """One signals table per method from the run's shards (root folder when only one)."""
+    rows: dict[str, list[dict[str, Any]]] = {m.name: [] for m in methods}
+    for row in run.rows:
+        if row["status"] != "done":
+            continue
+        t = run.tensors(row["id"])
+        ids = t["response_ids"].tolist()
+        for m in methods:
+            rows[m.name].append(signal_row(row["id"], ids, _output(t, m.name, m)))
+    summary = {}
+    for m in methods:
+        if not rows[m.name]:
+            raise VlmCreditError(f"{run.path}: no sample finished, so there are no signals")
+        folder = None if len(methods) == 1 else run.path / m.name
+        path = write_method_signals(run, m, configs[m.name], rows[m.name], folder)
+        weights = np.concatenate([r["weight"] for r in rows[m.name]])
+        summary[m.name] = {
+            "signals": str(path.relative_to(run.path)),
+            "num_responses": len(rows[m.name]),
+            "num_tokens": int(weights.size),
+            "mean_weight": float(weights.mean()) if weights.size else 0.0,
+            "share_nonzero": float((weights != 0).mean()) if weights.size else 0.0,
+            "loss_denominator": m.loss_denominator,
+        }
+    return summary
