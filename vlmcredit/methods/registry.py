@@ -31,23 +31,50 @@ COLUMN_DTYPES = ("float32", "int32", "int64", "bool")
 CORE_COLUMNS = {"cluster_id": "int32", "paragraph_id": "int32"}
 
 
+PASS_NAMES = ("attention", "qk", "logprobs", "images", "text")
+LOGPROB_VARIANTS = ("image", "no_image", "perturbed")
+
+
 @dataclass(frozen=True)
 class Needs:
     """The model passes a method reads. Pipelines run each needed pass once per batch, shared by
-    every method chosen in the same run."""
+    every method chosen in the same run (one capture forward serves attention and Q/K)."""
 
-    # response x image attention rows (L, H, T, N), averaged as `attention_heads` says
+    # response x image attention rows (L, H, T, N), averaged as the run's head choice says
     attention: bool = False
     # post-RoPE queries of response tokens and keys of image tokens, for these layers (-1 = last)
     qk_layers: tuple[int, ...] = ()
+    # teacher-forced log p of the taken token and next-token entropy per response token, for
+    # these input variants ("image", "no_image" = re-templated without the image, "perturbed")
+    logprobs: tuple[str, ...] = ()
+    # the sample's images (PIL) and each image token's cell/box, for region methods (SGUF)
+    images: bool = False
+    # the response text and each token's character span in it, for paragraph/sentence methods
+    text: bool = False
 
     def names(self) -> list[str]:
+        """The passes that run the model or read inputs beyond the token ids."""
         out = []
         if self.attention:
             out.append("attention")
         if self.qk_layers:
             out.append("qk")
+        if self.logprobs:
+            out.append("logprobs")
+        if self.images:
+            out.append("images")
+        if self.text:
+            out.append("text")
         return out
+
+    def union(self, other: Needs) -> Needs:
+        return Needs(
+            attention=self.attention or other.attention,
+            qk_layers=tuple(sorted(set(self.qk_layers) | set(other.qk_layers))),
+            logprobs=tuple(v for v in LOGPROB_VARIANTS if v in (*self.logprobs, *other.logprobs)),
+            images=self.images or other.images,
+            text=self.text or other.text,
+        )
 
 
 @dataclass
@@ -65,6 +92,15 @@ class SamplePasses:
     queries: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (H, T, D)
     keys: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (H, N, D)
     image_boxes: np.ndarray | None = None  # (N, 4) pixel boxes of the image tokens
+    image_cells: np.ndarray | None = None  # (N, 3) (t, row, col) merged-grid cell per token
+    image_owner: np.ndarray | None = None  # (N,) image index per image token
+    images: list[Any] = field(default_factory=list)  # PIL images (Needs.images)
+    cell_pixels: int = 0  # side of one merged image token in resized-image pixels
+    logprobs: dict[str, np.ndarray] = field(default_factory=dict)  # variant -> (T,) float32
+    entropy: dict[str, np.ndarray] = field(default_factory=dict)  # variant -> (T,) float32
+    response_text: str | None = None  # Needs.text
+    token_spans: np.ndarray | None = None  # (T, 2) character [start, end) per token
+    meta: dict[str, Any] = field(default_factory=dict)  # the rollout row's extra fields
 
 
 @dataclass

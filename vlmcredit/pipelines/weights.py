@@ -25,12 +25,12 @@ from vlmcredit.methods.registry import (
     Method,
     MethodOutput,
     Needs,
-    SamplePasses,
     config_dict,
     parse_methods,
 )
 from vlmcredit.pipelines.heads_choice import choose_heads, pair_indices
 from vlmcredit.pipelines.method_signals import signal_row, write_method_signals
+from vlmcredit.pipelines.passes import run_passes
 from vlmcredit.pipelines.skeleton import batched, checkpoint_record, drive, refuse_taken
 
 
@@ -104,13 +104,10 @@ def method_configs(methods: Sequence[Method], params: Mapping[str, Any]) -> dict
 
 def combined_needs(methods: Sequence[Method], configs: Mapping[str, Any]) -> Needs:
     """The union of the passes the methods need: each pass runs once for all of them."""
-    needs = [m.needs(configs[m.name]) for m in methods]
-    qk = sorted({layer for n in needs for layer in n.qk_layers})
-    return Needs(attention=any(n.attention for n in needs), qk_layers=tuple(qk))
-
-
-def _numpy(tensor: Any) -> np.ndarray | None:
-    return None if tensor is None else tensor.numpy()
+    needs = Needs()
+    for m in methods:
+        needs = needs.union(m.needs(configs[m.name]))
+    return needs
 
 
 def _tensors(sid: str, name: str, out: MethodOutput) -> dict[str, Any]:
@@ -154,7 +151,6 @@ def run_weights(
     from vlmcredit.models.loading import load_checkpoint
     from vlmcredit.pipelines.capture import sample_row
     from vlmcredit.probes.capture import CaptureSpec
-    from vlmcredit.probes.response_attention import capture_samples, encoded_samples
 
     cfg.check()
     methods = parse_methods(cfg.method)
@@ -198,25 +194,7 @@ def run_weights(
     def work(batch: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         import torch
 
-        # with no model pass needed, the token layout alone gives the response ids
-        run_model = bool(needs.names())
-        captured = capture_samples(ck, batch, spec) if run_model else encoded_samples(ck, batch)
-        passes = [
-            SamplePasses(
-                sample_id=item.sample.id,
-                token_ids=np.asarray(item.response_ids, dtype=np.int64),
-                attention=None
-                if item.capture.attention is None
-                else item.capture.attention.numpy(),
-                pairs=pairs,
-                queries={k: v.numpy() for k, v in item.capture.queries.items()},
-                keys={k: v.numpy() for k, v in item.capture.keys.items()},
-                image_boxes=np.concatenate([im.boxes for im in item.layout.images])
-                if item.layout.images
-                else np.zeros((0, 4)),
-            )
-            for item in captured
-        ]
+        captured, passes = run_passes(ck, batch, needs, spec, pairs)
         tensors: dict[str, Any] = {}
         for sample in passes:
             tensors[f"{sample.sample_id}/response_ids"] = torch.from_numpy(sample.token_ids)
