@@ -6,12 +6,13 @@ from pathlib import Path
 
 import typer
 
+from vlmcredit.cli import options
 from vlmcredit.cli.common import progress_bar, user_errors
 
 
 @user_errors
 def anchors(
-    out: Path = typer.Option(..., "--out", help="Run folder to write (or resume)."),
+    out: Path = options.OUT,
     ckpt: str | None = typer.Option(
         None, "--ckpt", help="Checkpoint to capture with (with --from: where its tokenizer is)."
     ),
@@ -56,18 +57,18 @@ def anchors(
     ),
     parts: int = typer.Option(8, "--parts", help="METIS: number of parts K."),
     seed: int = typer.Option(0, "--seed", help="Clustering seed."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward."),
-    max_samples: int | None = typer.Option(None, "--max-samples", help="Stop after N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32."),
-    device: str | None = typer.Option(None, "--device", help="e.g. cuda:0 (default: cpu)."),
-    device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto (multi-GPU)."),
+    batch_size: int = options.BATCH_SIZE,
+    max_samples: int | None = options.MAX_SAMPLES,
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+    device_map: str | None = options.DEVICE_MAP,
     graphml: bool = typer.Option(
         False, "--graphml", help="Also write each sample's clustered graph to RUN/graphs/*.graphml."
     ),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed rows (recorded)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    resume: bool = options.RESUME,
+    skip_bad: bool = options.SKIP_BAD,
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
+    quiet: bool = options.QUIET,
 ) -> None:
     """Label anchor tokens: the ~15% of response tokens whose attention carries the image."""
     from vlmcredit.analysis.anchors import AnchorConfig

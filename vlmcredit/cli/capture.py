@@ -6,22 +6,23 @@ from pathlib import Path
 
 import typer
 
+from vlmcredit.cli import options
 from vlmcredit.cli.common import progress_bar, user_errors
 
 
 @user_errors
 def capture(
-    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint folder or cached hub id."),
+    ckpt: str = options.CKPT,
     data: Path = typer.Option(..., "--data", help="Rollouts: .jsonl, .parquet or VERL parquet."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (or resume)."),
+    out: Path = options.OUT,
     layers: str = typer.Option("all", "--layers", help="Decoder layers: all, 0,4,8-11, -1."),
     heads: str = typer.Option("all", "--heads", help="Query heads: all or a list/range."),
     reduce: str = typer.Option("mean", "--reduce", help="heads (keep each), mean or sum."),
-    batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward."),
-    max_samples: int | None = typer.Option(None, "--max-samples", help="Stop after N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32."),
-    device: str | None = typer.Option(None, "--device", help="e.g. cuda:0 (default: cpu)."),
-    device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto (multi-GPU)."),
+    batch_size: int = options.BATCH_SIZE,
+    max_samples: int | None = options.MAX_SAMPLES,
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+    device_map: str | None = options.DEVICE_MAP,
     qk: bool = typer.Option(True, "--qk/--no-qk", help="Also store post-RoPE Q and K."),
     qk_layers: str = typer.Option("-1", "--qk-layers", help="Layers for Q/K (default: last)."),
     generate: int = typer.Option(0, "--generate", help="Sample N responses per prompt."),
@@ -29,10 +30,10 @@ def capture(
     temperature: float = typer.Option(1.0, "--temperature", help="With --generate; 0 = greedy."),
     top_p: float = typer.Option(1.0, "--top-p", help="With --generate."),
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed rows (recorded)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    resume: bool = options.RESUME,
+    skip_bad: bool = options.SKIP_BAD,
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
+    quiet: bool = options.QUIET,
 ) -> None:
     """Capture response -> image attention (never the S x S matrix) beside an SDPA forward."""
     from vlmcredit.pipelines.capture import CaptureRunConfig, run_capture

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import typer
 
+from vlmcredit.cli import options
 from vlmcredit.cli.common import echo_err, progress_bar, user_errors
 
 SHOWN = 20  # configurations listed in the summary (largest drops first)
@@ -15,9 +16,9 @@ SHOWN = 20  # configurations listed in the summary (largest drops first)
 
 @user_errors
 def probe_heads(
-    ckpt: str = typer.Option(..., "--ckpt", help="Checkpoint folder or cached hub id."),
+    ckpt: str = options.CKPT,
     mme: Path = typer.Option(..., "--mme", help="MME: lmms-lab parquet(s) or MME folder."),
-    out: Path = typer.Option(..., "--out", help="Run folder to write (or resume)."),
+    out: Path = options.OUT,
     categories: str | None = typer.Option(
         None, "--categories", help="Comma-separated MME subtasks (default: all present)."
     ),
@@ -50,12 +51,12 @@ def probe_heads(
         "--feature-cache-mb",
         help="Bound of the image-feature cache, kept on the model's device (0 = off).",
     ),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32."),
-    device: str | None = typer.Option(None, "--device", help="e.g. cuda:0 (default: cpu)."),
-    device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto (multi-GPU)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+    device_map: str | None = options.DEVICE_MAP,
+    resume: bool = options.RESUME,
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip broken MME items (recorded)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or log lines."),
 ) -> None:
     """Ablate heads, re-score MME each time, and list the heads whose ablation hurts most."""

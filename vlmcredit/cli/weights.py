@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from vlmcredit.cli import options
 from vlmcredit.cli.common import progress_bar, user_errors
 
 
@@ -60,15 +61,15 @@ def weights(
     heads_json: Path | None = typer.Option(
         None, "--heads-json", help="Use only the vision-critical heads of a probe-heads run."
     ),
-    batch_size: int = typer.Option(4, "--batch-size", help="Samples per forward."),
-    max_samples: int | None = typer.Option(None, "--max-samples", help="Stop after N."),
-    dtype: str = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32."),
-    device: str | None = typer.Option(None, "--device", help="e.g. cuda:0 (default: cpu)."),
-    device_map: str | None = typer.Option(None, "--device-map", help="e.g. auto (multi-GPU)."),
-    resume: bool = typer.Option(False, "--resume", help="Continue a killed run in --out."),
-    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip malformed rows (recorded)."),
-    trust_remote_code: bool = typer.Option(False, "--trust-remote-code"),
-    quiet: bool = typer.Option(False, "--quiet", help="No progress bar."),
+    batch_size: int = options.BATCH_SIZE,
+    max_samples: int | None = options.MAX_SAMPLES,
+    dtype: str = options.DTYPE,
+    device: str | None = options.DEVICE,
+    device_map: str | None = options.DEVICE_MAP,
+    resume: bool = options.RESUME,
+    skip_bad: bool = options.SKIP_BAD,
+    trust_remote_code: bool = options.TRUST_REMOTE_CODE,
+    quiet: bool = options.QUIET,
     list_methods: bool = typer.Option(
         False, "--list", help="List the registered methods with their parameters and exit."
     ),

@@ -1,0 +1,35 @@
+"""Options every computing command shares, defined once.
+
+Typer reads options from a function's signature, so the groups (checkpoint, run, attention
+heads) are shared as option objects: one definition and one help text that each command puts in
+its signature, then hands to its pipeline's config dataclass.
+"""
+
+from __future__ import annotations
+
+import typer
+
+# -- the checkpoint -----------------------------------------------------------------------------
+CKPT = typer.Option(..., "--ckpt", help="Checkpoint folder or cached hub id.")
+DTYPE = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32.")
+DEVICE = typer.Option(None, "--device", help="e.g. cuda:0 (default: cpu).")
+DEVICE_MAP = typer.Option(None, "--device-map", help="e.g. auto (multi-GPU).")
+TRUST_REMOTE_CODE = typer.Option(
+    False, "--trust-remote-code", help="Allow the checkpoint's own Python code to run."
+)
+
+# -- the run ------------------------------------------------------------------------------------
+OUT = typer.Option(..., "--out", help="Run folder to write (or resume).")
+DATA = typer.Option(..., "--data", help="Rollouts: .jsonl, .parquet or VERL parquet.")
+BATCH_SIZE = typer.Option(4, "--batch-size", help="Samples per forward.")
+MAX_SAMPLES = typer.Option(None, "--max-samples", help="Stop after N.")
+RESUME = typer.Option(False, "--resume", help="Continue a killed run in --out.")
+SKIP_BAD = typer.Option(False, "--skip-bad", help="Skip malformed rows (recorded).")
+QUIET = typer.Option(False, "--quiet", help="No progress bar.")
+
+# -- which attention ----------------------------------------------------------------------------
+LAYERS = typer.Option("all", "--layers", help="Decoder layers: all, 0,4,8-11, -1.")
+HEADS = typer.Option("all", "--heads", help="Query heads: all or a list/range.")
+HEADS_JSON = typer.Option(
+    None, "--heads-json", help="Use only the vision-critical heads of a probe-heads run."
+)
