@@ -49,7 +49,11 @@ def echo_err(message: str) -> None:
 
 @contextmanager
 def progress_bar(label: str, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
-    """A rich progress bar with ETA on stderr; yields `update(done, total)`."""
+    """A rich progress bar with ETA on stderr; yields `update(done, total)`.
+
+    The bar appears at the first update, so option and input errors (found before any work
+    starts) print as one line with no bar around them.
+    """
     if quiet:
         yield lambda _done, _total: None
         return
@@ -71,10 +75,17 @@ def progress_bar(label: str, quiet: bool = False) -> Iterator[Callable[[int, int
         TextColumn("eta"),
         TimeRemainingColumn(),
     )
-    with Progress(*columns, console=Console(stderr=True), transient=False) as bar:
-        task = bar.add_task(label, total=None)
+    bar = Progress(*columns, console=Console(stderr=True), transient=False)
+    task: list[Any] = []
 
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
+    def update(done: int, total: int) -> None:
+        if not task:
+            bar.start()
+            task.append(bar.add_task(label, total=None))
+        bar.update(task[0], completed=done, total=total)
 
+    try:
         yield update
+    finally:
+        if task:
+            bar.stop()

@@ -10,14 +10,13 @@ place, so a failed export leaves nothing behind.
 from __future__ import annotations
 
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmcredit import __version__
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.formats.files import atomic_write_bytes, atomic_write_json, now
+from vlmcredit.formats.files import atomic_write_bytes, atomic_write_json, make_temp_dir, now
 from vlmcredit.formats.heads import HEADS_JSON as HEADS_FILE
 from vlmcredit.formats.heads import read_heads
 from vlmcredit.formats.run import MANIFEST, read_manifest
@@ -70,7 +69,7 @@ def export_run(run: Path, fmt: str, out: Path, heads: Path | None = None) -> Exp
     signals = read_signals(run)  # validates before anything is written
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
         files = _write_folder(tmp, fmt, signals, run, run_manifest, heads_bytes, out)
         if out.exists():

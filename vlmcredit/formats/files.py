@@ -14,6 +14,32 @@ from pathlib import Path
 from typing import Any
 
 
+def user_umask() -> int:
+    """The process umask (read without changing it for good)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def as_user_file(path: Path | str) -> None:
+    """Give a file the permissions a plain `open()` would: 0666 less the umask (mkstemp makes
+    0600, which would hide outputs from the user's group and other accounts)."""
+    os.chmod(path, 0o666 & ~user_umask())
+
+
+def as_user_dir(path: Path | str) -> None:
+    """Give a folder made by mkdtemp (0700) the permissions of a plain `mkdir`."""
+    os.chmod(path, 0o777 & ~user_umask())
+
+
+def make_temp_dir(beside: Path, prefix: str) -> Path:
+    """A scratch folder next to `beside` (same filesystem, so it can be renamed into place),
+    with the user's permissions."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix, dir=beside))
+    as_user_dir(tmp)
+    return tmp
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
@@ -22,6 +48,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        as_user_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

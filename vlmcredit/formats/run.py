@@ -30,6 +30,19 @@ from vlmcredit.formats.files import (
 )
 
 MANIFEST = "manifest.json"
+# What a failed run of ours may leave in its folder: removed when the corrected command starts
+# over there (nothing else is ever deleted).
+FAILED_RUN_LEFTOVERS = (
+    "shard-*.safetensors",
+    "samples.parquet",
+    "predictions",
+    "graphs",
+    "*.parquet",
+    "*.json",
+    ".*.*",
+)
+# Runs opened in this process, so that a pipeline that raises can mark its run failed.
+OPENED: list[Run] = []
 SAMPLES = "samples.parquet"
 SAMPLE_COLUMNS = [
     "id",
@@ -65,8 +78,13 @@ class Run:
     ) -> Run:
         """Start a new run in `path`, or resume it (`resume=True`) if its parameters match."""
         manifest_file = path / MANIFEST
+        if path.exists() and not path.is_dir():
+            raise VlmCreditError(f"--out {path}: is a file; choose a folder for the run")
+        if manifest_file.exists() and _failed_elsewhere(path, command, parameters):
+            _clear_failed_run(path)
         if manifest_file.exists():
-            if not resume:
+            failed = read_manifest(path).get("status") == "failed"
+            if not resume and not failed:
                 raise VlmCreditError(
                     f"--out {path}: already holds a run; pass --resume to continue it or choose "
                     "a new folder"
@@ -85,9 +103,11 @@ class Run:
                 )
             run = cls(path, old, _read_rows(path))
             run._drop_orphan_shards()
+            run.manifest.pop("error", None)
             run.manifest["status"] = "running"
             run.manifest.setdefault("resumed_at", []).append(now())
             run.write_manifest()
+            OPENED.append(run)
             return run
         if path.exists() and any(path.iterdir()):
             raise VlmCreditError(f"--out {path}: exists and is not a run folder; choose a new one")
@@ -105,6 +125,7 @@ class Run:
         }
         run = cls(path, manifest, [])
         run.write_manifest()
+        OPENED.append(run)
         return run
 
     @classmethod
@@ -149,6 +170,13 @@ class Run:
         self.manifest.update(summary)
         self.manifest["finished"] = now()
         self.manifest["status"] = "finished"
+        self.write_manifest()
+
+    def fail(self, error: str) -> None:
+        """Mark the run failed: the same command continues it, a corrected one starts over."""
+        self.manifest["status"] = "failed"
+        self.manifest["error"] = error
+        self.manifest["failed"] = now()
         self.write_manifest()
 
     def _drop_orphan_shards(self) -> None:
@@ -240,3 +268,30 @@ def _cell(value: Any) -> Any:
 
 def _jsonable(obj: Any) -> Any:
     return json.loads(json.dumps(obj, sort_keys=True, default=str))
+
+
+def _failed_elsewhere(path: Path, command: str, parameters: dict[str, Any]) -> bool:
+    """A failed run of the same command there, made with other parameters (the user fixed an
+    option or the data): it is replaced rather than blocking the corrected command."""
+    try:
+        old = read_manifest(path)
+    except VlmCreditError:
+        return False
+    return (
+        old.get("status") == "failed"
+        and old.get("command") == command
+        and old.get("parameters") != _jsonable(parameters)
+    )
+
+
+def _clear_failed_run(path: Path) -> None:
+    """Remove what a failed run of ours wrote (its manifest says it is ours), nothing else."""
+    import shutil
+
+    for pattern in FAILED_RUN_LEFTOVERS:
+        for item in path.glob(pattern):
+            if item.is_dir():
+                shutil.rmtree(item)
+            else:
+                item.unlink()
+    (path / MANIFEST).unlink(missing_ok=True)

@@ -238,6 +238,7 @@ def make_tiny(family: str, out: str | os.PathLike[str], seed: int = 0) -> Path:
         build_image_processor(model_type).save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
         _normalise_json_files(tmp)
+        _user_permissions(tmp)
         if out_path.exists():
             out_path.rmdir()
         os.replace(tmp, out_path)
@@ -245,6 +246,16 @@ def make_tiny(family: str, out: str | os.PathLike[str], seed: int = 0) -> Path:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out_path
+
+
+def _user_permissions(folder: Path) -> None:
+    """mkdtemp (0700) and the safetensors writer (0600) hide files from other accounts; give the
+    checkpoint what a plain mkdir/open would under the user's umask."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(folder, 0o777 & ~mask)
+    for path in folder.rglob("*"):
+        os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~mask)
 
 
 def _reinit_deterministic(model: Any, seed: int) -> None:

@@ -8,25 +8,50 @@ composition (and so the same padding and the same numbers) as an uninterrupted r
 
 from __future__ import annotations
 
+import functools
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.formats.run import MANIFEST, Run
+from vlmcredit.formats.run import MANIFEST, OPENED, Run, read_manifest
 
 # Tests simulate a kill -9 after this many committed units (a real process exit, no cleanup).
 CRASH_ENV = "VLMCREDIT_TEST_CRASH_AFTER_BATCHES"
 
 T = TypeVar("T")
+F = TypeVar("F", bound=Callable[..., Any])
 Progress = Callable[[int, int], None]
 Work = Callable[[Sequence[Any]], tuple[list[dict[str, Any]], dict[str, Any]]]
 
 
+def marks_failure(pipeline: F) -> F:
+    """A pipeline that raises marks the run it opened as failed (status, error, time), so the
+    same command continues it and a corrected one starts over instead of being refused."""
+
+    @functools.wraps(pipeline)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        opened = len(OPENED)
+        try:
+            return pipeline(*args, **kwargs)
+        except BaseException as exc:
+            for run in OPENED[opened:]:
+                if run.manifest.get("status") == "running":
+                    run.fail(str(exc) or type(exc).__name__)
+            raise
+        finally:
+            del OPENED[opened:]
+
+    return wrapper  # type: ignore[return-value]
+
+
 def refuse_taken(out: Path, resume: bool) -> None:
     """Fail fast (before loading a model) when `out` holds a run and --resume was not given."""
-    if (Path(out) / MANIFEST).exists() and not resume:
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise VlmCreditError(f"--out {out}: is a file; choose a folder for the run")
+    if (out / MANIFEST).exists() and not resume and not _failed(out):
         raise VlmCreditError(
             f"--out {out}: already holds a run; pass --resume to continue it or choose a new folder"
         )
@@ -46,6 +71,13 @@ def checkpoint_record(ck: Any, ckpt_id: str) -> dict[str, Any]:
         "tokenizer_sha1": tokenizer_hash(ck.processor),
         "geometry": asdict(ck.geometry),
     }
+
+
+def _failed(out: Path) -> bool:
+    try:
+        return read_manifest(out).get("status") == "failed"
+    except VlmCreditError:
+        return False
 
 
 def batched(items: Sequence[T], size: int) -> list[Sequence[T]]:

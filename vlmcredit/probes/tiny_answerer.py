@@ -10,6 +10,7 @@ probe-heads benchmark; it is a test instrument, not a trained model.
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -80,5 +81,9 @@ def yes_no_checkpoint(
     tensors = load_file(str(tmp / "model.safetensors"))
     tensors["lm_head.weight"] = weight.contiguous()
     save_file(tensors, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    # safetensors writes 0600; the copy keeps the permissions a plain open() would give
+    mask = os.umask(0o022)
+    os.umask(mask)
+    os.chmod(tmp / "model.safetensors", 0o666 & ~mask)
     tmp.rename(dst)  # a half-written checkpoint never sits at `dst`
     return Path(dst)
