@@ -72,6 +72,13 @@ def broken_checkpoints(src: Path, root: Path) -> dict[str, tuple[Path, str]]:
     f = _copy(src, root / "notok")
     (f / "tokenizer.json").unlink()
     cases["no tokenizer"] = (f, "no tokenizer")
+    f = _copy(src, root / "truncated")
+    data = (f / "model.safetensors").read_bytes()
+    (f / "model.safetensors").write_bytes(data[: len(data) // 2])
+    cases["truncated weights"] = (f, "truncated")
+    f = _copy(src, root / "garbage")
+    (f / "model.safetensors").write_bytes(b"\xff" * 8)
+    cases["garbage header"] = (f, "not a complete safetensors file")
     f = root / "empty"
     f.mkdir()
     cases["no config"] = (f, "no config.json")

@@ -6,6 +6,7 @@ stderr and exit status 2; `--debug` (or VLMCREDIT_DEBUG=1) keeps the traceback i
 
 from __future__ import annotations
 
+import errno
 import functools
 import os
 import sys
@@ -27,6 +28,15 @@ class _State:
 state = _State()
 
 
+_OS_ADVICE = {
+    errno.ENOSPC: "free disk space (or choose another --out) and rerun; finished work is kept",
+    errno.EDQUOT: "free quota (or choose another --out) and rerun; finished work is kept",
+    errno.EROFS: "the filesystem is read-only; choose a writable --out",
+    errno.EACCES: "no permission; choose a folder you can write (or fix its permissions)",
+    errno.EPERM: "not permitted; choose a folder you can write",
+}
+
+
 def user_errors(func: F) -> F:
     """Turn `VlmCreditError` into a one-line message and exit 2 (traceback with --debug)."""
 
@@ -39,6 +49,14 @@ def user_errors(func: F) -> F:
                 raise
             typer.echo(f"error: {exc}", err=True)
             raise typer.Exit(exc.exit_code) from None
+        except OSError as exc:
+            # the user's filesystem said no: one line naming the path and what to do
+            advice = _OS_ADVICE.get(exc.errno or 0)
+            if state.debug or advice is None:
+                raise
+            where = exc.filename or "output"
+            typer.echo(f"error: {where}: {exc.strerror}; {advice}", err=True)
+            raise typer.Exit(2) from None
 
     return wrapper  # type: ignore[return-value]
 

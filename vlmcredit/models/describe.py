@@ -5,15 +5,18 @@ Reading headers instead of tensors keeps `vlmcredit info` instant on a 72B check
 
 from __future__ import annotations
 
-import json
 import os
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from vlmcredit.errors import VlmCreditError
 from vlmcredit.models.families import ModelGeometry, adapter_for
-from vlmcredit.models.loading import check_checkpoint_files, read_model_type, resolve_checkpoint
+from vlmcredit.models.loading import (
+    check_checkpoint_files,
+    read_model_type,
+    read_safetensors_header,
+    resolve_checkpoint,
+)
 
 _DTYPE_NAMES = {"BF16": "bf16", "F16": "fp16", "F32": "fp32", "F64": "fp64", "F8_E4M3": "fp8"}
 
@@ -23,12 +26,7 @@ def safetensors_summary(folder: Path) -> tuple[int, str]:
     count = 0
     dtypes: Counter[str] = Counter()
     for path in sorted(folder.glob("*.safetensors")):
-        try:
-            with open(path, "rb") as f:
-                header_len = int.from_bytes(f.read(8), "little")
-                header = json.loads(f.read(header_len))
-        except (OSError, ValueError) as exc:
-            raise VlmCreditError(f"{path}: not a readable safetensors file ({exc})") from None
+        header = read_safetensors_header(path)
         for name, entry in header.items():
             if name == "__metadata__":
                 continue

@@ -97,6 +97,56 @@ def check_checkpoint_files(folder: Path, source: str) -> None:
             f"--ckpt {source}: no tokenizer (tokenizer.json or vocab.json) in {folder}; "
             "copy the tokenizer files from the base model"
         )
+    for path in sorted(folder.glob("*.safetensors")):
+        read_safetensors_header(path, f"--ckpt {source}")
+
+
+_MAX_HEADER = 100 << 20  # safetensors caps its JSON header at 100 MB
+
+
+def read_safetensors_header(path: Path, source: str = "") -> dict[str, Any]:
+    """The JSON header of a safetensors file, checked against the file's size.
+
+    A truncated download or a corrupt file fails here with one line, before the loader would
+    fail deep inside (or allocate what a garbage length field asks for).
+    """
+    where = f"{source}: {path.name}" if source else str(path)
+    advice = "re-download or re-save the checkpoint"
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise VlmCreditError(f"{where}: not a safetensors file (too short); {advice}")
+            header_len = int.from_bytes(head, "little")
+            if header_len > min(_MAX_HEADER, size - 8):
+                raise VlmCreditError(
+                    f"{where}: not a complete safetensors file (header of {header_len} bytes in a "
+                    f"{size}-byte file); {advice}"
+                )
+            header = json.loads(f.read(header_len))
+    except (OSError, ValueError) as exc:
+        raise VlmCreditError(
+            f"{where}: not a readable safetensors file ({exc}); {advice}"
+        ) from None
+    if not isinstance(header, dict):
+        raise VlmCreditError(f"{where}: safetensors header is not a JSON object; {advice}")
+    end = 0
+    for name, entry in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            end = max(end, int(entry["data_offsets"][1]))
+        except (KeyError, TypeError, ValueError, IndexError):
+            raise VlmCreditError(
+                f"{where}: tensor {name!r} has no valid data_offsets; {advice}"
+            ) from None
+    if 8 + header_len + end > size:
+        raise VlmCreditError(
+            f"{where}: truncated ({size} bytes, the header describes {8 + header_len + end}); "
+            f"{advice}"
+        )
+    return header
 
 
 def torch_dtype(dtype: str) -> Any:
@@ -158,6 +208,34 @@ def _processor_without_video(base: type) -> type:
     return _FALLBACK_CLASSES[base]
 
 
+def check_device(device: str | None) -> None:
+    """A device this machine has, or one line saying which it lacks."""
+    if not device:
+        return
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise VlmCreditError(
+            f"--device {device}: not a device name (e.g. cpu, cuda, cuda:1)"
+        ) from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise VlmCreditError(
+                f"--device {device}: this machine has no CUDA GPU visible to torch "
+                f"({torch.__version__}); omit --device to run on CPU, or install a CUDA torch"
+            )
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise VlmCreditError(
+                f"--device {device}: only {torch.cuda.device_count()} CUDA device(s) visible"
+            )
+    elif parsed.type not in ("cpu", "mps", "xpu"):
+        raise VlmCreditError(f"--device {device}: device type {parsed.type!r} is not supported")
+    elif parsed.type != "cpu" and not getattr(torch, parsed.type).is_available():
+        raise VlmCreditError(f"--device {device}: not available on this machine")
+
+
 def load_checkpoint(
     ckpt: str | os.PathLike[str],
     dtype: str = "auto",
@@ -172,6 +250,7 @@ def load_checkpoint(
     """
     if device and device_map:
         raise VlmCreditError("--device and --device-map exclude each other; pass one of them")
+    check_device(device)
     folder = resolve_checkpoint(ckpt)
     source = str(ckpt)
     model_type = read_model_type(folder, source)
