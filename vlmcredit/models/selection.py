@@ -23,7 +23,7 @@ def parse_indices(text: str | None, count: int, option: str) -> list[int] | None
                 out.add(_index(part, count))
         except ValueError:
             raise VlmCreditError(
-                f"{option} {text!r}: '{part}' is not an index or range in 0..{count - 1} "
+                f"{option} {text!r}: {part!r} is not an index or range in 0..{count - 1} "
                 "(use e.g. 'all', '0,2,5-7' or '-1' for the last)"
             ) from None
     return sorted(out)
