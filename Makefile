@@ -13,12 +13,16 @@ STAMP      := $(VENV)/.vlmcredit-installed
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml Makefile
+	@echo "==> setting up $(VENV) (first time: a few minutes; later runs skip this)"
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	@echo "==> installing $(TORCH_SPEC) (CPU build unless TORCH_SPEC says otherwise)"
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
+	@echo "==> installing vlmcredit and its [$(EXTRAS)] extras (transformers, trl, igraph, ...)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
 	@# verl pins transformers<5.11; its loss functions work beside 5.x (tests/export/test_verl.py)
 	$(PY) -m pip install -q --disable-pip-version-check --no-deps verl==0.9.1
 	@touch $(STAMP)
+	@echo "==> ready: run commands as $(VENV)/bin/vlmcredit (or: source $(VENV)/bin/activate)"
 
 test: $(STAMP)
 	$(PY) -m ruff check .
