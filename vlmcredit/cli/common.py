@@ -65,6 +65,18 @@ def echo_err(message: str) -> None:
     print(message, file=sys.stderr)
 
 
+def silence_libraries() -> None:
+    """--quiet: no weight-loading bars or library deprecation chatter either."""
+    import warnings
+
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", category=DeprecationWarning)
+
+
 @contextmanager
 def progress_bar(label: str, quiet: bool = False) -> Iterator[Callable[[int, int], None]]:
     """A rich progress bar with ETA on stderr; yields `update(done, total)`.
@@ -73,6 +85,7 @@ def progress_bar(label: str, quiet: bool = False) -> Iterator[Callable[[int, int
     starts) print as one line with no bar around them.
     """
     if quiet:
+        silence_libraries()
         yield lambda _done, _total: None
         return
     from rich.console import Console
