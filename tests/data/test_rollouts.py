@@ -16,6 +16,7 @@ from PIL import Image
 
 from vlmcredit.data.rollouts import (
     BadRow,
+    RolloutKeys,
     RolloutSet,
     detect_format,
     iter_rollouts,
@@ -145,7 +146,7 @@ def test_jsonl_round_trip(tmp_path: Path) -> None:
     assert _all_same(second.images, [b, outside])
     assert all(img.mode == "RGB" for img in second.images)
     assert second.meta["image_refs"] == ["b.png", str(tmp_path / "other" / "c.png")]
-    assert second.meta["extra"] == {"reward": 0.5}
+    assert second.meta["extra"] == {} and second.meta["reward"] == 0.5
 
 
 def test_relative_paths_resolve_against_the_data_file_not_cwd(
@@ -400,10 +401,12 @@ def test_corrupt_image_is_a_row_error(tmp_path: Path) -> None:
 
 
 def test_duplicate_id(tmp_path: Path) -> None:
+    # the same id and the same response: nothing tells the two rows apart
     _images_for(tmp_path, 3)
     rows = [_row(0), _row(1), _row(2, id="abc"), _row(0, id="zz"), _row(1, id="abc")]
+    rows[4]["response"] = rows[2]["response"]
     path = _write_jsonl(tmp_path / "r.jsonl", rows)
-    _row_error(path, 4, "duplicate id 'abc' (first seen at row 2)")
+    _row_error(path, 4, "duplicate id 'abc' (first seen at row 2) with the same response")
 
 
 def test_skip_bad_records_bad_rows(tmp_path: Path) -> None:
@@ -411,7 +414,7 @@ def test_skip_bad_records_bad_rows(tmp_path: Path) -> None:
     rows = [
         _row(0),
         "{not json",
-        _row(1, id="s0"),  # duplicate of row 0
+        _row(0, id="s0"),  # duplicate of row 0 (same id, same response)
         _row(2, images=["nowhere.png"]),
         _row(2),
     ]
@@ -422,7 +425,9 @@ def test_skip_bad_records_bad_rows(tmp_path: Path) -> None:
     assert [(b.row, b.id) for b in result.bad_rows] == [(1, None), (2, "s0"), (3, "s2")]
     assert all(isinstance(b, BadRow) and "\n" not in b.error for b in result.bad_rows)
     assert result.bad_rows[0].error.startswith("row 1 (line 2): invalid JSON")
-    assert result.bad_rows[1].error == "row 2 (line 3): duplicate id 's0' (first seen at row 0)"
+    assert result.bad_rows[1].error.startswith(
+        "row 2 (line 3): duplicate id 's0' (first seen at row 0) with the same response"
+    )
     assert "nowhere.png" in result.bad_rows[2].error
 
 
@@ -554,3 +559,137 @@ def test_split_image_placeholders() -> None:
     ]
     assert split_image_placeholders("plain") == [{"type": "text", "text": "plain"}]
     assert split_image_placeholders("") == []
+
+
+# --- trainer rollouts: groups, token ids, column keys -------------------------------------
+
+
+def _trainer_row(i: int, **fields: Any) -> dict[str, Any]:
+    row = _row(0, id="g", completion_index=i, response_ids=[10 + i, 11, 2], response=_DROP)
+    row.update(fields)
+    return row
+
+
+def test_group_rows_get_unique_run_ids_and_keep_the_trainer_id(tmp_path: Path) -> None:
+    _images_for(tmp_path, 1)
+    rows = [_trainer_row(k, reward=0.5 * k, advantage=-1.0 + k) for k in (2, 0, 1)]
+    rows[0]["response"] = "the text beside the ids"
+    result = read_rollouts(_write_jsonl(tmp_path / "g.jsonl", rows))
+    samples = result.samples
+    assert [s.id for s in samples] == ["g#2", "g#0", "g#1"]
+    assert [(s.sample_id, s.trainer_id, s.completion_index) for s in samples] == [
+        ("g", "g", 2),
+        ("g", "g", 0),
+        ("g", "g", 1),
+    ]
+    assert [s.response for s in samples] == [[12, 11, 2], [10, 11, 2], [11, 11, 2]]
+    assert samples[0].meta["response_text"] == "the text beside the ids"
+    assert [(s.meta["reward"], s.meta["advantage"]) for s in samples] == [
+        (1.0, 1.0),
+        (0.0, -1.0),
+        (0.5, 0.0),
+    ]
+    assert all(s.meta["extra"] == {} for s in samples)
+
+
+def test_duplicate_completion_index_and_taken_run_ids(tmp_path: Path) -> None:
+    _images_for(tmp_path, 1)
+    path = _write_jsonl(tmp_path / "d.jsonl", [_trainer_row(0), _trainer_row(1), _trainer_row(0)])
+    _row_error(path, 2, "duplicate id 'g' with completion_index 0 (first seen at row 0)")
+    # without an index the second row of 'g' would be 'g#1', which row 0 already holds
+    rows = [_trainer_row(1), _row(0, id="g", response="x"), _row(0, id="g", response="y")]
+    path = _write_jsonl(tmp_path / "t.jsonl", rows)
+    _row_error(path, 2, "run id 'g#1' is already the id of row 0")
+
+
+TRAINER_ROW_ERRORS = {
+    "missing id": ({"id": _DROP}, "missing 'id'"),
+    "ids not a list": ({"response_ids": "1 2 3"}, "'response_ids' must be a list of token ids"),
+    "ids empty": ({"response_ids": []}, "'response_ids' is empty"),
+    "negative id": ({"response_ids": [4, -1]}, "'response_ids'[1] must be a token id"),
+    "float id": ({"response_ids": [4, 2.5]}, "'response_ids'[1] must be a token id"),
+    "bool id": ({"response_ids": [True]}, "'response_ids'[0] must be a token id"),
+    "text id": ({"response_ids": ["7"]}, "'response_ids'[0] must be a token id"),
+    "bad prompt ids": ({"prompt_ids": [1, None]}, "'prompt_ids'[1] must be a token id"),
+    "negative index": ({"completion_index": -1}, "'completion_index' must be an integer >= 0"),
+    "bool index": ({"completion_index": True}, "'completion_index' must be an integer >= 0"),
+    "reward text": ({"reward": "high"}, "'reward' must be a finite number"),
+}
+
+
+@pytest.mark.parametrize("bad", TRAINER_ROW_ERRORS.values(), ids=TRAINER_ROW_ERRORS.keys())
+def test_malformed_trainer_rows_name_the_row(bad: tuple[dict[str, Any], str], tmp_path: Path):
+    _images_for(tmp_path, 1)
+    fields, needle = bad
+    bad_row = _trainer_row(2)
+    for key, value in fields.items():
+        if value is _DROP:
+            bad_row.pop(key)
+        else:
+            bad_row[key] = value
+    path = _write_jsonl(tmp_path / "r.jsonl", [_trainer_row(0), _trainer_row(1), bad_row])
+    _row_error(path, 2, needle, "line 3")
+    result = read_rollouts(path, skip_bad=True)
+    assert [s.id for s in result.samples] == ["g#0", "g#1"]
+    assert [b.row for b in result.bad_rows] == [2]
+
+
+@pytest.mark.parametrize("seed", range(8))
+def test_random_token_id_lists(seed: int, tmp_path: Path) -> None:
+    """Property: a list of ints >= 0 reads back exactly; any other element is a one-line error
+    naming the row and the position of the first bad element."""
+    _images_for(tmp_path, 1)
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 200_000, size=int(rng.integers(1, 40))).tolist()
+    good = read_rollouts(_write_jsonl(tmp_path / "ok.jsonl", [_trainer_row(0, response_ids=ids)]))
+    assert good.samples[0].response == ids
+    spoiled = list(ids)
+    at = int(rng.integers(0, len(ids)))
+    spoiled[at] = [-int(rng.integers(1, 10**6)), 0.5, "x", None, [1]][seed % 5]
+    path = _write_jsonl(tmp_path / "bad.jsonl", [_trainer_row(0, response_ids=spoiled)])
+    _row_error(path, 0, f"'response_ids'[{at}] must be a token id")
+
+
+def test_easyr1_string_prompt_splits_on_image_placeholders(tmp_path: Path) -> None:
+    imgs = _images_for(tmp_path, 2)
+    rows = [
+        {"problem": "A <image> then <image>.", "images": ["img0.png", "img1.png"], "response": "r"},
+        {"problem": "No image here.", "images": [], "response": "s"},
+        {"problem": "<image><image> two", "images": ["img0.png"], "response": "t"},
+    ]
+    path = _write_jsonl(tmp_path / "e.jsonl", rows)
+    keys = RolloutKeys(prompt="problem")
+    message = _error(path, keys=keys)
+    assert "row 2" in message
+    assert "'problem' text has 2 <image> placeholders but 1 images were given" in message
+    first, second = read_rollouts(path, keys=keys, max_samples=2).samples
+    assert first.prompt == [
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "A "},
+                {"type": "image"},
+                {"type": "text", "text": " then "},
+                {"type": "image"},
+                {"type": "text", "text": "."},
+            ],
+        }
+    ]
+    assert _all_same(first.images, imgs)
+    assert second.prompt == "No image here."
+
+
+def test_image_and_response_keys(tmp_path: Path) -> None:
+    _images_for(tmp_path, 1)
+    row = {"id": "a", "pics": ["img0.png"], "question": "Q?", "completion": "yes"}
+    path = _write_jsonl(tmp_path / "k.jsonl", [row])
+    keys = RolloutKeys(prompt="question", images="pics", response="completion")
+    sample = read_rollouts(path, keys=keys).samples[0]
+    assert (sample.prompt, sample.response, len(sample.images)) == ("Q?", "yes", 1)
+    assert sample.meta["extra"] == {}
+    pq.write_table(
+        pa.table({"id": ["a"], "pics": [["img0.png"]], "question": ["Q?"]}),
+        p := tmp_path / "k.parquet",
+    )
+    message = _error(p)
+    assert "no 'images'" in message and "--prompt-key/--image-key/--response-key" in message

@@ -32,6 +32,9 @@ def capture(
     seed: int = typer.Option(0, "--seed", help="Sampling seed."),
     resume: bool = options.RESUME,
     skip_bad: bool = options.SKIP_BAD,
+    prompt_key: str = options.PROMPT_KEY,
+    image_key: str = options.IMAGE_KEY,
+    response_key: str = options.RESPONSE_KEY,
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     quiet: bool = options.QUIET,
 ) -> None:
@@ -57,6 +60,9 @@ def capture(
         generation=GenerationConfig(max_new_tokens, temperature, top_p, seed),
         resume=resume,
         skip_bad=skip_bad,
+        prompt_key=prompt_key,
+        image_key=image_key,
+        response_key=response_key,
         trust_remote_code=trust_remote_code,
     )
     with progress_bar("capture", quiet) as advance:

@@ -25,6 +25,12 @@ BATCH_SIZE = typer.Option(4, "--batch-size", help="Samples per forward.")
 MAX_SAMPLES = typer.Option(None, "--max-samples", help="Stop after N.")
 RESUME = typer.Option(False, "--resume", help="Continue a killed run in --out.")
 SKIP_BAD = typer.Option(False, "--skip-bad", help="Skip malformed rows (recorded).")
+# the trainer's column names (EasyR1: prompt_key problem; VERL: prompt)
+PROMPT_KEY = typer.Option(
+    "prompt", "--prompt-key", help="Rollout column with the prompt (EasyR1: problem)."
+)
+IMAGE_KEY = typer.Option("images", "--image-key", help="Rollout column with the images.")
+RESPONSE_KEY = typer.Option("response", "--response-key", help="Rollout column with the response.")
 QUIET = typer.Option(False, "--quiet", help="No progress bar.")
 
 # -- which attention ----------------------------------------------------------------------------

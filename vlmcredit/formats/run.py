@@ -3,7 +3,8 @@
 Layout of a run (DESIGN.md):
     RUN/manifest.json      tool version, command, checkpoint id + weights hash, tokenizer hash,
                            every parameter and seed, created/finished times, status
-    RUN/samples.parquet    one row per sample: id, source row, image refs, spans, shard, status
+    RUN/samples.parquet    one row per sample: id, the trainer's sample_id and completion_index,
+                           source row, image refs, spans, shard, status
     RUN/shard-NNNNN.safetensors   tensors keyed "<sample id>/<name>"
 
 Every file is written to a temporary name and renamed, so a killed run leaves either the old or
@@ -46,6 +47,8 @@ OPENED: list[Run] = []
 SAMPLES = "samples.parquet"
 SAMPLE_COLUMNS = [
     "id",
+    "sample_id",  # the trainer's id (shared by a GRPO group); None in older runs = id
+    "completion_index",  # index within the trainer's group, when the rollout gave one
     "row",
     "status",
     "error",
@@ -161,6 +164,8 @@ class Run:
             [{c: _cell(r.get(c)) for c in SAMPLE_COLUMNS} for r in self.rows],
             columns=SAMPLE_COLUMNS,
         )
+        # nullable ints: an all-None or partly-None column would otherwise become float or object
+        frame["completion_index"] = frame["completion_index"].astype("Int64")
         atomic_write_parquet(self.path / SAMPLES, frame)
 
     def write_manifest(self) -> None:
@@ -254,10 +259,20 @@ def _read_rows(path: Path) -> list[dict[str, Any]]:
         raise VlmCreditError(f"{file}: unreadable parquet ({exc}); rerun the command") from None
     rows = frame.to_dict("records")
     for row in rows:
+        index = row.get("completion_index")
+        if "completion_index" in row:
+            row["completion_index"] = None if pd.isna(index) else int(index)
         for key in ("prompt_span", "response_span", "image_refs"):
             if row.get(key) is not None:
                 row[key] = list(row[key])
     return rows
+
+
+def row_sample_id(row: dict[str, Any]) -> str:
+    """The trainer's id of a samples.parquet row (signals are keyed by it); runs written before
+    the column existed, and bad rows, fall back to the row's own id."""
+    value = row.get("sample_id")
+    return value if isinstance(value, str) else str(row["id"])
 
 
 def _cell(value: Any) -> Any:

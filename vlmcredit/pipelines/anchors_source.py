@@ -85,14 +85,27 @@ def capture_run_items(
 
 def images_of_capture_run(capture: Run) -> dict[str, list[Any]]:
     """The capture run's images (for thumbnails) when its data file is still there unchanged."""
-    from vlmcredit.data.rollouts import read_rollouts
+    from vlmcredit.data.rollouts import RolloutKeys, read_rollouts
     from vlmcredit.formats.provenance import file_sha1
 
     params = capture.manifest.get("parameters", {})
     data = Path(params.get("data", ""))
     if not data.is_file() or file_sha1(data) != params.get("data_sha1"):
         return {}
-    rollouts = read_rollouts(data, skip_bad=True, max_samples=params.get("max_samples"))
+    # the capture's own column names, so run ids (group members' "id#k" included) line up
+    default = RolloutKeys()
+    keys = RolloutKeys(
+        prompt=params.get("prompt_key", default.prompt),
+        images=params.get("image_key", default.images),
+        response=params.get("response_key", default.response),
+    )
+    rollouts = read_rollouts(
+        data,
+        skip_bad=True,
+        max_samples=params.get("max_samples"),
+        require_response=not params.get("generate"),
+        keys=keys,
+    )
     return {s.id: list(s.images) for s in rollouts.samples}
 
 

@@ -7,7 +7,7 @@ the first uncommitted batch.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +18,13 @@ from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.provenance import file_sha1
 from vlmcredit.formats.run import Run
 from vlmcredit.models.selection import parse_indices
-from vlmcredit.pipelines.skeleton import batched, checkpoint_record, drive, refuse_taken
+from vlmcredit.pipelines.skeleton import (
+    batched,
+    checkpoint_record,
+    drive,
+    marks_failure,
+    refuse_taken,
+)
 from vlmcredit.probes.capture import REDUCTIONS, CaptureSpec
 from vlmcredit.probes.response_attention import (
     CapturedSample,
@@ -48,6 +54,9 @@ class CaptureRunConfig:
     resume: bool = False
     skip_bad: bool = False
     trust_remote_code: bool = False
+    prompt_key: str = "prompt"  # rollout columns (EasyR1: prompt_key "problem")
+    image_key: str = "images"
+    response_key: str = "response"
 
     def check(self) -> None:
         if self.reduce not in REDUCTIONS:
@@ -74,9 +83,17 @@ class CaptureRunConfig:
 
 
 def expand_generations(samples: Sequence[Sample], n: int) -> list[Sample]:
-    """n prompt-only copies of each sample, ids suffixed #g0..#g{n-1}."""
+    """n prompt-only copies of each sample, ids suffixed #g0..#g{n-1}: one group per prompt,
+    sharing the prompt's id as `sample_id` (the signals key), completion_index k."""
     return [
-        Sample(s.images, s.prompt, "", f"{s.id}#g{k}", {**s.meta, "generation": k})
+        replace(
+            s,
+            response="",
+            id=f"{s.id}#g{k}",
+            meta={**s.meta, "generation": k},
+            sample_id=s.trainer_id,
+            completion_index=k,
+        )
         for s in samples
         for k in range(n)
     ]
@@ -115,6 +132,8 @@ def sample_row(item: CapturedSample) -> dict[str, Any]:
     start = layout.prompt_span[0]
     return {
         "id": item.sample.id,
+        "sample_id": item.sample.trainer_id,
+        "completion_index": item.sample.completion_index,
         "row": item.sample.meta.get("row"),
         "status": "done",
         "error": None,
@@ -126,6 +145,7 @@ def sample_row(item: CapturedSample) -> dict[str, Any]:
     }
 
 
+@marks_failure
 def run_capture(
     cfg: CaptureRunConfig,
     progress: Callable[[int, int], None] | None = None,
@@ -134,6 +154,7 @@ def run_capture(
     """Capture every sample of `cfg.data` into the run directory `cfg.out`."""
     from vlmcredit.data.rollouts import read_rollouts
     from vlmcredit.models.loading import load_checkpoint
+    from vlmcredit.pipelines.rollout_checks import rollout_keys, screen_samples
 
     cfg.check()
     if not Path(cfg.data).is_file():
@@ -144,6 +165,7 @@ def run_capture(
         skip_bad=cfg.skip_bad,
         max_samples=cfg.max_samples,
         require_response=cfg.generate == 0,
+        keys=rollout_keys(cfg),
     )
     samples = rollouts.samples
     if cfg.generate:
@@ -152,6 +174,9 @@ def run_capture(
         raise VlmCreditError(f"--data {cfg.data}: no usable samples")
 
     ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    samples, screened_out = screen_samples(ck, samples, cfg.skip_bad)
+    if not samples:
+        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
     geo = ck.geometry
     spec = CaptureSpec(
         layers=parse_indices(cfg.layers, geo.num_layers, "--layers"),
@@ -177,16 +202,13 @@ def run_capture(
         },
     }
     run = Run.open(Path(cfg.out), "capture", cfg.parameters(), cfg.resume, extra)
-    if not run.rows and rollouts.bad_rows:
-        run.commit(b.record() for b in rollouts.bad_rows)
+    if not run.rows and (rollouts.bad_rows or screened_out):
+        run.commit([*(b.record() for b in rollouts.bad_rows), *screened_out])
 
     def work(batch: Sequence[Sample]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if cfg.generate:
             responses, _ = generate_responses(ck, batch, cfg.generation)
-            batch = [
-                Sample(s.images, s.prompt, r, s.id, s.meta)
-                for s, r in zip(batch, responses, strict=True)
-            ]
+            batch = [replace(s, response=r) for s, r in zip(batch, responses, strict=True)]
         items = capture_samples(ck, batch, spec)
         tensors: dict[str, Any] = {}
         for item in items:
