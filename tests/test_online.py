@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 import torch
@@ -19,16 +21,24 @@ from vlmcredit.probes.response_attention import capture_batch_attention, capture
 FAMILY = "qwen2.5-vl"
 
 
-def trainer_batch(ck, samples: list[Sample]) -> dict[str, torch.Tensor]:
-    """Prompt block left padded + response block right padded, as a GRPO trainer holds it."""
+def trainer_batch(
+    ck, samples: list[Sample], type_ids_padding: str | None = None
+) -> dict[str, torch.Tensor]:
+    """Prompt block left padded + response block right padded, as a GRPO trainer holds it.
+
+    `type_ids_padding` adds `mm_token_type_ids` the way TRL builds them: from one processor
+    call over the batch that pads on that side, extended with zeros over the responses, while
+    the prompt ids themselves are left padded. With "right" they are shifted on shorter rows.
+    """
     tok = ck.tokenizer
     pad = tok.pad_token_id
     prompts, pixels, grids, responses = [], [], [], []
     for s in samples:
         enc = encode_samples(ck.processor, ck.geometry, [Sample(s.images, s.prompt, [], s.id)])
         prompts.append(enc.inputs["input_ids"][0])
-        pixels.append(enc.inputs["pixel_values"])
-        grids.append(enc.inputs["image_grid_thw"])
+        if s.images:
+            pixels.append(enc.inputs["pixel_values"])
+            grids.append(enc.inputs["image_grid_thw"])
         responses.append(torch.tensor(tok(s.response, add_special_tokens=False)["input_ids"]))
     p, t = max(len(x) for x in prompts), max(len(x) for x in responses)
     b = len(samples)
@@ -40,13 +50,61 @@ def trainer_batch(ck, samples: list[Sample]) -> dict[str, torch.Tensor]:
         input_ids[i, p : p + len(resp)] = resp
         attention_mask[i, p - len(prompt) : p + len(resp)] = 1
         response_mask[i, : len(resp)] = 1
-    return {
+    batch = {
         "input_ids": input_ids,
         "attention_mask": attention_mask,
         "response_mask": response_mask,
-        "pixel_values": torch.cat(pixels),
-        "image_grid_thw": torch.cat(grids),
     }
+    if pixels:
+        batch["pixel_values"] = torch.cat(pixels)
+        batch["image_grid_thw"] = torch.cat(grids)
+    if type_ids_padding is not None:
+        # The chat text of each prompt, one placeholder per image (the processor expands it).
+        texts = [re.sub(r"(<\|image_pad\|>)+", "<|image_pad|>", tok.decode(x)) for x in prompts]
+        enc = ck.processor(
+            images=[s.images for s in samples],
+            text=texts,
+            padding=True,
+            padding_side=type_ids_padding,
+            return_tensors="pt",
+            add_special_tokens=False,
+        )
+        assert enc["input_ids"].shape[1] == p
+        batch["mm_token_type_ids"] = torch.cat(
+            [enc["mm_token_type_ids"], torch.zeros((b, t), dtype=torch.long)], dim=1
+        )
+    return batch
+
+
+def eager_attention(model, batch: dict[str, torch.Tensor], b: int, geo) -> torch.Tensor:
+    """The reference: row b alone (no padding), global eager attention with output_attentions;
+    (L, 1, T, N) response x image attention, mean over heads."""
+    keep = batch["attention_mask"][b].bool()
+    ids = batch["input_ids"][b][keep][None]
+    n_resp = int(batch["response_mask"][b].sum())
+    image_rows = [int((batch["input_ids"][i] == geo.image_token_id).any()) for i in range(b)]
+    grid = batch["image_grid_thw"][sum(image_rows) : sum(image_rows) + 1]
+    start = int(batch["image_grid_thw"][: sum(image_rows)].prod(-1).sum())
+    pixel_values = batch["pixel_values"][start : start + int(grid.prod())]
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "mm_token_type_ids": (ids == geo.image_token_id).long(),
+        "pixel_values": pixel_values,
+        "image_grid_thw": grid,
+    }
+    previous = model.config.text_config._attn_implementation
+    model.set_attn_implementation("eager")
+    try:
+        with torch.no_grad():
+            out = model(**inputs, output_attentions=True)
+    finally:
+        model.set_attn_implementation({"text_config": previous, "vision_config": "sdpa"})
+    image = torch.nonzero(ids[0] == geo.image_token_id).flatten()
+    s = ids.shape[1]
+    rows = torch.arange(s - n_resp, s)
+    block = torch.stack([a[0][:, rows][:, :, image] for a in out.attentions])  # (L, H, T, N)
+    return block.mean(1, keepdim=True)
 
 
 @pytest.fixture(scope="module")
@@ -77,15 +135,74 @@ def test_online_anchor_weights_equal_the_offline_path(loaded, samples) -> None:
         assert torch.allclose(got, item.capture.attention, atol=1e-5)
 
 
-def test_unknown_method_and_text_only_rows_are_refused(loaded, samples) -> None:
+def test_unknown_method_is_refused(loaded, samples) -> None:
     ck = loaded(FAMILY)
-    batch = trainer_batch(ck, samples)
     with pytest.raises(VlmCreditError, match="unknown; choose one of anchors"):
-        online.weights(ck.model, batch, method="nope")
-    text_only = dict(batch)
-    text_only["input_ids"] = batch["input_ids"].clone()
-    text_only["input_ids"][0][text_only["input_ids"][0] == ck.geometry.image_token_id] = 0
-    text_only.pop("pixel_values")
-    text_only.pop("image_grid_thw")
-    with pytest.raises(VlmCreditError, match="no image tokens"):
-        online.weights(ck.model, text_only)
+        online.weights(ck.model, trainer_batch(ck, samples), method="nope")
+
+
+@pytest.fixture(scope="module")
+def uneven_samples() -> list[Sample]:
+    """Prompts of different lengths (text and image size), so the prompt block is padded."""
+    return [
+        Sample([noise_image(56, 56, 7)], "Hi?", "Dots and more dots here.", "short"),
+        Sample(
+            [noise_image(112, 140, 8)],
+            "Which colours dominate this fairly large and noisy picture, and where?",
+            "Mostly red.",
+            "long",
+        ),
+        Sample([noise_image(84, 84, 9)], "Describe the image briefly.", "Noise " * 5, "mid"),
+    ]
+
+
+@pytest.mark.parametrize("padding", ["left", "right"])
+def test_online_attention_equals_eager_with_left_and_right_padded_type_ids(
+    loaded, uneven_samples, padding: str
+) -> None:
+    """TRL passes mm_token_type_ids from a processor call that pads on the processor's side;
+    with right padding they are shifted on the shorter rows. The online path rebuilds them from
+    input_ids, so both equal eager attention of each row alone, and the weights equal the
+    offline path's."""
+    ck = loaded(FAMILY)
+    geo = ck.geometry
+    batch = trainer_batch(ck, uneven_samples, type_ids_padding=padding)
+    rebuilt = (batch["input_ids"] == geo.image_token_id).long()
+    shifted = not torch.equal(batch["mm_token_type_ids"], rebuilt)
+    assert shifted == (padding == "right")  # the case the rebuild exists for
+    online_attention = capture_batch_attention(ck.model, batch)
+    for b, got in enumerate(online_attention):
+        want = eager_attention(ck.model, batch, b, geo)
+        assert got is not None and got.shape == want.shape
+        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-4)
+    weights = online.weights(ck.model, batch, method="anchors")
+    offline = capture_samples(ck, uneven_samples, CaptureSpec(reduce="mean"))
+    for b, item in enumerate(offline):
+        reference = label_anchors(
+            aggregate_attention(item.capture.attention.numpy()), AnchorConfig()
+        )
+        assert np.array_equal(weights[b, : len(item.response_ids)].numpy(), reference.weight)
+
+
+def test_text_only_rows_keep_weight_one_and_are_counted(loaded, samples, caplog) -> None:
+    """A mixed batch (a text-only prompt beside image prompts) trains: the text-only row gets
+    weight 1 everywhere and is counted; the image rows get what they get alone."""
+    ck = loaded(FAMILY)
+    text_only = Sample([], "Tell me a short story.", "Once upon a time there was noise.", "t")
+    mixed = [samples[0], text_only, samples[1]]
+    batch = trainer_batch(ck, mixed)
+    result = online.compute(ck.model, batch, method="anchors")
+    assert result.text_only_rows == [1]
+    assert torch.all(result.weights[1] == 1.0)
+    alone = online.weights(ck.model, trainer_batch(ck, samples), method="anchors")
+    for row, ref in ((0, 0), (2, 1)):
+        n = int(batch["response_mask"][row].sum())
+        assert torch.equal(result.weights[row, :n], alone[ref, :n])
+        assert (result.weights[row, :n] == 0).any()  # anchors, not a default
+    with caplog.at_level("INFO", logger="vlmcredit.online"):
+        online.weights(ck.model, batch, method="anchors")
+    assert "1 of 3 batch rows have no image tokens" in caplog.text
+    # A batch with no image at all: every row keeps weight 1, no forward needed.
+    only_text = trainer_batch(ck, [text_only])
+    result = online.compute(ck.model, only_text, method="anchors")
+    assert result.text_only_rows == [0] and torch.all(result.weights == 1.0)

@@ -6,7 +6,8 @@ TRL samples the same completions; the test then compares what TRL itself compute
   gradients and updated parameters exactly;
 - anchor-like 0/1 weights: per-token gradient = weight x plain gradient (0 where weight is 0),
   and the loss equals the hand-computed dapo loss -sum(A * w * m) / sum(m);
-- a responses missing from the file keep weight 1 and are counted in the logged metrics;
+- a response missing from the file stops training with an error naming it (default); with
+  on_miss="keep" it keeps weight 1, with "drop" weight 0, counted in the logged metrics;
 - a selected-token denominator divides by the selected tokens only;
 - an online weights_fn receives the batch contract (prompt + response ids, response mask,
   pixel values) and its weights enter the same way.
@@ -14,6 +15,7 @@ TRL samples the same completions; the test then compares what TRL itself compute
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +23,7 @@ import pytest
 import torch
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.formats.signals import SignalsMeta, write_signals
+from vlmcredit.formats.signals import SignalsMeta, response_id, write_signals
 
 NUM_GENERATIONS = 2
 COMPLETION_LENGTH = 6
@@ -195,9 +197,9 @@ def test_weights_of_one_reproduce_plain_trl_exactly(trl_setup, plain) -> None:
 def test_anchor_weights_zero_the_gradient_of_unselected_tokens(trl_setup, plain) -> None:
     from vlmcredit.export.trl import VlmCreditGRPOTrainer
 
-    # Completion 3 is left out of the file: a fresh rollout, weight 1, counted as a miss.
+    # Completion 3 is left out of the file: kept at weight 1 on request, counted as a miss.
     folder = write_weights(trl_setup, plain, "anchors", anchor_weights, skip=(3,))
-    run = train_one_step(trl_setup, VlmCreditGRPOTrainer, "anchors", signals=folder)
+    run = train_one_step(trl_setup, VlmCreditGRPOTrainer, "anchors", signals=folder, on_miss="keep")
     assert run["completions"] == plain["completions"]
     table = {
         ids: torch.tensor(anchor_weights(k, len(ids)) if k != 3 else [1.0] * len(ids))
@@ -218,8 +220,36 @@ def test_anchor_weights_zero_the_gradient_of_unselected_tokens(trl_setup, plain)
     changed = [n for n, v in plain["params"].items() if not torch.equal(run["params"][n], v)]
     assert changed  # the update moved in a different direction from the plain one
     assert run["logs"]["vlmcredit/rows_missed"] == 1
+    assert run["logs"]["vlmcredit/match_rate"] == 0.75
     assert run["logs"]["vlmcredit/tokens_missed"] == COMPLETION_LENGTH
     assert run["trainer"].signal_misses == {"rows": 1, "tokens": COMPLETION_LENGTH}
+
+
+def test_a_missing_completion_stops_training_unless_told(trl_setup, plain) -> None:
+    from vlmcredit.export.trl import VlmCreditGRPOTrainer
+
+    folder = write_weights(trl_setup, plain, "missing", anchor_weights, skip=(2,))
+    sid, ids = plain["completions"][2]
+    with pytest.raises(VlmCreditError) as err:
+        train_one_step(trl_setup, VlmCreditGRPOTrainer, "missing-error", signals=folder)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"sample {sid!r}" in message and response_id(list(ids))[:12] in message
+    assert "3 of 4 responses matched (75%)" in message and "on_miss='keep'" in message
+    # "drop": the missing completion gets weight 0, so no gradient at all.
+    run = train_one_step(
+        trl_setup, VlmCreditGRPOTrainer, "missing-drop", signals=folder, on_miss="drop"
+    )
+    table = {
+        c: torch.tensor(anchor_weights(k, len(c)) if k != 2 else [0.0] * len(c))
+        for k, (_sid, c) in enumerate(plain["completions"])
+    }
+    w = loss_row_weights(run, table)
+    assert torch.equal(run["grad_logp"], w * plain["grad_logp"])
+    dropped = [i for i, r in enumerate(run["loss_completions"]) if tuple(r.tolist()) == ids]
+    assert dropped and (run["grad_logp"][dropped] == 0).all()
+    assert run["logs"]["vlmcredit/rows_missed"] == 1
+    assert run["logs"]["vlmcredit/match_rate"] == 0.75
 
 
 def test_selected_tokens_denominator(trl_setup, plain) -> None:
@@ -256,7 +286,19 @@ def test_online_weights_fn(trl_setup, plain) -> None:
         t = batch["response_mask"].shape[1]
         return position_weights[:t].expand(batch["response_mask"].shape[0], t).clone()
 
-    run = train_one_step(trl_setup, VlmCreditGRPOTrainer, "online", weights_fn=by_position)
+    recorded = trl_setup["root"] / "online-rollouts.jsonl"
+    run = train_one_step(
+        trl_setup,
+        VlmCreditGRPOTrainer,
+        "online",
+        weights_fn=by_position,
+        record_rollouts=recorded,
+    )
+    # The built-in recorder writes the rollouts with TRL's advantages before weighting.
+    rows = [json.loads(line) for line in recorded.read_text().splitlines()]
+    assert [(r["id"], tuple(r["response_ids"])) for r in rows] == plain["completions"]
+    assert [r["advantage"] for r in rows] == pytest.approx(plain["advantages"])
+    assert [r["completion_index"] for r in rows] == [0, 1, 0, 1]
     (batch,) = seen
     assert set(batch) >= {"input_ids", "attention_mask", "response_mask", "pixel_values"}
     assert set(batch) >= {"image_grid_thw", "mm_token_type_ids"}

@@ -2,11 +2,18 @@
 
 TRL's loss accepts (B, T) advantages (it unsqueezes only 1-D ones), so the weights enter by
 replacing `advantages` with `advantages[:, None] * weights` right after TRL has generated,
-scored and normalised a batch; the clipped surrogate, KL and every loss type then run unchanged.
-Weights come from a signals file (replayed rollouts: looked up by the dataset's sample id and
-the completion's token ids; responses with no entry keep weight 1 and are counted in the logged
-metrics `vlmcredit/rows_missed` and `vlmcredit/tokens_missed`) or from a callable for fresh
-rollouts (`weights_fn(model, batch)`, e.g. `vlmcredit.online.weights`).
+scored and normalised a batch; the surrogate and its aggregation then run unchanged. Loss
+configurations where that does not scale each token's gradient by its weight (beta > 0, a
+sequence-level ratio, the entropy bonus; the table in `trl_modes`) are refused at construction.
+
+Weights come from a signals file (replayed rollouts, e.g. recorded with `record_rollouts`:
+looked up by the dataset's sample id and the completion's exact token ids) or from a callable
+for fresh rollouts (`weights_fn(model, batch)`, e.g. `vlmcredit.online.weights`). A completion
+with no signals row stops training with an error naming it (`on_miss="error"`, the default);
+`on_miss="keep"` trains it at weight 1, `"drop"` at weight 0. Every step logs
+`vlmcredit/match_rate`, `vlmcredit/rows_found`, `vlmcredit/rows_missed` and
+`vlmcredit/tokens_missed` (replay) or `vlmcredit/rows_text_only` (online: rows without image
+tokens, which `online.weights` leaves at weight 1).
 
 A signals file whose loss denominator is the selected tokens restricts TRL's loss mask to them
 (through TRL's own `tool_mask`, which multiplies into the mask every loss type normalises by).
@@ -23,8 +30,10 @@ import torch
 from trl import GRPOTrainer
 
 from vlmcredit.errors import VlmCreditError
+from vlmcredit.export.trl_modes import refusal
+from vlmcredit.export.trl_rollouts import RolloutRecorder
 from vlmcredit.formats.provenance import tokenizer_hash
-from vlmcredit.formats.signals import LOSS_DENOMINATORS, Signals, read_signals
+from vlmcredit.formats.signals import LOSS_DENOMINATORS, ON_MISS, Signals, read_signals
 
 WeightsFn = Callable[[Any, Mapping[str, torch.Tensor]], torch.Tensor]
 # Loss types that divide by a constant (not by the masked token count) cannot average over the
@@ -36,10 +45,13 @@ _FORWARD_KEYS = ("pixel_values", "image_grid_thw", "mm_token_type_ids")
 class VlmCreditGRPOTrainer(GRPOTrainer):
     """`trl.GRPOTrainer` with vlmcredit's per-token advantage weights.
 
-    Pass exactly one of `signals` (a signals folder/file or a loaded `Signals`) or `weights_fn`.
-    `sample_id_column` names the dataset column holding the rollout id the signals were
-    exported with. `loss_denominator` overrides the signals manifest's (default for a
-    `weights_fn`: all_tokens). All other arguments are GRPOTrainer's.
+    Pass one of `signals` (a signals folder/file or a loaded `Signals`) or `weights_fn`, or
+    neither with `record_rollouts` (plain GRPO that records its rollouts). `sample_id_column`
+    names the dataset column holding the rollout id. `on_miss` ("error", "keep", "drop") says
+    what a replayed completion without a signals row gets. `loss_denominator` overrides the
+    signals manifest's (default for a `weights_fn`: all_tokens). `record_rollouts` writes every
+    training batch's rollouts (advantages before weighting) to that JSONL file. All other
+    arguments are GRPOTrainer's.
     """
 
     def __init__(
@@ -49,13 +61,36 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
         weights_fn: WeightsFn | None = None,
         sample_id_column: str = "sample_id",
         loss_denominator: str | None = None,
+        on_miss: str = "error",
+        record_rollouts: str | os.PathLike[str] | None = None,
         **kwargs: Any,
     ) -> None:
-        if (signals is None) == (weights_fn is None):
-            raise VlmCreditError("VlmCreditGRPOTrainer: pass exactly one of signals or weights_fn")
+        if signals is not None and weights_fn is not None:
+            raise VlmCreditError("VlmCreditGRPOTrainer: pass signals or weights_fn, not both")
+        if signals is None and weights_fn is None and record_rollouts is None:
+            raise VlmCreditError(
+                "VlmCreditGRPOTrainer: pass exactly one of signals or weights_fn (or "
+                "record_rollouts alone to record a plain GRPO run)"
+            )
+        if on_miss not in ON_MISS:
+            raise VlmCreditError(f"on_miss {on_miss!r}: choose one of {', '.join(ON_MISS)}")
+        self.weighting = signals is not None or weights_fn is not None
+        # Refused before TRL builds anything (a beta > 0 trainer would load a reference model).
+        config = kwargs.get("args", args[2] if len(args) > 2 else None)
+        if self.weighting and config is not None:
+            reason = refusal(
+                config.loss_type,
+                config.importance_sampling_level,
+                config.beta,
+                config.entropy_coef,
+                config.use_adaptive_entropy,
+            )
+            if reason is not None:
+                raise VlmCreditError(f"VlmCreditGRPOTrainer: {reason}")
         super().__init__(*args, **kwargs)
         self.weights_fn = weights_fn
         self.sample_id_column = sample_id_column
+        self.on_miss = on_miss
         self.signals: Signals | None = None
         if signals is not None:
             tok_sha1 = tokenizer_hash(self.processing_class)
@@ -91,10 +126,19 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
             )
         self.loss_denominator = denominator
         self.signal_misses = {"rows": 0, "tokens": 0}
+        self.rows_text_only = 0
+        self.recorder: RolloutRecorder | None = None
+        if record_rollouts is not None:
+            recorder = RolloutRecorder(record_rollouts, sample_id_column)
+            self.recorder = recorder.attach(self, wrap_generation=False)
 
     # The one TRL method we extend: it returns the batch the loss consumes.
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
         output = super()._generate_and_score_completions(inputs)
+        if self.recorder is not None:
+            self.recorder.record(self, inputs, output)
+        if not self.weighting:
+            return output
         completion_ids = output["completion_ids"]
         completion_mask = output["completion_mask"]
         if self.signals is not None:
@@ -128,7 +172,9 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
                 f"a training example has no {self.sample_id_column!r}; every row needs its "
                 "rollout id"
             ) from None
-        found = self.signals.batch_weights(sample_ids, completion_ids.cpu(), mask.cpu())
+        found = self.signals.batch_weights(
+            sample_ids, completion_ids.cpu(), mask.cpu(), on_miss=self.on_miss
+        )
         counts = torch.tensor(
             [found.rows_missed, found.tokens_missed, found.rows_found],
             dtype=torch.float32,
@@ -138,6 +184,10 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
         self.signal_misses["rows"] += found.rows_missed
         self.signal_misses["tokens"] += found.tokens_missed
         mode = "train" if self.model.training else "eval"
+        total = (rows_found + missed_rows).item()
+        self._metrics[mode]["vlmcredit/match_rate"].append(
+            rows_found.item() / total if total else 1.0
+        )
         self._metrics[mode]["vlmcredit/rows_missed"].append(missed_rows.item())
         self._metrics[mode]["vlmcredit/tokens_missed"].append(missed_tokens.item())
         self._metrics[mode]["vlmcredit/rows_found"].append(rows_found.item())
@@ -153,6 +203,15 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
         }
         batch.update({k: output[k] for k in _FORWARD_KEYS if k in output})
         model = self.accelerator.unwrap_model(self.model)
+        # Rows without image tokens (text-only prompts of a mixed dataset): online.weights
+        # leaves them at weight 1; counted here whatever the weights_fn.
+        image_token_id = getattr(model.config, "image_token_id", None)
+        if image_token_id is not None:
+            text_only = (~(output["prompt_ids"] == image_token_id).any(dim=1)).sum()
+            text_only = self.accelerator.gather(text_only.reshape(1)).sum().item()
+            self.rows_text_only += int(text_only)
+            mode = "train" if self.model.training else "eval"
+            self._metrics[mode]["vlmcredit/rows_text_only"].append(float(text_only))
         with torch.no_grad():
             weights = self.weights_fn(model, batch)
         expected = tuple(output["completion_ids"].shape)

@@ -30,6 +30,9 @@ FORMAT = "vlmcredit-signals"
 FORMAT_VERSION = 1
 LOSS_DENOMINATORS = ("all_tokens", "selected_tokens")
 SELECTION_SCOPES = ("per_response", "per_batch")
+# What a trainer does with a response the signals do not hold: stop (default in the adapters),
+# keep it at weight 1 (plain GRPO for that response) or drop it (weight 0).
+ON_MISS = ("error", "keep", "drop")
 
 # List columns aligned to the response tokens, with their numpy dtype in memory.
 LIST_COLUMNS: dict[str, str] = {
@@ -109,6 +112,13 @@ class BatchWeights:
     rows_found: int
     rows_missed: int
     tokens_missed: int
+    missed: list[int] = field(default_factory=list)  # batch rows with no entry
+
+    @property
+    def match_rate(self) -> float:
+        """Share of the batch's (non-empty) responses found in the signals; 1.0 for none."""
+        total = self.rows_found + self.rows_missed
+        return 1.0 if total == 0 else self.rows_found / total
 
 
 @dataclass
@@ -171,20 +181,29 @@ class Signals:
             return np.asarray(row["mask"], dtype=bool)
         return np.asarray(row["weight"]) != 0
 
-    def batch_weights(self, sample_ids: Sequence[str], token_ids: Any, mask: Any) -> BatchWeights:
-        """(B, T) weights for a right-padded batch of responses; absent rows get weight 1.
+    def batch_weights(
+        self, sample_ids: Sequence[str], token_ids: Any, mask: Any, on_miss: str = "keep"
+    ) -> BatchWeights:
+        """(B, T) weights for a right-padded batch of responses, looked up by sample id + exact
+        response token ids.
 
         `token_ids` and `mask` are (B, T) tensors as trainers hold them (TRL's completion_ids
         and completion_mask, VERL's responses and response_mask); a row's response is its
         tokens where mask is 1. Rows whose mask is all zero are skipped (no loss either).
+        A response with no entry: `on_miss="error"` raises naming the first one and the batch's
+        match rate; "keep" gives it weight 1, "drop" weight 0 (and no selected tokens); both
+        count it in `rows_missed` / `missed`.
         """
         import torch
 
+        if on_miss not in ON_MISS:
+            raise VlmCreditError(f"on_miss {on_miss!r}: choose one of {', '.join(ON_MISS)}")
         ids = torch.as_tensor(token_ids)
         valid = torch.as_tensor(mask).bool()
         weights = torch.ones(ids.shape, dtype=torch.float32)
         selected = valid.clone()
-        found = missed = tokens_missed = 0
+        found = tokens_missed = 0
+        missed: list[int] = []
         for b, sid in enumerate(sample_ids):
             row_mask = valid[b]
             n = int(row_mask.sum())
@@ -193,15 +212,29 @@ class Signals:
             tokens = ids[b][row_mask].tolist()
             w = self.lookup(str(sid), tokens)
             if w is None:
-                missed += 1
+                missed.append(b)
                 tokens_missed += n
+                if on_miss == "drop":
+                    weights[b, row_mask] = 0.0
+                    selected[b] = False
                 continue
             found += 1
             positions = row_mask.nonzero().flatten()
             weights[b, positions] = torch.tensor(w, dtype=torch.float32)
             sel = self.selection(str(sid), tokens)
             selected[b, positions] = torch.tensor(np.asarray(sel, dtype=bool))
-        return BatchWeights(weights, selected, found, missed, tokens_missed)
+        result = BatchWeights(weights, selected, found, len(missed), tokens_missed, missed)
+        if missed and on_miss == "error":
+            b = missed[0]
+            tokens = ids[b][valid[b]].tolist()
+            raise VlmCreditError(
+                f"{self.source or 'signals'}: batch row {b} (sample {str(sample_ids[b])!r}, "
+                f"response {response_id(tokens)[:12]}, {len(tokens)} tokens) has no signals row; "
+                f"{found} of {found + len(missed)} responses matched "
+                f"({100 * result.match_rate:.0f}%): compute the signals on the rollouts this "
+                "trainer replays, or pass on_miss='keep' (weight 1) or 'drop' (weight 0)"
+            )
+        return result
 
     def _check_not_shifted(self, sample_id: str, ids: list[int]) -> None:
         assert self._by_sample is not None
@@ -529,14 +562,28 @@ def read_signals(
     folder_or_file: Path,
     tokenizer_sha1: str | None = None,
     vocab_size: int | None = None,
+    weights_sha1: str | None = None,
 ) -> Signals:
     """Read and validate a signals table (parquet or jsonl) with its manifest.
 
     `tokenizer_sha1` (the trainer's, from `tokenizer_hash`) and `vocab_size` make the reader
     refuse a file written for another tokenizer instead of training on misaligned tokens.
+    `weights_sha1` (the trainer's checkpoint, from `formats.provenance.weights_hash`) makes it
+    refuse signals computed with other weights. Leave it None to accept them: a trainer whose
+    weights have moved on since the signals were computed (any step after the first) is the
+    usual case, and the tokenizer checks still apply.
     """
     table_file, manifest_file = _locate(Path(folder_or_file))
     meta = _read_meta(manifest_file, table_file)
+    if weights_sha1 is not None:
+        written = (meta.get("checkpoint") or {}).get("weights_sha1")
+        if written != weights_sha1:
+            what = f"checkpoint {str(written)[:12]}" if written else "a checkpoint without hash"
+            raise VlmCreditError(
+                f"{table_file}: computed with {what}, but the trainer's weights are "
+                f"{weights_sha1[:12]}; compute the signals with the trainer's checkpoint, or "
+                "pass weights_sha1=None to accept signals from other weights"
+            )
     if tokenizer_sha1 is not None and meta["tokenizer_sha1"] != tokenizer_sha1:
         raise VlmCreditError(
             f"{table_file}: written for tokenizer {meta['tokenizer_sha1'][:12]}, but the "

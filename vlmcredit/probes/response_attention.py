@@ -14,7 +14,6 @@ from typing import Any
 import torch
 
 from vlmcredit.data.sample import Sample
-from vlmcredit.errors import VlmCreditError
 from vlmcredit.models.families import ModelGeometry, adapter_of
 from vlmcredit.models.inputs import EncodedBatch, encode_samples
 from vlmcredit.models.layout import SampleLayout, build_mm_token_type_ids
@@ -48,21 +47,26 @@ def model_device(model: Any) -> torch.device:
 
 
 def capture_encoded(
-    model: Any, batch: EncodedBatch, spec: CaptureSpec
-) -> tuple[list[SampleCapture], torch.Tensor]:
-    """One teacher-forced forward with capture; returns captures and the logits."""
+    model: Any, batch: EncodedBatch, spec: CaptureSpec, logits: bool = True
+) -> tuple[list[SampleCapture], torch.Tensor | None]:
+    """One teacher-forced forward with capture; returns captures and the logits.
+
+    `logits=False` skips the all-position lm_head (S x vocab: for a 152k vocabulary it costs
+    more than the capture itself) when the caller only wants the attention.
+    """
     device = model_device(model)
     inputs = {k: v.to(device) for k, v in batch.inputs.items()}
     inputs = adapter_of(model).with_positions(model, inputs)  # fresh, whatever ran before
+    keep = {} if logits else {"logits_to_keep": 1}
     with torch.no_grad(), capture_session(model, spec, row_targets(batch.layouts, device)) as s:
-        logits = model(**inputs).logits
-    return [s.result(b) for b in range(len(batch.layouts))], logits
+        out = model(**inputs, **keep).logits
+    return [s.result(b) for b in range(len(batch.layouts))], out if logits else None
 
 
 def capture_samples(ck: Any, samples: Sequence[Sample], spec: CaptureSpec) -> list[CapturedSample]:
     """Teacher-forced capture for a batch of samples (left-padded together)."""
     batch = encode_samples(ck.processor, ck.geometry, samples)
-    captures, _ = capture_encoded(ck.model, batch, spec)
+    captures, _ = capture_encoded(ck.model, batch, spec, logits=False)
     return [
         CapturedSample(sample, layout, ids, cap)
         for sample, layout, ids, cap in zip(
@@ -154,8 +158,14 @@ def capture_batch_attention(
     batch: Mapping[str, torch.Tensor],
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
-) -> list[torch.Tensor]:
-    """Per row, the (L, 1, T_b, N_b) response x image attention (head mean) of one forward."""
+) -> list[torch.Tensor | None]:
+    """Per row, the (L, 1, T_b, N_b) response x image attention (head mean) of one forward;
+    None for a row with no image tokens (nothing to connect to).
+
+    Image positions and `mm_token_type_ids` are rebuilt from `input_ids`: a trainer's type ids
+    can be shifted against its ids (TRL builds them with the processor's padding side but pads
+    the prompt ids on the left), and M-RoPE positions built from shifted ids move the attention.
+    """
     from vlmcredit.probes.capture import CaptureSpec, RowTarget, capture_session
 
     geo = ModelGeometry.from_config(model.config)
@@ -166,24 +176,21 @@ def capture_batch_attention(
     targets = []
     for b, n in enumerate(lengths):
         positions = torch.nonzero(input_ids[b] == geo.image_token_id).flatten()
-        if positions.numel() == 0:
-            raise VlmCreditError(
-                f"batch row {b}: has no image tokens, so it has no image connectivity "
-                "(filter text-only rows before asking for image-based weights)"
-            )
-        targets.append(RowTarget(start, start + n, positions))
+        # An empty response range captures nothing for a text-only row.
+        targets.append(RowTarget(start, start + n if positions.numel() else start, positions))
+    has_image = [t.key_positions.numel() > 0 for t in targets]
+    if not any(has_image):
+        return [None] * len(targets)
     inputs = {
         k: batch[k]
         for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
         if k in batch
     }
-    inputs["mm_token_type_ids"] = batch.get("mm_token_type_ids")
-    if inputs["mm_token_type_ids"] is None:
-        inputs["mm_token_type_ids"] = build_mm_token_type_ids(input_ids, geo).to(torch.long)
+    inputs["mm_token_type_ids"] = build_mm_token_type_ids(input_ids, geo).to(torch.long)
     spec = CaptureSpec(layers=layers, heads=heads, reduce="mean")
     # Explicit positions from this batch: a fresh forward that leaves the model's cached rope
     # deltas (e.g. a trainer's generation state) untouched.
     inputs = adapter_of(model).with_positions(model, inputs)
     with torch.no_grad(), capture_session(model, spec, targets) as session:
         model(**inputs, logits_to_keep=1)
-    return [session.result(b).attention for b in range(len(targets))]
+    return [session.result(b).attention if image else None for b, image in enumerate(has_image)]

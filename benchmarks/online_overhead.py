@@ -1,0 +1,144 @@
+"""Online weights in a TRL GRPO step: step time with `weights_fn=online.weights` vs plain TRL.
+
+    python benchmarks/online_overhead.py                # CPU, mid-size config
+    python benchmarks/online_overhead.py --rounds 5 --completion-length 32
+
+The extra-forward path: `VlmCreditGRPOTrainer(weights_fn=vlmcredit.online.weights)` runs one
+more no-grad forward of the policy over prompt + completion with capture, then AT-RL anchors.
+(Capturing inside TRL's own old-log-prob forward instead is not built.) Model: the tiny
+Qwen2.5-VL checkpoint's tokenizer, processor and ids with a mid-size text model (hidden 512,
+8 layers, 8 heads / 2 kv heads), random weights. Each round builds a fresh trainer per mode
+(untimed) and runs one GRPO step; the time is TRL's own `step_time` metric (generation,
+scoring, weights, loss and backward). Rounds interleave the modes (order alternating), after
+one warm-up round; prints min / median / max per mode and the ratio of medians.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import tempfile
+from pathlib import Path
+
+
+def mid_model(ckpt: Path):
+    import torch
+    from transformers import AutoConfig, AutoModelForImageTextToText
+
+    config = AutoConfig.from_pretrained(ckpt)
+    text = config.text_config
+    text.hidden_size, text.intermediate_size = 512, 1408
+    text.num_hidden_layers, text.num_attention_heads, text.num_key_value_heads = 8, 8, 2
+    text.head_dim = 64
+    text.layer_types = ["full_attention"] * 8
+    text.rope_parameters = {**text.rope_parameters, "mrope_section": [8, 12, 12]}
+    config.vision_config.out_hidden_size = 512
+    torch.manual_seed(0)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    return model
+
+
+def one_step(mode: str, ckpt: Path, processor, dataset, args, root: Path) -> float:
+    import torch
+    from trl import GRPOConfig, GRPOTrainer
+
+    from vlmcredit import online
+    from vlmcredit.export.trl import VlmCreditGRPOTrainer
+
+    def reward(completions, **_kwargs):
+        return [float(len(str(c))) for c in completions]
+
+    config = GRPOConfig(
+        output_dir=str(root / mode),
+        per_device_train_batch_size=args.prompts * args.group,
+        num_generations=args.group,
+        max_completion_length=args.completion_length,
+        max_steps=1,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    common = {
+        "model": mid_model(ckpt),
+        "reward_funcs": reward,
+        "args": config,
+        "train_dataset": dataset,
+        "processing_class": processor,
+    }
+    if mode == "plain":
+        trainer = GRPOTrainer(**common)
+    else:
+        trainer = VlmCreditGRPOTrainer(**common, weights_fn=online.weights)
+    torch.set_num_threads(args.threads)
+    trainer.train()
+    return float(trainer.state.log_history[0]["step_time"])
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--prompts", type=int, default=2)
+    parser.add_argument("--group", type=int, default=4)
+    parser.add_argument("--completion-length", type=int, default=32)
+    parser.add_argument("--image", type=int, default=224, help="image side in pixels")
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+
+    import warnings
+
+    import torch
+    import transformers
+    import trl
+    from datasets import Dataset
+    from PIL import Image
+
+    from vlmcredit.models.families import adapter_for
+    from vlmcredit.models.loading import load_processor
+    from vlmcredit.models.tiny import make_tiny
+
+    warnings.simplefilter("ignore")
+    transformers.logging.set_verbosity_error()
+    root = Path(tempfile.mkdtemp(prefix="online-overhead-"))
+    ckpt = make_tiny("qwen2.5-vl", root / "ckpt")
+    processor = load_processor(ckpt, adapter_for("qwen2_5_vl", "bench"))
+    rng = torch.Generator().manual_seed(0)
+    rows = []
+    for i in range(args.prompts):
+        pixels = torch.randint(0, 256, (args.image, args.image, 3), generator=rng)
+        prompt = [
+            {
+                "role": "user",
+                "content": [{"type": "image"}, {"type": "text", "text": f"Describe image {i}."}],
+            }
+        ]
+        rows.append({"prompt": prompt, "image": Image.fromarray(pixels.numpy().astype("uint8"))})
+    dataset = Dataset.from_list(rows)
+
+    times: dict[str, list[float]] = {"plain": [], "online": []}
+    for r in range(args.rounds + 1):
+        order = ("plain", "online") if r % 2 == 0 else ("online", "plain")
+        for mode in order:
+            t = one_step(mode, ckpt, processor, dataset, args, root)
+            if r > 0:  # round 0 warms up
+                times[mode].append(t)
+    print(
+        f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} threads, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, trl {trl.__version__}"
+    )
+    print(
+        f"{args.prompts} prompts x {args.group} completions, {args.completion_length} tokens, "
+        f"{args.image}px images, {args.rounds} rounds after 1 warm-up"
+    )
+    print(f"{'mode':8} {'min s':>8} {'median s':>9} {'max s':>8}")
+    for mode, values in times.items():
+        print(f"{mode:8} {min(values):8.3f} {statistics.median(values):9.3f} {max(values):8.3f}")
+    ratio = statistics.median(times["online"]) / statistics.median(times["plain"])
+    print(f"online / plain (median): {ratio:.3f}x")
+
+
+if __name__ == "__main__":
+    main()
