@@ -19,8 +19,9 @@ $(STAMP): pyproject.toml Makefile
 	$(PY) -m pip install -q --disable-pip-version-check $(TORCH_SPEC)
 	@echo "==> installing vlmcredit and its [$(EXTRAS)] extras (transformers, trl, igraph, ...)"
 	$(PY) -m pip install -q --disable-pip-version-check -e ".[$(EXTRAS)]"
-	@# verl pins transformers<5.11; its loss functions work beside 5.x (tests/export/test_verl.py)
-	$(PY) -m pip install -q --disable-pip-version-check --no-deps verl==0.9.1
+	@# verl pins transformers<5.11 and transferqueue ray[default]; both run beside what the verl
+	@# extra installs (tests/export/test_verl*.py run verl's trainer mode and losses)
+	$(PY) -m pip install -q --disable-pip-version-check --no-deps verl==0.9.1 transferqueue==0.1.11
 	@touch $(STAMP)
 	@echo "==> ready: run commands as $(VENV)/bin/vlmcredit (or: source $(VENV)/bin/activate)"
 
