@@ -8,13 +8,17 @@ import math
 import pytest
 
 from vlmcredit.analysis.heads import (
+    answer_shares,
     build_heads_report,
     check_threshold,
+    choose_threshold_rule,
     max_score,
     score_drops,
     scores_dict,
     select_critical,
+    threshold_rule,
 )
+from vlmcredit.data.mme import CATEGORIES
 from vlmcredit.data.mme_score import MMEPrediction, score_predictions
 from vlmcredit.errors import VlmCreditError
 
@@ -143,3 +147,99 @@ def test_scores_dict_from_official_scoring() -> None:
         "cognition": 0.0,
         "subtasks": {"existence": {"acc": 0.75, "acc_plus": 0.5, "score": 125.0}},
     }
+
+
+def test_answer_shares_flag_constant_answers_and_broken_formats() -> None:
+    shares = answer_shares(["yes", "no", "no", "other"], undecided=1)
+    assert shares == {"yes": 0.25, "no": 0.5, "other": 0.25, "constant": None,
+                      "undecided": 0.25, "format_broken": True}  # fmt: skip
+    assert answer_shares(["no"] * 6)["constant"] == "no"
+    assert answer_shares(["no"] * 6)["undecided"] is None  # decoded answers
+    assert answer_shares(["other"] * 3)["constant"] == "other"
+    assert not answer_shares(["yes"] * 4 + ["other"])["format_broken"]  # 20% < 25%
+    with pytest.raises(ValueError, match="not yes/no/other"):
+        answer_shares(["Yes"])
+
+
+def test_threshold_rule_choice_and_reasons() -> None:
+    full, part = list(CATEGORIES), CATS
+    assert choose_threshold_rule(None, None, None, full, True)[0] == "absolute"
+    rule, why = choose_threshold_rule(None, None, None, part, False)
+    assert rule == "relative" and "3 of 14 MME subtasks" in why
+    assert choose_threshold_rule(None, 50.0, None, part, False) == ("absolute", "--threshold given")
+    assert choose_threshold_rule(None, None, 0.3, full, True)[0] == "relative"
+    rule, why = choose_threshold_rule("absolute", None, None, part, False)
+    assert rule == "absolute" and "partial MME" in why
+    for args, fragment in [
+        (("relative", 100.0, None), "with relative give --relative-share"),
+        (("absolute", None, 0.5), "with absolute give --threshold"),
+        ((None, 100.0, 0.5), "give one"),
+        (("median", None, None), "--threshold-rule median"),
+    ]:
+        with pytest.raises(VlmCreditError, match=fragment):
+            choose_threshold_rule(*args, part, False)
+
+
+def test_threshold_rule_numbers() -> None:
+    gray = scores(100.0, 50.0, 100.0)  # total 250, perception 150
+    absolute = threshold_rule("absolute", "why", "total", BASE, gray)
+    assert absolute["threshold"] == 100.0 and absolute["formula"] == "drop in total > 100"
+    relative = threshold_rule("relative", "why", "total", BASE, gray)
+    assert relative["threshold"] == 0.5 * (450.0 - 250.0) and relative["warning"] is None
+    assert relative["formula"].endswith("= 0.5 x (450 - 250) = 100")
+    share = threshold_rule("relative", "why", "perception", BASE, gray, share=0.25)
+    assert share["threshold"] == 0.25 * (330.0 - 150.0)
+    # a baseline no better than the gray image: nothing can be called vision-critical
+    blind = threshold_rule("relative", "why", "total", BASE, scores(200.0, 150.0, 120.0))
+    assert blind["threshold"] == 450.0 and "does not beat the gray-image" in blind["warning"]
+    assert select_critical([{"total": 450.0, "perception": 0.0}], "total", 450.0) == [False]
+    for bad in (0.0, 1.5, math.nan):
+        with pytest.raises(VlmCreditError, match="--relative-share"):
+            threshold_rule("relative", "why", "total", BASE, gray, share=bad)
+
+
+def report_with_controls() -> dict:
+    """A heads.json object with the threshold rule, controls and answer shares."""
+    gray = scores(100.0, 50.0, 100.0)
+    rule = threshold_rule("relative", "partial", "total", BASE, gray)
+    answers = [answer_shares(a) for a in (["no"] * 4, ["yes", "no", "other", "other"],
+                                          ["yes", "no"] * 2, ["yes"] * 3 + ["no"])]  # fmt: skip
+    return build_heads_report(
+        **{**_kwargs(), "threshold": rule["threshold"]},
+        rule=rule,
+        controls={"constant_yes": scores(50, 50, 50), "constant_no": scores(50, 50, 50),
+                  "gray_image": {**gray, "answers": answer_shares(["no"] * 4)}},
+        answers=answer_shares(["yes", "no"] * 2), head_answers=answers,
+    )  # fmt: skip
+
+
+def test_report_carries_controls_rule_and_answer_shares() -> None:
+    report = report_with_controls()
+    rule = report["threshold_rule"]
+    assert rule["rule"] == "relative" and rule["formula"].endswith("= 100")
+    assert report["threshold_rule"] == rule and report["threshold"] == 100.0
+    assert report["controls"]["gray_image"]["total"] == 250.0
+    assert report["controls"]["gray_image"]["answers"]["constant"] == "no"
+    assert report["controls"]["constant_yes"] == {"total": 150.0, "perception": 100.0,
+                                                  "cognition": 50.0}  # fmt: skip
+    assert [h["answers"]["constant"] for h in report["heads"]] == ["no", None, None, None]
+    assert [h["answers"]["format_broken"] for h in report["heads"]] == [False, True, False, False]
+    assert report["answer_format"] == {"high_other_share": 0.25}
+    with pytest.raises(ValueError, match="go together"):
+        build_heads_report(**{**_kwargs(), "rule": rule})
+    json.dumps(report)
+
+
+def _results() -> list:
+    return [
+        (None, 0, scores(60.0, 150.0, 120.0)),
+        (None, 1, scores(180.0, 150.0, 10.0)),
+        (None, 2, scores(181.0, 150.0, 130.0)),
+        (None, 3, scores(80.0, 150.0, 120.0)),
+    ]
+
+
+def _kwargs() -> dict:
+    return dict(checkpoint=CHECKPOINT, mode="head-index", ablation="zero", answering="logits",
+                metric="total", threshold=100.0, num_questions=4, categories=CATS,
+                baseline=BASE, results=_results())  # fmt: skip

@@ -19,7 +19,18 @@ def test_demo_runs_the_whole_path(tmp_path) -> None:
         assert step in result.stdout
     heads = json.loads((tmp_path / "runs" / "heads" / "heads.json").read_text())
     assert len(heads["heads"]) == 4  # one configuration per head index of the tiny model
-    assert 0 < len(heads["critical_heads"]) < 4  # the fitted yes/no rows make ablation matter
+    # the documented default rule for a partial MME, printed, not a number fitted to the result
+    rule = heads["threshold_rule"]
+    gap = heads["baseline"]["total"] - heads["controls"]["gray_image"]["total"]
+    assert rule["rule"] == "relative" and heads["threshold"] == 0.5 * gap > 0
+    assert f"threshold rule: relative ({rule['reason']})" in result.stdout
+    assert rule["formula"] in result.stdout
+    assert heads["critical_heads"] == [
+        h["head"] for h in heads["heads"] if h["drop"]["total"] > 0.5 * gap
+    ]
+    for h in heads["heads"]:  # controls and answer shares printed beside every drop
+        assert f"head {h['head']}: drop {h['drop']['total']:.1f}" in result.stdout
+    assert "controls: gray image" in result.stdout
     manifest = json.loads((tmp_path / "runs" / "anchors" / "manifest.json").read_text())
     assert manifest["attention"]["heads"] == heads["critical_heads"]
     anchors = pd.read_parquet(tmp_path / "runs" / "anchors" / "anchors.parquet")

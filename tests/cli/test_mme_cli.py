@@ -63,9 +63,111 @@ def test_mme_score_bad_inputs(tmp_path) -> None:
     single = tmp_path / "single"
     write_predictions(ROWS[:3], single, "official")  # image b has one question only
     odd = runner.invoke(app, ["mme-score", str(single)])
-    assert odd.exit_code == 2 and "has 1 questions" in odd.stderr
-    for r in (missing, malformed, odd):
+    assert odd.exit_code == 2 and "existence has 3 questions, an odd number" in odd.stderr
+    by_image = runner.invoke(app, ["mme-score", str(single), "--pair-by", "image"])
+    assert by_image.exit_code == 2 and "image existence/b.png" in by_image.stderr
+    assert "has 1 questions" in by_image.stderr
+    pairing = runner.invoke(app, ["mme-score", str(single), "--pair-by", "name"])
+    assert pairing.exit_code == 2 and "--pair-by name: choose one of lines, image" in pairing.stderr
+    for r in (missing, malformed, odd, by_image, pairing):
         assert len(r.stderr.strip().splitlines()) == 1
+
+
+def _official_calculation(results_dir) -> dict:
+    """An independent transcription of MME's eval_tool/calculation.py (BradyFU, Evaluation
+    branch): per task file, readlines(), chunks of 2 consecutive lines = one image, the official
+    parse_pred_ans, acc = accuracy over questions, acc+ = share of chunks with both right."""
+    import os
+
+    eval_type_dict = {
+        "Perception": ["existence", "count", "position", "color", "posters", "celebrity",
+                       "scene", "landmark", "artwork", "OCR"],
+        "Cognition": ["commonsense_reasoning", "numerical_calculation", "text_translation",
+                      "code_reasoning"],
+    }  # fmt: skip
+
+    def parse_pred_ans(pred_ans):
+        if pred_ans in ["yes", "no"]:
+            return pred_ans
+        prefix_pred_ans = pred_ans[:4]
+        if "yes" in prefix_pred_ans:
+            return "yes"
+        if "no" in prefix_pred_ans:
+            return "no"
+        return "other"
+
+    out = {"subtasks": {}}
+    for eval_type, task_name_list in eval_type_dict.items():
+        scores = 0.0
+        for task_name in task_name_list:
+            task_txt = os.path.join(results_dir, task_name + ".txt")
+            if not os.path.exists(task_txt):
+                continue
+            with open(task_txt) as f:
+                lines = f.readlines()
+            chunk_lines = [lines[i : i + 2] for i in range(0, len(lines), 2)]
+            acc_plus_correct_num = 0
+            gts, preds = [], []
+            for img_items in chunk_lines:
+                assert len(img_items) == 2
+                img_correct_num = 0
+                for img_item in img_items:
+                    _img_name, _question, gt_ans, pred_ans = img_item.split("\t")
+                    gt_ans, pred_ans = gt_ans.lower(), parse_pred_ans(pred_ans.lower())
+                    gts.append(gt_ans)
+                    preds.append(pred_ans)
+                    img_correct_num += gt_ans == pred_ans
+                acc_plus_correct_num += img_correct_num == 2
+            acc = sum(g == p for g, p in zip(gts, preds, strict=True)) / len(gts)
+            acc_plus = acc_plus_correct_num / len(chunk_lines)
+            out["subtasks"][task_name] = acc * 100 + acc_plus * 100
+            scores += acc * 100 + acc_plus * 100
+        out[eval_type.lower()] = scores
+    out["total"] = out["perception"] + out["cognition"]
+    return out
+
+
+def test_mme_score_pairs_consecutive_lines_as_the_official_script(tmp_path) -> None:
+    """On a shuffled results folder, mme-score = the official calculation; by image it differs
+    (and equals the official calculation of the unshuffled file)."""
+    import random
+
+    from vlmcredit.data.mme_synth import write_synthetic_mme
+
+    write_synthetic_mme(tmp_path / "mme", 6, seed=3)
+    mme = read_mme(tmp_path / "mme")
+    rng = random.Random(7)
+    answers = ["Yes", "No", "yes, it is", "Not at all", "maybe", "Nothing"]
+    rows = [
+        MMEPrediction(q.image_id, q.category, q.question, q.answer, rng.choice(answers))
+        for q in mme.questions
+    ]
+    ordered = write_predictions(rows, tmp_path / "ordered", "official")
+    shuffled = tmp_path / "shuffled"
+    shuffled.mkdir()
+    for txt in ordered.iterdir():
+        lines = txt.read_text().splitlines(keepends=True)
+        rng.shuffle(lines)
+        (shuffled / txt.name).write_text("".join(lines))
+    official = _official_calculation(shuffled)
+    result = runner.invoke(app, ["mme-score", str(shuffled), "--json"])
+    assert result.exit_code == 0, result.output
+    ours = json.loads(result.stdout)
+    assert ours["pair_by"] == "lines" and ours["mixed_pairs"] > 0
+    assert "pair(s) of consecutive lines hold two different images" in result.stderr
+    for key in ("total", "perception", "cognition"):
+        assert ours[key] == pytest.approx(official[key], abs=1e-9)
+    assert {c: s["score"] for c, s in ours["subtasks"].items()} == pytest.approx(
+        official["subtasks"]
+    )
+    by_image = json.loads(
+        runner.invoke(app, ["mme-score", str(shuffled), "--json", "--pair-by", "image"]).stdout
+    )
+    assert by_image["total"] == pytest.approx(_official_calculation(ordered)["total"])
+    assert by_image["total"] != pytest.approx(ours["total"])
+    # in MME's own order both pairings agree and nothing is mixed
+    in_order = json.loads(runner.invoke(app, ["mme-score", str(ordered), "--json"]).stdout)
+    assert in_order["mixed_pairs"] == 0 and in_order["total"] == by_image["total"]
 
 
 def test_mme_synth_folder_and_parquet(tmp_path) -> None:

@@ -12,11 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from typer.testing import CliRunner
 
 from vlmcredit.cli.main import app
 from vlmcredit.data.mme import read_mme
-from vlmcredit.data.mme_score import read_predictions, score_predictions
+from vlmcredit.data.mme_score import parse_answer, read_predictions, score_predictions
 from vlmcredit.data.sample import Sample
 from vlmcredit.formats.run import Run
 from vlmcredit.models.inputs import encode_samples
@@ -61,7 +62,9 @@ def full_run(ckpt, mme, tmp_path_factory) -> Path:
 
 def _reference_answers(ckpt: str, mme: Path, head: int) -> list[str]:
     """Independent path: o_proj weight columns of `head` zeroed in every layer, the processor's
-    pixel values, one ordinary forward per question, best yes vs best no variant logit."""
+    pixel values, one ordinary forward per question; the full-vocabulary argmax token decoded
+    and read as the official parser reads a text starting with it (yes/no variant: its label;
+    4+ characters: the parse of its text; shorter: undecided -> other)."""
     ck = load_checkpoint(ckpt, dtype="fp32")
     d = ck.geometry.head_dim
     with torch.no_grad():
@@ -73,9 +76,13 @@ def _reference_answers(ckpt: str, mme: Path, head: int) -> list[str]:
         batch = encode_samples(ck.processor, ck.geometry, [Sample([q.load_image()], q.question)])
         ck.model.model.rope_deltas = None
         with torch.no_grad():
-            last = ck.model(**batch.inputs).logits[0, -1]
-        yes, no = last[list(tokens.yes)].max(), last[list(tokens.no)].max()
-        answers.append("Yes" if yes > no else "No")
+            top = int(ck.model(**batch.inputs).logits[0, -1].argmax())
+        text = ck.tokenizer.decode([top], skip_special_tokens=True)
+        if text in tokens.yes_text or text in tokens.no_text or len(text) >= 4:
+            label = parse_answer(text)
+        else:
+            label = "other"
+        answers.append({"yes": "Yes", "no": "No", "other": "(other)"}[label])
     return answers
 
 
@@ -113,11 +120,18 @@ def test_probe_heads_end_to_end(ckpt, mme, full_run) -> None:
         h["critical"] for h in report["heads"]
     ]
     assert {f"score_{c}" for c in report["categories"]} <= set(table.columns)
+    # answer shares per configuration = the parsed column of its predictions
+    for h, row in zip(report["heads"], table.itertuples(), strict=True):
+        parsed = pd.read_parquet(full_run / "predictions" / f"head-{h['head']}.parquet")["parsed"]
+        assert h["answers"]["other"] == row.share_other == (parsed == "other").mean()
+        assert h["answers"]["constant"] == (parsed.iloc[0] if parsed.nunique() == 1 else None)
     manifest = json.loads((full_run / "manifest.json").read_text())
     assert manifest["status"] == "finished"
-    assert manifest["feature_cache"]["vision_runs"] == 12  # once per image for 5 configurations
+    # once per image for 6 configurations, + once per gray image size (same size, same features)
+    sizes = {q.load_image().size for q in read_mme(mme).questions}
+    assert manifest["feature_cache"]["vision_runs"] == 12 + len(sizes)
     rows = pd.read_parquet(full_run / "samples.parquet")
-    assert list(rows["id"]) == ["baseline", "head-0", "head-1", "head-2", "head-3"]
+    assert list(rows["id"]) == ["baseline", "gray-image", "head-0", "head-1", "head-2", "head-3"]
 
 
 def test_layer_head_mean_ablation_on_parquet(ckpt, mme, tmp_path) -> None:
@@ -157,14 +171,14 @@ def test_resume_after_kill_gives_the_same_heads_json(ckpt, mme, full_run, tmp_pa
     assert crash.returncode == 137, crash.stderr
     partial = Run.load(out)
     assert partial.manifest["status"] == "running"
-    assert [r["id"] for r in partial.rows] == ["baseline", "head-0"]
+    assert [r["id"] for r in partial.rows] == ["baseline", "gray-image"]
     assert not (out / "heads.json").exists()
     resumed = _probe(ckpt, mme, out, "--batch-size", "5", "--resume")
     assert resumed.exit_code == 0, resumed.output
     a = json.loads((full_run / "heads.json").read_text())
     b = json.loads((out / "heads.json").read_text())
     assert a == b  # heads.json holds no timing fields
-    for name in ("baseline", "head-0", "head-3"):
+    for name in ("baseline", "gray-image", "head-0", "head-3"):
         pa, pb = (pd.read_parquet(r / "predictions" / f"{name}.parquet") for r in (full_run, out))
         assert pa.equals(pb), name
     # a finished run re-selects with another threshold without recomputing
@@ -185,6 +199,10 @@ def test_bad_inputs_exit_2_with_one_line(ckpt, mme, tmp_path) -> None:
         (["--mme", str(tmp_path / "missing")], "--mme " + str(tmp_path / "missing")),
         (["--threshold", "-5"], "--threshold -5.0: must be a finite number >= 0"),
         (["--threshold", "1200"], "no drop can exceed it"),
+        (["--threshold-rule", "median"], "--threshold-rule median: choose one of absolute"),
+        (["--threshold-rule", "relative", "--threshold", "50"], "with relative give --relative"),
+        (["--threshold-rule", "absolute", "--relative-share", "0.5"], "with absolute give"),
+        (["--relative-share", "0"], "--relative-share 0.0: must be in (0, 1]"),
         (["--categories", "count,nonsense"], "unknown MME category 'nonsense'"),
         (["--metric", "perception", "--categories", "numerical_calculation"], "--metric perc"),
         (["--mode", "grid"], "--mode grid"),
@@ -219,3 +237,95 @@ def test_skip_bad_records_broken_images(ckpt, mme, tmp_path) -> None:
     bad = rows[rows["status"] == "bad"]
     assert len(bad) == 1 and "0001.png" in bad["id"].iloc[0] and "broken" in bad["error"].iloc[0]
     assert json.loads((out / "heads.json").read_text())["num_questions"] == 2  # one good image
+
+
+def _probe_default_rule(ckpt: str, mme: Path, out: Path, *extra: str):
+    """probe-heads with no --threshold: the rule is probe-heads' own choice."""
+    args = ["probe-heads", "--ckpt", ckpt, "--mme", str(mme), "--out", str(out), "--quiet"]
+    result = runner.invoke(app, [*args, *extra])
+    assert result.exit_code == 0, result.output
+    return result, json.loads((out / "heads.json").read_text())
+
+
+def _parsed(run: Path, unit: str) -> list[str]:
+    return list(pd.read_parquet(run / "predictions" / f"{unit}.parquet")["parsed"])
+
+
+def test_logits_and_generate_agree_when_ablation_breaks_the_answer_format(
+    ckpt, mme, tmp_path
+) -> None:
+    """Layer 1 head 1 of this checkpoint makes some first tokens neither yes nor no: the logit
+    path then says "other" exactly where decoding 16 tokens and parsing says it, so both paths
+    give the same answers and the same drop."""
+    grid = ["--mode", "layer-head", "--layers", "1", "--heads", "1"]
+    _, by_logits = _probe_default_rule(ckpt, mme, tmp_path / "logits", *grid)
+    _, by_decoding = _probe_default_rule(ckpt, mme, tmp_path / "generate", *grid, "--generate")
+    unit = "layer-1-head-1"
+    stored = pd.read_parquet(tmp_path / "logits" / "predictions" / f"{unit}.parquet")
+    tokens = yes_no_tokens(load_checkpoint(ckpt, dtype="fp32").tokenizer)
+    variants = set(tokens.yes) | set(tokens.no)
+    other = stored[stored["parsed"] == "other"]
+    assert len(other) >= 2 and not set(other["top_token"]) & variants  # the format broke
+    assert set(stored["prediction"]) <= {"Yes", "No", "(other)"}
+    for name in ("baseline", "gray-image", unit):
+        assert _parsed(tmp_path / "logits", name) == _parsed(tmp_path / "generate", name), name
+    head_l, head_g = by_logits["heads"][0], by_decoding["heads"][0]
+    assert head_l["drop"] == head_g["drop"] and head_l["answers"]["other"] > 0
+    assert head_l["answers"]["other"] == head_g["answers"]["other"] == len(other) / len(stored)
+    for name in ("constant_yes", "constant_no", "gray_image"):
+        assert by_logits["controls"][name]["total"] == by_decoding["controls"][name]["total"]
+    # decoded answers have no "undecided" first tokens; logit answers count them
+    assert by_decoding["baseline"]["answers"]["undecided"] is None
+    assert by_logits["baseline"]["answers"]["undecided"] is not None
+
+
+def _constant_reference(questions, answer: str) -> float:
+    """Official scoring of one constant answer, written out: per category 100 (acc + acc+)."""
+    total = 0.0
+    for category in {q.category for q in questions}:
+        qs = [q for q in questions if q.category == category]
+        images = {q.image_id for q in qs}
+        acc = sum(q.answer == answer for q in qs) / len(qs)
+        both = sum(all(q.answer == answer for q in qs if q.image_id == i) for i in images)
+        total += 100 * (acc + both / len(images))
+    return total
+
+
+def test_controls_and_the_relative_rule_on_a_subset(ckpt, mme, tmp_path) -> None:
+    """No --threshold on 6 of 14 subtasks: the relative rule, computed from the run's own
+    gray-image control; that control = a plain baseline on a copy of MME with gray images."""
+    result, report = _probe_default_rule(ckpt, mme, tmp_path / "run", "--heads", "1,2")
+    rule = report["threshold_rule"]
+    assert rule["rule"] == "relative" and "partial MME (6 of 14" in rule["reason"]
+    base, gray = report["baseline"]["total"], report["controls"]["gray_image"]["total"]
+    assert base > gray and rule["share"] == 0.5
+    assert report["threshold"] == rule["threshold"] == pytest.approx(0.5 * (base - gray))
+    for h in report["heads"]:
+        assert h["critical"] == (h["drop"]["total"] > 0.5 * (base - gray))
+    assert "threshold rule: relative" in result.stdout and rule["formula"] in result.stdout
+    questions = read_mme(mme).questions
+    for answer in ("Yes", "No"):
+        control = report["controls"][f"constant_{answer.lower()}"]
+        assert control["total"] == pytest.approx(_constant_reference(questions, answer))
+    # the gray-image control, independently: every image file replaced by a gray one
+    gray_mme = tmp_path / "gray-mme"
+    shutil.copytree(mme, gray_mme)
+    for q in questions:
+        path = Path(q.image_ref)
+        size = Image.open(path).size
+        Image.new("RGB", size, (128, 128, 128)).save(gray_mme / path.relative_to(mme))
+    _, plain = _probe_default_rule(ckpt, gray_mme, tmp_path / "gray-run", "--heads", "0")
+    assert plain["baseline"]["total"] == gray
+    assert plain["baseline"]["answers"] == report["controls"]["gray_image"]["answers"]
+    # the absolute rule on request, and a share of 1 = "worse than the gray image"
+    again = _probe_default_rule(
+        ckpt, mme, tmp_path / "run", "--heads", "1,2", "--resume", "--relative-share", "1"
+    )[1]
+    assert again["threshold"] == pytest.approx(base - gray)
+    assert [h["critical"] for h in again["heads"]] == [
+        h["scores"]["total"] < gray for h in again["heads"]
+    ]
+    absolute = _probe_default_rule(
+        ckpt, mme, tmp_path / "run", "--heads", "1,2", "--resume", "--threshold-rule", "absolute"
+    )[1]
+    assert absolute["threshold"] == 100.0 and "partial MME" in absolute["threshold_rule"]["reason"]

@@ -82,7 +82,7 @@ def test_known_acc_and_acc_plus() -> None:
     assert table[0]["score"] == 125.0 and table[0]["group"] == "perception"
 
 
-def test_mappings_and_pair_order_do_not_matter() -> None:
+def test_pairing_by_image_or_by_consecutive_lines() -> None:
     rows = [
         {"image_id": "count/1.jpg", "category": "count", "question": "q", "answer": "No",
          "prediction": "no"},
@@ -93,13 +93,26 @@ def test_mappings_and_pair_order_do_not_matter() -> None:
         {"image_id": "count/2.jpg", "category": "count", "question": "p", "answer": "No",
          "prediction": "No"},
     ]  # fmt: skip
-    sub = score_predictions(rows).subtasks["count"]
+    by_image = score_predictions(rows, pair_by="image")
+    sub = by_image.subtasks["count"]
     assert (sub.acc, sub.acc_plus, sub.score) == (0.75, 0.5, 125.0)
+    # the official script pairs rows 1-2 and 3-4 (both right, then one right): acc+ 1/2 too, but
+    # from different images; each pair holds two images, and that is counted
+    lines = score_predictions(rows)
+    assert lines.pair_by == "lines" and lines.mixed_pairs == by_image.mixed_pairs == 2
+    assert lines.subtasks["count"].acc_plus == 0.5
+    rows[1], rows[2] = rows[2], rows[1]  # now 1.jpg, 1.jpg, 2.jpg, 2.jpg: MME's order
+    assert score_predictions(rows).mixed_pairs == 0
+    assert score_predictions(rows).subtasks["count"] == sub
 
 
 def test_scoring_rejects_unpaired_images_and_bad_rows() -> None:
-    with pytest.raises(VlmCreditError, match=r"existence/a.jpg .* has 1 questions"):
+    with pytest.raises(VlmCreditError, match=r"existence has 1 questions, an odd number"):
         score_predictions([_row("a.jpg", "existence", "Yes", "Yes")])
+    with pytest.raises(VlmCreditError, match=r"existence/a.jpg .* has 1 questions"):
+        score_predictions([_row("a.jpg", "existence", "Yes", "Yes")], pair_by="image")
+    with pytest.raises(VlmCreditError, match=r"--pair-by pairs: choose one of lines, image"):
+        score_predictions([], pair_by="pairs")
     with pytest.raises(VlmCreditError, match="unknown MME category 'colour'"):
         score_predictions([_row("a.jpg", "colour", "Yes", "Yes")])
     with pytest.raises(VlmCreditError, match="row 0: ground truth 'maybe'"):

@@ -7,7 +7,7 @@ import json
 import pandas as pd
 import pytest
 
-from tests.analysis.test_heads import _report
+from tests.analysis.test_heads import _report, report_with_controls
 from vlmcredit.analysis import heads as analysis_heads
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats import heads as formats_heads
@@ -16,7 +16,7 @@ from vlmcredit.formats.heads import heads_table, read_heads, write_heads
 
 def test_vocabulary_matches_analysis() -> None:
     """analysis may not import formats: the two copies of the names must stay equal."""
-    for name in ("MODES", "METRICS", "GROUPS"):
+    for name in ("MODES", "METRICS", "GROUPS", "THRESHOLD_RULES", "CONTROLS", "LABELS"):
         assert getattr(formats_heads, name) == getattr(analysis_heads, name), name
 
 
@@ -107,3 +107,49 @@ def test_full_read_needs_a_probe_heads_result(tmp_path) -> None:
     file.write_text(json.dumps(grid))
     with pytest.raises(VlmCreditError, match=r"heads\[0\] has no layer in layer-head mode"):
         read_heads(tmp_path, full=True)
+
+
+def test_controls_and_answer_shares_round_trip_and_validation(tmp_path) -> None:
+    report = report_with_controls()
+    write_heads(tmp_path, report)
+    assert read_heads(tmp_path, full=True) == report
+    table = pd.read_parquet(tmp_path / "heads.parquet")
+    assert list(table.columns[9:14]) == [
+        "share_yes", "share_no", "share_other", "constant", "format_broken",
+    ]  # fmt: skip
+    assert list(table["share_other"]) == [h["answers"]["other"] for h in report["heads"]]
+    assert list(table["constant"].fillna("")) == ["no", "", "", ""]
+    assert list(table["format_broken"]) == [False, True, False, False]
+    file = tmp_path / "heads.json"
+    gray = report["controls"]["gray_image"]
+    rule = report["threshold_rule"]
+    head0 = report["heads"][0]
+    cases = [
+        ({**report, "threshold_rule": {**rule, "rule": "median"}}, "threshold_rule.rule must"),
+        ({**report, "threshold_rule": {**rule, "threshold": 5.0}}, "disagrees with threshold"),
+        ({**report, "threshold_rule": {"rule": "absolute"}}, "lacks its reason / formula"),
+        ({**report, "controls": {"gray_image": gray}}, "controls must hold constant_yes"),
+        (
+            {**report, "controls": {**report["controls"], "constant_no": {"total": 1.0}}},
+            "controls.constant_no lacks total/perception/cognition",
+        ),
+        (
+            {**report, "heads": [{**head0, "answers": {**head0["answers"], "no": 0.5}},
+                                 *report["heads"][1:]]},
+            r"heads\[0\].answers: yes/no/other shares do not sum to 1",
+        ),
+        (
+            {**report, "baseline": {**report["baseline"], "answers": {"yes": 1.0}}},
+            "baseline.answers: yes/no/other must be shares",
+        ),
+        (
+            {**report, "controls": {**report["controls"], "gray_image": {
+                **gray, "answers": {**gray["answers"], "constant": "maybe"}}}},
+            "controls.gray_image.answers: constant 'maybe'",
+        ),
+    ]  # fmt: skip
+    for obj, fragment in cases:
+        file.write_text(json.dumps(obj))
+        with pytest.raises(VlmCreditError, match=fragment) as info:
+            read_heads(tmp_path, full=True)
+        assert "\n" not in str(info.value)

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 
 from tests.helpers import FAMILIES
 from vlmcredit.data.mme import read_mme
@@ -18,9 +19,11 @@ from vlmcredit.models.loading import load_checkpoint
 from vlmcredit.probes.mme_answer import (
     ImageFeatureCache,
     MMEInputs,
+    YesNoTokens,
     answer_generate,
     answer_logits,
     answer_questions,
+    gray_image,
     yes_no_tokens,
 )
 from vlmcredit.probes.response_attention import GenerationConfig, generate_responses
@@ -60,6 +63,26 @@ def test_yes_no_tokens_of_the_tokenizer(loaded) -> None:
         yes_no_tokens(bytes_only, "--ckpt tiny")
 
 
+def test_first_token_label_reads_like_the_official_parser() -> None:
+    """Variants fix their label; 4+ characters fix the parse of their text; shorter is open."""
+    texts = {3: "Nothing", 4: "N", 5: "Yesterday", 6: "Hmm, ", 7: "", 8: " not", 9: "yes"}
+    tokens = YesNoTokens(yes=(1,), no=(2,), decode=texts.__getitem__)
+    labels = {t: tokens.first_token_label(t) for t in (1, 2, *texts)}
+    assert labels == {1: "yes", 2: "no", 3: "no", 4: "other", 5: "yes", 6: "other", 7: "other",
+                      8: "no", 9: "other"}  # fmt: skip
+    # 9 spells "yes" but is no variant of this tokenizer: "yes" + "terday" would parse yes,
+    # "yes" + "no" too, yet the logit path only trusts variants and 4+ characters
+    assert [tokens.decides(t) for t in (1, 4, 5, 9)] == [True, False, True, False]
+    for t, label in labels.items():  # any continuation of a decided token keeps its label
+        if tokens.decides(t):
+            for tail in ("", "x", " no", "yes", "\n"):
+                head = {1: "Yes", 2: "No"}.get(t, texts.get(t, ""))
+                assert parse_answer(head + tail) == label, (head, tail)
+    assert YesNoTokens(yes=(1,), no=(2,)).first_token_label(3) == "other"  # nothing to decode
+    gray = gray_image(Image.new("RGB", (37, 21), (200, 10, 30)))
+    assert gray.size == (37, 21) and gray.getcolors() == [(37 * 21, (128, 128, 128))]
+
+
 @pytest.mark.parametrize("family", ["qwen2.5-vl", "qwen3-vl"])
 def test_logit_answers_agree_with_generate(tiny_ckpt, mme_dir, tmp_path, family) -> None:
     """Where greedy decoding starts with a yes/no token, the parsed answer = the logit answer."""
@@ -77,6 +100,18 @@ def test_logit_answers_agree_with_generate(tiny_ckpt, mme_dir, tmp_path, family)
     variants = set(tokens.yes) | set(tokens.no)
     starts = [g.top_token in variants for g in by_decoding]
     assert 0.6 <= sum(starts) / len(starts) < 1.0  # a good share, and some that do not
+    # wherever the first token fixes the official label, the logit answer is that label
+    decided = [(lg, g) for lg, g in zip(by_logits, by_decoding, strict=True)
+               if tokens.decides(g.top_token)]  # fmt: skip
+    assert len(decided) >= sum(starts)
+    for lg, g in decided:
+        assert parse_answer(lg.prediction) == parse_answer(g.prediction), (lg, g.prediction)
+    # elsewhere it says "other" (scored wrong), never a yes/no the decoder did not start with
+    assert all(
+        lg.prediction == "(other)"
+        for lg, g in zip(by_logits, by_decoding, strict=True)
+        if not tokens.decides(g.top_token)
+    )
     compared = [(lg, g) for lg, g, s in zip(by_logits, by_decoding, starts, strict=True) if s]
     assert {lg.prediction for lg, _ in compared} == {"Yes", "No"}  # both answers occur
     for lg, g in compared:
@@ -136,7 +171,7 @@ def test_cached_features_equal_uncached(loaded, mme_small, family) -> None:
         assert torch.allclose(shared, full, atol=1e-5, rtol=0)
         assert torch.equal(shared.argmax(-1), full.argmax(-1))
     assert sizes == {1, 2} and any(len(set(n)) > 1 for n in own_lengths)  # ragged suffixes
-    # logit answers are read off those logits: best yes variant vs best no variant
+    # logit answers are read off those logits: the official label of the argmax token
     tokens = yes_no_tokens(ck.tokenizer)
     answers = answer_logits(ck.model, bank.inputs(batches[0]), tokens)
     last = _plain_logits(ck, questions, batches[0])[0][:, -1]
@@ -144,7 +179,13 @@ def test_cached_features_equal_uncached(loaded, mme_small, family) -> None:
         yes, no = row[list(tokens.yes)].max(), row[list(tokens.no)].max()
         assert a.yes_logit == pytest.approx(float(yes), abs=1e-6)
         assert a.no_logit == pytest.approx(float(no), abs=1e-6)
-        assert a.prediction == ("Yes" if yes > no else "No") and a.top_token == int(row.argmax())
+        top = int(row.argmax())
+        text = ck.tokenizer.decode([top], skip_special_tokens=True)
+        if top in tokens.yes or top in tokens.no or len(text) >= 4:
+            expected = {"yes": "Yes", "no": "No", "other": "(other)"}[parse_answer(text)]
+        else:  # a short first token leaves the official label open: other
+            expected = "(other)"
+        assert a.prediction == expected and a.top_token == top
 
 
 def test_cache_respects_its_bound(loaded, mme_small) -> None:

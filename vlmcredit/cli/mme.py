@@ -15,14 +15,31 @@ def mme_score(
         ..., help="Official results folder (<category>.txt), one .txt, or our .parquet."
     ),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+    pair_by: str = typer.Option(
+        "lines",
+        "--pair-by",
+        help="acc+ pairs: lines (consecutive lines per category, as the official script) or "
+        "image (by image name).",
+    ),
 ) -> None:
     """Score MME predictions the official way: per subtask acc, acc+, score; group totals."""
     import json
     from dataclasses import asdict
 
+    from vlmcredit.cli.common import echo_err
     from vlmcredit.data.mme_score import read_predictions, score_predictions
 
-    scores = score_predictions(read_predictions(predictions))
+    scores = score_predictions(read_predictions(predictions), pair_by)
+    if scores.mixed_pairs:
+        how = (
+            "paired anyway, as the official script does; --pair-by image pairs by name"
+            if pair_by == "lines"
+            else "paired by image name here; the official script would pair the lines"
+        )
+        echo_err(
+            f"warning: {scores.mixed_pairs} pair(s) of consecutive lines hold two different "
+            f"images (the file is not in MME's order): {how}"
+        )
     if as_json:
         obj = {
             "subtasks": {c: asdict(s) for c, s in scores.subtasks.items()},
@@ -30,6 +47,8 @@ def mme_score(
             "cognition": scores.cognition,
             "total": scores.total,
             "absent": scores.absent,
+            "pair_by": scores.pair_by,
+            "mixed_pairs": scores.mixed_pairs,
         }
         typer.echo(json.dumps(obj, indent=2))
         return

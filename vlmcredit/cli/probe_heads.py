@@ -42,8 +42,22 @@ def probe_heads(
         "--max-questions",
         help="Quick look: about N questions, whole images from every category in turn.",
     ),
-    threshold: float = typer.Option(
-        100.0, "--threshold", help="Critical when the score drops by more than this."
+    threshold: float | None = typer.Option(
+        None,
+        "--threshold",
+        help="Absolute rule: critical when the score drops by more than this many points "
+        "(default 100, the paper's; giving it selects the absolute rule).",
+    ),
+    threshold_rule: str | None = typer.Option(
+        None,
+        "--threshold-rule",
+        help="absolute (drop > --threshold points; default on all 14 MME subtasks) or relative "
+        "(drop > --relative-share x (baseline - gray-image control); default on a subset).",
+    ),
+    relative_share: float | None = typer.Option(
+        None,
+        "--relative-share",
+        help="Relative rule's share of (baseline - gray-image control), in (0, 1]; default 0.5.",
     ),
     metric: str = typer.Option("total", "--metric", help="total or perception."),
     feature_cache_mb: float = typer.Option(
@@ -82,6 +96,8 @@ def probe_heads(
         skip_bad=skip_bad,
         trust_remote_code=trust_remote_code,
         threshold=threshold,
+        threshold_rule=threshold_rule,
+        relative_share=relative_share,
         metric=metric,
         feature_cache_mb=feature_cache_mb,
         resume=resume,
@@ -95,13 +111,28 @@ def probe_heads(
         f"baseline: total {base['total']:.2f} (perception {base['perception']:.2f}, "
         f"cognition {base['cognition']:.2f}) on {report['num_questions']} questions"
     )
+    controls = report["controls"]
+    shown = {name.replace("_", " "): name for name in ("gray_image", "constant_yes", "constant_no")}
+    typer.echo(
+        "controls (total): "
+        + ", ".join(f"{label} {controls[key]['total']:.2f}" for label, key in shown.items())
+        + f"; baseline answers other {100 * base['answers']['other']:.0f}%"
+    )
+    rule = report["threshold_rule"]
+    typer.echo(f"threshold rule: {rule['rule']} ({rule['reason']}): {rule['formula']}")
+    if rule["warning"]:
+        echo_err(f"warning: {rule['warning']}")
     rows = sorted(report["heads"], key=lambda h: -h["drop"][report["metric"]])
-    typer.echo(f"{'layer':>5} {'head':>4} {'total':>9} {'drop':>9}  critical")
+    typer.echo(f"{'layer':>5} {'head':>4} {'total':>9} {'drop':>9} {'other':>6}  critical")
     for h in rows[:SHOWN]:
         layer = "all" if h["layer"] is None else str(h["layer"])
+        answers = h["answers"]
+        flags = [f"all {answers['constant']}"] if answers["constant"] else []
+        flags += ["answer format broken"] if answers["format_broken"] else []
         typer.echo(
             f"{layer:>5} {h['head']:>4} {h['scores']['total']:>9.2f} "
-            f"{h['drop'][report['metric']]:>9.2f}  {'yes' if h['critical'] else ''}"
+            f"{h['drop'][report['metric']]:>9.2f} {100 * answers['other']:>5.0f}%  "
+            f"{'yes' if h['critical'] else '':<3} {'; '.join(flags)}".rstrip()
         )
     if len(rows) > SHOWN:
         typer.echo(f"... {len(rows) - SHOWN} more in {run.path / 'heads.parquet'}")

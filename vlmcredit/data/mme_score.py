@@ -4,6 +4,13 @@ Mirrors `eval_tool/calculation.py` of the MME release (BradyFU/Awesome-Multimoda
 Language-Models, Evaluation branch). Predictions are read from the official results folder
 (`<category>.txt`, lines `img<TAB>question<TAB>gt<TAB>prediction`) or from our parquet (columns
 image_id, category, question, answer, prediction).
+
+Pairing for acc+: the official script splits each category's lines, in file order, into chunks
+of two (lines 1-2, 3-4, ...) and counts a chunk as one image, without looking at image names.
+That is the default here (`pair_by="lines"`; a parquet's rows count in row order per category).
+On a file whose two questions of an image are not adjacent the official acc+ pairs questions of
+different images; `pair_by="image"` pairs by image name instead, and the number of such mixed
+pairs is reported either way (`MMEScores.mixed_pairs`).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ from vlmcredit.data.mme import CATEGORIES, COGNITION, PERCEPTION
 from vlmcredit.errors import VlmCreditError
 
 PREDICTION_COLUMNS = ("image_id", "category", "question", "answer", "prediction")
+PAIRINGS = ("lines", "image")
 _FLATTEN = {ord(ch): " " for ch in "\t\r\n"}  # what would break an official results line
 
 
@@ -78,6 +86,10 @@ class MMEScores:
     cognition: float
     total: float
     absent: list[str] = field(default_factory=list)
+    pair_by: str = "lines"
+    # consecutive-line pairs holding two different images (the file is not in MME's order);
+    # with pair_by="image" it is still counted, on the file as given
+    mixed_pairs: int = 0
 
     def score(self, category: str) -> float | None:
         """A subtask's score, or None when it was not in the predictions."""
@@ -102,12 +114,19 @@ def _field(row: Any, name: str) -> Any:
     return row[name] if isinstance(row, Mapping) else getattr(row, name)
 
 
-def score_predictions(rows: Iterable[MMEPrediction | Mapping[str, Any]]) -> MMEScores:
+def score_predictions(
+    rows: Iterable[MMEPrediction | Mapping[str, Any]], pair_by: str = "lines"
+) -> MMEScores:
     """Score predictions the official way (rows: MMEPrediction or mappings with its fields).
 
-    Every image must carry exactly two questions, as in MME (the official tool asserts it).
+    `pair_by="lines"` (the official script): each category's rows, in order, pair as 1-2, 3-4,
+    ... for acc+; an odd count is an error, as the official tool asserts. `pair_by="image"`:
+    rows pair by image name, and every image must carry exactly two questions.
     """
+    if pair_by not in PAIRINGS:
+        raise VlmCreditError(f"--pair-by {pair_by}: choose one of {', '.join(PAIRINGS)}")
     by_image: dict[tuple[str, str], list[bool]] = {}
+    in_order: dict[str, list[tuple[str, bool]]] = {}
     other: dict[str, int] = {}
     canon = {c.lower(): c for c in CATEGORIES}
     for i, row in enumerate(rows):
@@ -122,12 +141,28 @@ def score_predictions(rows: Iterable[MMEPrediction | Mapping[str, Any]]) -> MMES
             raise VlmCreditError(f"prediction row {i}: ground truth {gt!r} is not Yes/No")
         label = parse_answer(str(_field(row, "prediction")))
         other[category] = other.get(category, 0) + (label == "other")
-        by_image.setdefault((category, str(_field(row, "image_id"))), []).append(label == gt)
+        image = str(_field(row, "image_id"))
+        by_image.setdefault((category, image), []).append(label == gt)
+        in_order.setdefault(category, []).append((image, label == gt))
     subtasks: dict[str, SubtaskScore] = {}
+    mixed = 0
     for cat in CATEGORIES:
-        images = [(img, ok) for (c, img), ok in by_image.items() if c == cat]
-        if not images:
+        lines = in_order.get(cat, [])
+        if not lines:
             continue
+        pairs = [lines[k : k + 2] for k in range(0, len(lines), 2)]
+        mixed += sum(len(p) == 2 and p[0][0] != p[1][0] for p in pairs)
+        if pair_by == "lines":
+            if len(lines) % 2:
+                raise VlmCreditError(
+                    f"predictions: {cat} has {len(lines)} questions, an odd number; the official "
+                    "script pairs consecutive lines (two questions per image), so predict both "
+                    "questions of every image"
+                )
+            images = [(f"{cat} lines {2 * k + 1}-{2 * k + 2}", [a[1], b[1]])
+                      for k, (a, b) in enumerate(pairs)]  # fmt: skip
+        else:
+            images = [(img, ok) for (c, img), ok in by_image.items() if c == cat]
         for img, ok in images:
             if len(ok) != 2:
                 raise VlmCreditError(
@@ -145,7 +180,9 @@ def score_predictions(rows: Iterable[MMEPrediction | Mapping[str, Any]]) -> MMES
     perception = sum(s.score for c, s in subtasks.items() if c in PERCEPTION)
     cognition = sum(s.score for c, s in subtasks.items() if c in COGNITION)
     absent = [c for c in CATEGORIES if c not in subtasks]
-    return MMEScores(subtasks, perception, cognition, perception + cognition, absent)
+    return MMEScores(
+        subtasks, perception, cognition, perception + cognition, absent, pair_by, mixed
+    )
 
 
 def read_predictions(path: str | Path) -> list[MMEPrediction]:

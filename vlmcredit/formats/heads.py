@@ -26,6 +26,9 @@ HEADS_PARQUET = "heads.parquet"
 MODES = ("head-index", "layer-head")
 METRICS = ("total", "perception")
 GROUPS = ("total", "perception", "cognition")
+THRESHOLD_RULES = ("absolute", "relative")
+CONTROLS = ("constant_yes", "constant_no", "gray_image")
+LABELS = ("yes", "no", "other")
 
 
 def critical_heads_of(critical: Sequence[Mapping[str, Any]]) -> list[int]:
@@ -50,6 +53,11 @@ def heads_table(report: Mapping[str, Any]) -> Any:
     for g in GROUPS:
         columns[f"drop_{g}"] = np.array([h["drop"][g] for h in rows], np.float64)
     columns["critical"] = np.array([h["critical"] for h in rows], bool)
+    if rows and all("answers" in h for h in rows):  # a run written before the answer shares
+        for label in LABELS:
+            columns[f"share_{label}"] = np.array([h["answers"][label] for h in rows], np.float64)
+        columns["constant"] = pd.array([h["answers"]["constant"] for h in rows], "string")
+        columns["format_broken"] = np.array([h["answers"]["format_broken"] for h in rows], bool)
     for c in categories:
         columns[f"score_{c}"] = np.array([h["subtasks"].get(c, np.nan) for h in rows], np.float64)
     return pd.DataFrame(columns)
@@ -165,6 +173,11 @@ def _heads_problem(report: Any, full: bool = False) -> str | None:
                 return f"heads[{i}] has no layer in layer-head mode"
             if not isinstance(h["drop"], Mapping) or not _is_number(h["drop"].get(metric)):
                 return f"heads[{i}].drop.{metric} is not a number"
+        if "answers" in h and _answers_problem(h["answers"]):
+            return f"heads[{i}].answers: {_answers_problem(h['answers'])}"
+    problem = _controls_problem(report)
+    if problem:
+        return problem
     marked = [{"layer": h["layer"], "head": h["head"]} for h in report["heads"] if h["critical"]]
     if report.get("critical", marked) != marked or report.get(
         "critical_heads", critical_heads_of(marked)
@@ -173,12 +186,61 @@ def _heads_problem(report: Any, full: bool = False) -> str | None:
     return None
 
 
+def _answers_problem(answers: Any) -> str | None:
+    """What is wrong with an `answers` object (shares of yes / no / other, constant label)."""
+    if not isinstance(answers, Mapping):
+        return "not an object"
+    shares = [answers.get(label) for label in LABELS]
+    if not all(_is_number(x) and 0 <= x <= 1 for x in shares):
+        return "yes/no/other must be shares in [0, 1]"
+    if abs(sum(shares) - 1) > 1e-6:
+        return "yes/no/other shares do not sum to 1"
+    if answers.get("constant") not in (None, *LABELS):
+        return f"constant {answers.get('constant')!r}"
+    if not isinstance(answers.get("format_broken"), bool):
+        return "format_broken is not true/false"
+    return None
+
+
+def _controls_problem(report: Mapping[str, Any]) -> str | None:
+    """The threshold rule and the controls, checked when present (runs since the controls)."""
+    if "threshold_rule" in report:
+        rule = report["threshold_rule"]
+        if not isinstance(rule, Mapping) or rule.get("rule") not in THRESHOLD_RULES:
+            return "threshold_rule.rule must be absolute or relative"
+        if not isinstance(rule.get("reason"), str) or not isinstance(rule.get("formula"), str):
+            return "threshold_rule lacks its reason / formula"
+        if "threshold" in report and rule.get("threshold") != report["threshold"]:
+            return "threshold_rule.threshold disagrees with threshold"
+    baseline = report.get("baseline")
+    if isinstance(baseline, Mapping) and "answers" in baseline:
+        problem = _answers_problem(baseline["answers"])
+        if problem:
+            return f"baseline.answers: {problem}"
+    if "controls" not in report:
+        return None
+    controls = report["controls"]
+    if not isinstance(controls, Mapping) or set(controls) != set(CONTROLS):
+        return f"controls must hold {', '.join(CONTROLS)}"
+    for name in CONTROLS:
+        if not isinstance(controls[name], Mapping) or not all(
+            _is_number(controls[name].get(g)) for g in GROUPS
+        ):
+            return f"controls.{name} lacks total/perception/cognition"
+    if "answers" in controls["gray_image"] and _answers_problem(controls["gray_image"]["answers"]):
+        return f"controls.gray_image.answers: {_answers_problem(controls['gray_image']['answers'])}"
+    return None
+
+
 __all__ = [
+    "CONTROLS",
     "GROUPS",
     "HEADS_JSON",
     "HEADS_PARQUET",
+    "LABELS",
     "METRICS",
     "MODES",
+    "THRESHOLD_RULES",
     "critical_heads_of",
     "heads_table",
     "read_heads",

@@ -20,10 +20,9 @@ from vlmcredit.errors import VlmCreditError
 DEMO_FAMILY = "qwen2.5-vl"
 DEMO_SEED = 0
 MME_IMAGES_PER_CATEGORY = 4
-# The paper's threshold is a drop of more than 100 in the MME total over 2,374 questions. On the
-# demo's 48 questions every one of the tiny model's 4 heads drops the total by 112-150, so the
-# demo sets the bar at 125 to show a real selection (3 of 4) flowing into anchors.
-DEMO_THRESHOLD = 125.0
+# The paper's threshold (a drop of more than 100 in the MME total) is meant for all 14 subtasks;
+# the demo scores 6 synthetic ones, so probe-heads' default for a partial MME applies: the
+# documented relative rule (docs/methods.md), drop > 0.5 x (baseline - gray-image control).
 
 
 def ensure_tiny_checkpoint(out: Path) -> Path:
@@ -133,15 +132,24 @@ def run_demo(out: Path, echo: Callable[[str], None] = print) -> Path:
 
     echo("\n[3/7] vision-critical heads: ablate each head index in every layer, score MME")
     heads = run_probe_heads(
-        ProbeHeadsConfig(
-            ckpt=str(ckpt), mme=mme, out=runs / "heads", threshold=DEMO_THRESHOLD, dtype="fp32"
-        )
+        ProbeHeadsConfig(ckpt=str(ckpt), mme=mme, out=runs / "heads", dtype="fp32")
     ).path
     report = read_heads(heads)
-    drops = ", ".join(
-        f"head {h['head']}: {h['drop'][report['metric']]:.1f}" for h in report["heads"]
+    metric, controls, rule = report["metric"], report["controls"], report["threshold_rule"]
+    echo(
+        f"      baseline {metric} {report['baseline'][metric]:.2f}; controls: gray image "
+        f"{controls['gray_image'][metric]:.2f}, constant yes {controls['constant_yes'][metric]:.2f}"
+        f", constant no {controls['constant_no'][metric]:.2f}"
     )
-    echo(f"      baseline total {report['baseline']['total']:.2f}; drops {drops}")
+    for h in report["heads"]:
+        answers = h["answers"]
+        flag = f", all {answers['constant']}" if answers["constant"] else ""
+        echo(
+            f"      head {h['head']}: drop {h['drop'][metric]:.1f} ({metric} "
+            f"{h['scores'][metric]:.1f}, other answers {100 * answers['other']:.0f}%{flag})"
+        )
+    echo(f"      threshold rule: {rule['rule']} ({rule['reason']})")
+    echo(f"      {rule['formula']}")
     echo(
         f"      critical (drop > {report['threshold']:g}): "
         f"{', '.join(map(str, report['critical_heads'])) or 'none'}"

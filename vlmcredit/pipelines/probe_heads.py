@@ -4,18 +4,24 @@ Protocol (KAWHI, MME): score MME with the unablated model (the baseline), then o
 configuration with its heads ablated, and call a configuration vision-critical when its score
 drops by more than a threshold. A configuration is one head index in every decoder layer at once
 (`mode="head-index"`, the paper's protocol) or one (layer, head) pair (`mode="layer-head"`).
+Controls come from the same run: the gray-image control (every image replaced by a uniform gray
+image of its size, unablated model) is one more unit; constant-yes / constant-no are the official
+scores of all-yes / all-no predictions. The threshold rule (absolute points, or relative to the
+gap between baseline and gray-image control) is chosen in `analysis.heads.choose_threshold_rule`.
 
 The run folder (vlmcredit/runs.py) holds one committed unit per configuration, so a killed run
 resumes with every finished configuration kept:
     manifest.json                 parameters, checkpoint, MME set, timing, feature-cache stats
     samples.parquet               one row per unit: "means" (mean ablation's reference, its
-                                  tensor in a shard), "baseline", "head-3" / "layer-5-head-3"
-                                  (status done), and MME images skipped with --skip-bad (bad)
+                                  tensor in a shard), "baseline", "gray-image", "head-3" /
+                                  "layer-5-head-3" (status done), and MME images skipped
+                                  with --skip-bad (bad)
     predictions/<unit>.parquet    per question: the MME prediction columns (read_predictions /
                                   `vlmcredit mme-score` read it) + logits / first token
     heads.json, heads.parquet     written when every configuration is done (docs/FORMATS.md)
-Threshold and metric only select among measured drops: they are not part of what a resume must
-match, so `--resume` on a finished run re-selects with new values without recomputing.
+Threshold, threshold rule, relative share and metric only select among measured drops: they are
+not part of what a resume must match, so `--resume` on a finished run re-selects with new values
+without recomputing.
 """
 
 from __future__ import annotations
@@ -30,19 +36,24 @@ from typing import Any
 from vlmcredit.analysis.heads import (
     ABLATIONS,
     MODES,
+    answer_shares,
     build_heads_report,
     check_metric,
+    check_share,
     check_threshold,
+    choose_threshold_rule,
     scores_dict,
+    threshold_rule,
 )
-from vlmcredit.data.mme import MMEQuestion, canonical_categories
+from vlmcredit.data.mme import CATEGORIES, MMEQuestion, canonical_categories
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.files import atomic_write_parquet
 from vlmcredit.formats.heads import write_heads
 from vlmcredit.formats.run import Run
-from vlmcredit.pipelines.skeleton import KillSwitch, refuse_taken
+from vlmcredit.pipelines.skeleton import KillSwitch, marks_failure, refuse_taken
 
 BASELINE = "baseline"
+GRAY = "gray-image"
 MEANS = "means"
 PREDICTIONS_DIR = "predictions"
 
@@ -66,7 +77,9 @@ class ProbeHeadsConfig:
     device_map: str | None = None
     skip_bad: bool = False
     trust_remote_code: bool = False
-    threshold: float = 100.0
+    threshold: float | None = None  # points (absolute rule); None = the rule's default
+    threshold_rule: str | None = None  # "absolute" | "relative"; None = chosen from the set
+    relative_share: float | None = None  # relative rule's share; None = RELATIVE_SHARE
     metric: str = "total"  # or "perception"
     feature_cache_mb: float = 4096.0
     resume: bool = False
@@ -93,14 +106,21 @@ class ProbeHeadsConfig:
         if not self.feature_cache_mb >= 0:
             raise VlmCreditError(f"--feature-cache-mb {self.feature_cache_mb}: must be >= 0")
         check_metric(self.metric)
-        check_threshold(self.threshold, self.metric)
+        if self.threshold is not None:
+            check_threshold(self.threshold, self.metric)
+        if self.relative_share is not None:
+            check_share(self.relative_share)
+        choose_threshold_rule(  # conflicting selection options, before any work
+            self.threshold_rule, self.threshold, self.relative_share, [], full_mme=False
+        )
 
     def parameters(self) -> dict[str, Any]:
         """What a resume must match: everything that changes a configuration's answers."""
         params = asdict(self)
         for key in ("out", "resume", "device", "device_map", "feature_cache_mb"):
             params.pop(key)
-        for key in ("threshold", "metric"):  # selection only; recorded under "selection"
+        # selection only; recorded under "selection"
+        for key in ("threshold", "threshold_rule", "relative_share", "metric"):
             params.pop(key)
         params["mme"] = str(Path(self.mme).resolve())
         return params
@@ -170,12 +190,19 @@ def mme_fingerprint(questions: Sequence[MMEQuestion]) -> str:
     return h.hexdigest()
 
 
-def predictions_frame(questions: Sequence[MMEQuestion], answers: Sequence[Any]) -> Any:
-    """One configuration's answers as a table `read_predictions` accepts (plus our columns)."""
+def predictions_frame(
+    questions: Sequence[MMEQuestion], answers: Sequence[Any], tokens: Any = None
+) -> Any:
+    """One configuration's answers as a table `read_predictions` accepts (plus our columns).
+
+    With the logit path's `tokens` (YesNoTokens), `top_text` is the argmax token's text and
+    `first_token_decides` whether that token alone fixes the official label.
+    """
     import pandas as pd
 
     from vlmcredit.data.mme_score import parse_answer
 
+    decode = tokens.decode if tokens is not None else None
     return pd.DataFrame(
         {
             "image_id": [q.image_id for q in questions],
@@ -188,6 +215,11 @@ def predictions_frame(questions: Sequence[MMEQuestion], answers: Sequence[Any]) 
             "top_token": pd.array([a.top_token for a in answers], dtype="int64"),
             "yes_logit": pd.array([a.yes_logit for a in answers], dtype="Float32"),
             "no_logit": pd.array([a.no_logit for a in answers], dtype="Float32"),
+            "top_text": [decode(a.top_token) if decode else None for a in answers],
+            "first_token_decides": pd.array(
+                [tokens.decides(a.top_token) if tokens else None for a in answers],
+                dtype="boolean",
+            ),
         }
     )
 
@@ -198,6 +230,28 @@ def _scores(path: Path) -> dict[str, Any]:
     return scores_dict(score_predictions(read_predictions(path)))
 
 
+def _answers(path: Path) -> dict[str, Any]:
+    """`answer_shares` of one configuration's stored predictions."""
+    import pandas as pd
+
+    frame = pd.read_parquet(path)
+    decides = frame.get("first_token_decides")  # absent in runs written before it existed
+    if decides is None or decides.isna().all():
+        undecided = None
+    else:
+        undecided = int((~decides.fillna(True)).sum())
+    return answer_shares(list(frame["parsed"]), undecided)
+
+
+def constant_scores(questions: Sequence[MMEQuestion], answer: str) -> dict[str, Any]:
+    """The official score of answering `answer` to every question (constant-yes / -no)."""
+    from vlmcredit.data.mme_score import MMEPrediction, score_predictions
+
+    rows = (MMEPrediction(q.image_id, q.category, q.question, q.answer, answer) for q in questions)
+    return scores_dict(score_predictions(rows))
+
+
+@marks_failure
 def run_probe_heads(
     cfg: ProbeHeadsConfig,
     progress: Callable[[int, int], None] | None = None,
@@ -221,20 +275,30 @@ def run_probe_heads(
         raise VlmCreditError(f"--mme {exc}") from None
     questions = select_questions(mme.questions, cfg.max_questions)
     categories = [c for c in mme.categories if any(q.category == c for q in questions)]
-    check_threshold(cfg.threshold, cfg.metric, categories)
+    if cfg.threshold is not None:
+        check_threshold(cfg.threshold, cfg.metric, categories)
+    else:
+        check_threshold(0.0, cfg.metric, categories)  # the metric must score something here
+    full_mme = len(categories) == len(CATEGORIES) and len(questions) == len(mme.questions)
+    rule_name, rule_reason = choose_threshold_rule(
+        cfg.threshold_rule, cfg.threshold, cfg.relative_share, categories, full_mme
+    )
 
     ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
     geo = ck.geometry
     plan = ablation_plan(cfg.mode, geo.num_layers, geo.num_heads, cfg.layers, cfg.heads)
+    units = [BASELINE, GRAY, *(a.name for a in plan[1:])]  # what gets a predictions file
     answering = "generate" if cfg.generate else "logits"
     import torch
 
     from vlmcredit.probes.ablation import ablate_heads, head_means
     from vlmcredit.probes.mme_answer import (
         GENERATE_TOKENS,
+        GRAY_LEVEL,
         ImageFeatureCache,
         MMEInputs,
         answer_questions,
+        gray_image,
         yes_no_tokens,
     )
 
@@ -262,7 +326,8 @@ def run_probe_heads(
             "yes_tokens": list(tokens.yes_text) if tokens else None,
             "no_tokens": list(tokens.no_text) if tokens else None,
             "max_new_tokens": GENERATE_TOKENS if answering == "generate" else None,
-            "rule": "best yes-variant logit > best no-variant logit"
+            "rule": "official label of the full-vocabulary argmax token: a yes/no variant, or "
+            "a token of 4+ characters parsed officially; any other token -> other"
             if tokens
             else "greedy decoding, official MME parsing",
             "shared_prefix": bool(tokens) and cfg.share_prefix,
@@ -274,28 +339,44 @@ def run_probe_heads(
             if cfg.ablation == "mean"
             else None,
         },
-        "configurations": [a.name for a in plan],
+        "configurations": units,
+        "controls": {
+            "gray_image": f"every image replaced by a uniform RGB gray ({GRAY_LEVEL}) image of "
+            "the same size, unablated model, same answering",
+            "constant_yes": "official score of answering Yes to every question",
+            "constant_no": "official score of answering No to every question",
+        },
         "timing": {"configurations": {}},
     }
     run = Run.open(Path(cfg.out), "probe-heads", params, cfg.resume, extra)
-    run.manifest["selection"] = {"metric": cfg.metric, "threshold": cfg.threshold}
+    run.manifest["selection"] = {
+        "metric": cfg.metric,
+        "threshold": cfg.threshold,
+        "threshold_rule": rule_name,
+        "relative_share": cfg.relative_share,
+    }
     run.write_manifest()
     if not run.rows and mme.bad:
         run.commit({"id": f"bad:{w}", "status": "bad", "error": e} for w, e in mme.bad)
     done = run.done_ids()
     todo = [a for a in plan if a.name not in done]
+    gray_todo = GRAY not in done
     ablating = any(a.head is not None for a in todo)
     need_means = cfg.ablation == "mean" and MEANS not in done and ablating
     n = len(questions)
-    total = n * (len(plan) + (1 if todo else 0) + (1 if need_means else 0))
-    state = {"done": n * (len(plan) - len(todo))}
+    prepare = (1 if todo else 0) + (1 if gray_todo else 0)  # encoding passes over the questions
+    total = n * (len(units) + prepare + (1 if need_means else 0))
+    state = {"done": n * (len(units) - len(todo) - gray_todo)}
 
     def advance(count: int) -> None:
         state["done"] += count
         if progress:
             progress(state["done"], total)
 
-    log(f"{n} questions, {len(plan)} configurations ({len(plan) - len(todo)} already done)")
+    log(
+        f"{n} questions, {len(units)} configurations incl. the gray-image control "
+        f"({len(units) - len(todo) - gray_todo} already done)"
+    )
     advance(0)
     cache = ImageFeatureCache(int(cfg.feature_cache_mb * 2**20))
     bank = MMEInputs(ck, questions, cache)
@@ -318,23 +399,65 @@ def run_probe_heads(
 
     kill = KillSwitch()
     (Path(cfg.out) / PREDICTIONS_DIR).mkdir(exist_ok=True)
-    for ablation in todo:
+
+    def answer_unit(name: str, heads: list[tuple[int | None, int]], unit_bank: MMEInputs) -> None:
         t0 = time.perf_counter()
-        heads = [] if ablation.head is None else [(ablation.layer, ablation.head)]
+        unit_batches = batches if unit_bank is bank else unit_bank.batches(cfg.batch_size)
         with ablate_heads(ck, heads, cfg.ablation, means):
             answers = answer_questions(
-                bank, batches, answering, tokens, advance, share_prefix=cfg.share_prefix
+                unit_bank, unit_batches, answering, tokens, advance, cfg.share_prefix
             )
-        frame = predictions_frame(questions, [answers[i] for i in range(n)])
-        atomic_write_parquet(_predictions_path(run.path, ablation.name), frame)
-        timing["configurations"][ablation.name] = time.perf_counter() - t0
-        run.commit([{"id": ablation.name, "status": "done"}])
+        frame = predictions_frame(questions, [answers[i] for i in range(n)], tokens)
+        atomic_write_parquet(_predictions_path(run.path, name), frame)
+        timing["configurations"][name] = time.perf_counter() - t0
+        run.commit([{"id": name, "status": "done"}])
         run.write_manifest()
         kill.committed()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
 
+    if todo and todo[0].head is None:
+        answer_unit(BASELINE, [], bank)
+    if gray_todo:  # right after the baseline: the relative threshold needs both
+        t0 = time.perf_counter()
+        gray = MMEInputs(ck, questions, cache, image_transform=gray_image)
+        gray.prepare(advance)
+        timing["prepare_gray"] = time.perf_counter() - t0
+        answer_unit(GRAY, [], gray)
+    for ablation in todo:
+        if ablation.head is not None:
+            answer_unit(ablation.name, [(ablation.layer, ablation.head)], bank)
+
     baseline = _scores(_predictions_path(run.path, BASELINE))
+    gray_scores = _scores(_predictions_path(run.path, GRAY))
+    controls = {
+        "constant_yes": constant_scores(questions, "Yes"),
+        "constant_no": constant_scores(questions, "No"),
+        "gray_image": gray_scores,
+    }
+    rule = threshold_rule(
+        rule_name,
+        rule_reason,
+        cfg.metric,
+        baseline,
+        gray_scores,
+        threshold=cfg.threshold,
+        share=cfg.relative_share,
+    )
+    if rule["rule"] == "absolute":
+        check_threshold(rule["threshold"], cfg.metric, categories)
+    if rule["warning"]:
+        log(f"warning: {rule['warning']}")
+    log(f"threshold rule: {rule['rule']} ({rule['reason']}): {rule['formula']}")
+    answers = {name: _answers(_predictions_path(run.path, name)) for name in units}
+    undecided = [name for name in units if answers[name]["undecided"]]
+    if undecided:  # the logit path's one approximation, counted where it happened
+        worst = max(undecided, key=lambda name: answers[name]["undecided"])
+        log(
+            f"warning: in {len(undecided)} of {len(units)} configurations some logit answers "
+            "start with a token too short to fix the official label (read as other; up to "
+            f"{100 * answers[worst]['undecided']:.0f}% in {worst}); --generate decodes them"
+        )
     results = [(a.layer, a.head, _scores(_predictions_path(run.path, a.name))) for a in plan[1:]]
     report = build_heads_report(
         checkpoint=checkpoint,
@@ -342,21 +465,25 @@ def run_probe_heads(
         ablation=cfg.ablation,
         answering=answering,
         metric=cfg.metric,
-        threshold=cfg.threshold,
+        threshold=rule["threshold"],
         num_questions=n,
         categories=categories,
         baseline=baseline,
         results=results,
+        rule=rule,
+        controls={**controls, "gray_image": {**gray_scores, "answers": answers[GRAY]}},
+        answers=answers[BASELINE],
+        head_answers=[answers[a.name] for a in plan[1:]],
     )
     write_heads(run.path, report)
     seconds = sum(timing["configurations"].values())
     run.finish(
-        num_configurations=len(plan),
+        num_configurations=len(units),
         critical=report["critical"],
         critical_heads=report["critical_heads"],
         baseline_total=baseline["total"],
         feature_cache=cache.stats(),
-        questions_per_second=(n * len(plan) / seconds) if seconds else None,
+        questions_per_second=(n * len(units) / seconds) if seconds else None,
     )
     return run
 

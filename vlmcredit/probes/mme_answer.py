@@ -3,12 +3,14 @@
 Head ablation scores MME once per configuration (1 + 28 times for a 7B model), so each
 question is answered many times with the same image. Four things make that cheap:
 
-* Logit answering: one forward per question; the answer is "Yes" when the best next-token logit
-  among the tokenizer's yes variants ("Yes", " yes", ...) beats the best among the no variants.
-  Whenever greedy decoding would start with one of these variants, this is exactly the answer
-  MME's official parser gives the decoded text (a variant in the first characters fixes the
-  label), without decoding 16 tokens. `answer_generate` is that reference: greedy decoding of up
-  to 16 tokens, parsed officially when scored.
+* Logit answering: one forward per question; the answer is read off the full-vocabulary argmax
+  at the answer position, as MME's official parser would read a decoded text starting with that
+  token (`first_token_label`): a yes variant ("Yes", " yes", ...) -> "Yes", a no variant -> "No",
+  a token whose own text already fixes the parse (4+ characters, e.g. "Nothing") -> its parse,
+  anything else -> "other" (scored wrong). Whenever the first token decides the official label,
+  this is exactly the label of decoding 16 tokens and parsing them; it differs only where a short
+  non-variant first token ("N", "Y") leaves the label to later tokens, and then it says "other".
+  `answer_generate` is the reference: greedy decoding of up to 16 tokens, parsed officially.
 * Questions are encoded (chat template, processor, image-token expansion) once per run; each
   batch is assembled from the stored token ids, left-padded as `encode_samples` does.
 * Image features come from a bounded cache keyed by a hash of the image's pixel values and grid,
@@ -44,6 +46,10 @@ YES_VARIANTS = ("Yes", "yes", "YES", " Yes", " yes", " YES")
 NO_VARIANTS = ("No", "no", "NO", " No", " no", " NO")
 GENERATE_TOKENS = 16  # what lmms-eval's MME task decodes
 ANSWERING_MODES = ("logits", "generate")
+# The stored prediction of a logit answer that is neither yes nor no: the official parser reads
+# it as "other" ("(oth" holds neither "yes" nor "no"), so `mme-score` scores it wrong as well.
+OTHER_PREDICTION = "(other)"
+PARSE_PREFIX = 4  # the official parser looks for yes/no in the first 4 characters
 
 
 # -- yes / no tokens ----------------------------------------------------------------------------
@@ -55,6 +61,31 @@ class YesNoTokens:
     no: tuple[int, ...]
     yes_text: tuple[str, ...] = ()
     no_text: tuple[str, ...] = ()
+    # token id -> its text as `answer_generate` decodes it (special tokens dropped); without it
+    # every non-variant first token reads as "other"
+    decode: Callable[[int], str] | None = field(default=None, compare=False, repr=False)
+
+    def first_token_label(self, token: int) -> str:
+        """The official label of any decoded answer starting with `token`, or "other".
+
+        A yes/no variant fixes the label whatever follows (`yes_no_tokens` keeps only such
+        spellings). Any other token fixes it when its text has at least 4 characters, since the
+        parser then sees only that text in its 4-character window and the text cannot equal
+        "yes"/"no". A shorter token ("N", "", an end-of-turn token) leaves the label to later
+        tokens: "other", the one answer a single logit cannot refute.
+        """
+        if token in self.yes:
+            return "yes"
+        if token in self.no:
+            return "no"
+        text = self.decode(token) if self.decode is not None else ""
+        return parse_answer(text) if len(text) >= PARSE_PREFIX else "other"
+
+    def decides(self, token: int) -> bool:
+        """Whether `token` alone fixes the official label of an answer starting with it."""
+        if token in self.yes or token in self.no:
+            return True
+        return self.decode is not None and len(self.decode(token)) >= PARSE_PREFIX
 
 
 def yes_no_tokens(tokenizer: Any, source: str = "--ckpt") -> YesNoTokens:
@@ -82,6 +113,7 @@ def yes_no_tokens(tokenizer: Any, source: str = "--ckpt") -> YesNoTokens:
         tuple(i for i, _ in found["no"]),
         tuple(t for _, t in found["yes"]),
         tuple(t for _, t in found["no"]),
+        decode=lambda token: tokenizer.decode([token], skip_special_tokens=True),
     )
 
 
@@ -216,13 +248,20 @@ class MMEInputs:
     questions: Sequence[MMEQuestion]
     cache: ImageFeatureCache
     encoded: list[EncodedQuestion] = field(default_factory=list)
+    # applied to every loaded image before the processor (the gray-image control: `gray_image`)
+    image_transform: Callable[[Any], Any] | None = None
+
+    def load_image(self, index: int) -> Any:
+        """Question `index`'s image as the model sees it (after `image_transform`)."""
+        image = self.questions[index].load_image()
+        return image if self.image_transform is None else self.image_transform(image)
 
     def prepare(self, on_question: Callable[[int], None] | None = None) -> None:
         """Encode every question; compute features of images while the cache has room."""
         processor = self.ck.processor
         self.encoded = []
-        for q in self.questions:
-            image = q.load_image()
+        for index, q in enumerate(self.questions):
+            image = self.load_image(index)
             text = prompt_text(processor, Sample([image], q.question))
             enc = processor(text=[text], images=[image], return_tensors="pt")
             grid = tuple(int(g) for g in enc["image_grid_thw"][0])
@@ -255,7 +294,9 @@ class MMEInputs:
         if cached is not None:
             return cached
         q = self.questions[index]
-        out = self.ck.processor.image_processor(images=[q.load_image()], return_tensors="pt")
+        out = self.ck.processor.image_processor(
+            images=[self.load_image(index)], return_tensors="pt"
+        )
         key = image_key(out["pixel_values"], enc.grid)
         if key != enc.image_key:  # the processor is deterministic; anything else is a bug
             raise RuntimeError(f"{q.image_id}: re-processed pixels differ from the first pass")
@@ -388,6 +429,16 @@ class MMEInputs:
         return tokens * geo.hidden_size * (1 + len(geo.deepstack_layers)) * element
 
 
+GRAY_LEVEL = 128  # the gray-image control's pixel value in every RGB channel
+
+
+def gray_image(image: Any) -> Any:
+    """A uniform gray RGB image of `image`'s size: the same image tokens, no visual content."""
+    from PIL import Image
+
+    return Image.new("RGB", image.size, (GRAY_LEVEL,) * 3)
+
+
 def _cache_kwarg(model: Any) -> str:
     """The forward's name for a KV cache to continue: transformers 5.24 renamed
     `past_key_values` to `cache` (the old name warns and goes in 5.40); 5.20-5.23 know only
@@ -420,7 +471,7 @@ def _pad(
 class Answer:
     """One question's answer: the text scored (officially parsed) and what produced it."""
 
-    prediction: str  # "Yes"/"No" (logits) or the decoded text (generate)
+    prediction: str  # "Yes"/"No"/OTHER_PREDICTION (logits) or the decoded text (generate)
     top_token: int  # greedy next token (logits) / first generated token (generate)
     yes_logit: float | None = None  # best yes-variant logit (logits mode)
     no_logit: float | None = None
@@ -430,13 +481,19 @@ def _to_device(inputs: dict[str, Any], device: torch.device) -> dict[str, Any]:
     return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
 
 
+LABEL_PREDICTION = {"yes": "Yes", "no": "No", "other": OTHER_PREDICTION}
+
+
 def yes_no_answers(logits: torch.Tensor, tokens: YesNoTokens) -> list[Answer]:
-    """Answers from next-token logits (B, vocab): best yes variant vs best no variant."""
+    """Answers from next-token logits (B, vocab): the official label of the argmax token.
+
+    The best yes / no variant logits are kept beside it (how close the other answer was).
+    """
     yes = logits[:, list(tokens.yes)].max(dim=-1).values.float().cpu()
     no = logits[:, list(tokens.no)].max(dim=-1).values.float().cpu()
     top = logits.argmax(dim=-1).cpu()
     return [
-        Answer("Yes" if y > n else "No", int(t), float(y), float(n))
+        Answer(LABEL_PREDICTION[tokens.first_token_label(t)], int(t), float(y), float(n))
         for y, n, t in zip(yes.tolist(), no.tolist(), top.tolist(), strict=True)
     ]
 

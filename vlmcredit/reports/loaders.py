@@ -110,6 +110,7 @@ class HeadEntry:
     scores: dict[str, float]
     subtasks: dict[str, float]
     critical: bool
+    answers: dict[str, Any] = field(default_factory=dict)  # shares of yes/no/other, constant
 
 
 @dataclass
@@ -126,6 +127,9 @@ class HeadsResult:
     answering: str | None = None
     num_questions: int | None = None
     checkpoint: dict[str, Any] = field(default_factory=dict)
+    threshold_rule: dict[str, Any] = field(default_factory=dict)  # empty: written before rules
+    controls: dict[str, Any] = field(default_factory=dict)  # constant_yes/no, gray_image
+    high_other_share: float | None = None
 
 
 def read_heads(run: RunInput) -> HeadsResult:
@@ -143,6 +147,7 @@ def read_heads(run: RunInput) -> HeadsResult:
             scores={k: float(v) for k, v in (item.get("scores") or {}).items()},
             subtasks={k: float(v) for k, v in (item.get("subtasks") or {}).items()},
             critical=item["critical"],
+            answers=dict(item.get("answers") or {}),
         )
         for item in obj["heads"]
     ]
@@ -158,6 +163,9 @@ def read_heads(run: RunInput) -> HeadsResult:
         answering=obj.get("answering"),
         num_questions=obj.get("num_questions"),
         checkpoint=obj.get("checkpoint") or {},
+        threshold_rule=dict(obj.get("threshold_rule") or {}),
+        controls=dict(obj.get("controls") or {}),
+        high_other_share=(obj.get("answer_format") or {}).get("high_other_share"),
     )
 
 

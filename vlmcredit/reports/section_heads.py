@@ -1,4 +1,10 @@
-"""Heads section (probe-heads runs): ablation drop per head, threshold, critical heads, subtasks."""
+"""Heads section (probe-heads runs): ablation drop per head, threshold, critical heads, subtasks.
+
+Beside the drops: the threshold rule and why it was chosen, the controls of the same run
+(baseline, gray image, constant yes / no), and per configuration the share of answers the
+official parser reads as "other" and whether all answers were one label, so that a drop which
+only means "the answer format broke" or "the model now says no to everything" reads as such.
+"""
 
 from __future__ import annotations
 
@@ -11,6 +17,7 @@ from vlmcredit.reports.sections import ReportOptions, Section, SectionBuilder
 
 TOP_HEADS = 24  # rows of the head table; the figure shows every head
 SUBTASK_COLUMNS = 8  # critical heads with their own column in the subtask table
+HEAD_COLUMNS = ("layer", "head", "total", "perception", "cognition", "", "other %", "answers")
 
 
 def _name(h: HeadEntry) -> str:
@@ -40,6 +47,81 @@ def _figure(run: RunInput, res: HeadsResult) -> figures.Figure:
         drops[h.layer or 0, h.head] = h.drop
         critical[h.layer or 0, h.head] = h.critical
     return figures.head_drop_grid(drops, critical, res.threshold, res.metric, "heads-drop", title)
+
+
+def _answers_text(answers: dict) -> str:
+    """ "all no" for a configuration that gave one answer, else "" (nothing to flag)."""
+    constant = answers.get("constant")
+    return f"all {constant}" if constant else ""
+
+
+def _controls_table(res: HeadsResult) -> Raw | None:
+    """Baseline, gray-image and constant-answer scores with the drop each would count as."""
+    if not res.controls:
+        return None
+    metric = res.metric
+    base = res.baseline
+    rows = []
+    for label, scores in [
+        ("baseline", base),
+        ("gray image (every image uniform gray)", res.controls.get("gray_image") or {}),
+        ("constant yes", res.controls.get("constant_yes") or {}),
+        ("constant no", res.controls.get("constant_no") or {}),
+    ]:
+        answers = scores.get("answers") or {}
+        value = scores.get(metric)
+        drop = None if value is None else float(base[metric]) - float(value)
+        other = answers.get("other")
+        rows.append(
+            [
+                label,
+                scores.get("total"),
+                scores.get("perception"),
+                scores.get("cognition"),
+                drop,
+                None if other is None else 100 * other,
+                _answers_text(answers),
+            ]
+        )
+    headers = ["control", "total", "perception", "cognition", f"drop ({metric})", "other %", ""]
+    caption = "Controls from the same run: a head drop as large as a control's is no better"
+    return table(headers, rows, caption=caption)
+
+
+def _answer_notes(res: HeadsResult) -> list[Raw]:
+    """One note per kind of answer problem: broken format (many "other"), constant answers."""
+    notes = []
+    high = res.high_other_share
+    broken = [h for h in res.heads if h.answers.get("format_broken")]
+    if broken and high is not None:
+        names = ", ".join(f"{_name(h)} ({100 * h.answers['other']:.0f}%)" for h in broken)
+        notes.append(
+            note(
+                f"Answer format broken in {names}: at least {100 * high:.0f}% of the answers are "
+                "neither yes nor no (official parse: other, scored wrong), so their drop comes "
+                "from a broken answer format, not lost vision."
+            )
+        )
+    undecided = [h for h in res.heads if h.answers.get("undecided")]
+    base_undecided = (res.baseline.get("answers") or {}).get("undecided")
+    if undecided or base_undecided:
+        notes.append(
+            note(
+                f"Logit answers whose first token is too short to fix the official label were "
+                f"read as other: {100 * (base_undecided or 0):.0f}% of the baseline's, in "
+                f"{len(undecided)} ablated configurations; --generate decodes them instead."
+            )
+        )
+    constant = [h for h in res.heads if h.answers.get("constant")]
+    if constant:
+        names = ", ".join(f"{_name(h)} ({_answers_text(h.answers)})" for h in constant)
+        notes.append(
+            note(
+                f"Collapsed to a constant answer: {names}. Compare their scores with the "
+                "constant-answer and gray-image controls."
+            )
+        )
+    return notes
 
 
 def _subtask_table(res: HeadsResult) -> Raw | None:
@@ -74,6 +156,17 @@ def build(run: RunInput, options: ReportOptions) -> Section:
         ("answering", res.answering or "–"),
         ("questions", res.num_questions),
         ("metric / threshold", f"{res.metric} drop > {res.threshold:g}"),
+        *(
+            [
+                (
+                    "threshold rule",
+                    f"{res.threshold_rule.get('rule')}: {res.threshold_rule.get('formula')} "
+                    f"({res.threshold_rule.get('reason')})",
+                )
+            ]
+            if res.threshold_rule
+            else []
+        ),
         (
             "baseline score",
             " · ".join(
@@ -94,10 +187,18 @@ def build(run: RunInput, options: ReportOptions) -> Section:
             h.scores.get("perception"),
             h.scores.get("cognition"),
             Raw("<strong>critical</strong>") if h.critical else "",
+            None if "other" not in h.answers else 100 * h.answers["other"],
+            _answers_text(h.answers),
         ]
         for h in ranked
     ]
     body: list[str] = [key_values(facts), figure(fig)]
+    if res.threshold_rule.get("warning"):
+        body.append(note(f"Warning: {res.threshold_rule['warning']}."))
+    controls = _controls_table(res)
+    if controls:
+        body.append(controls)
+    body.extend(_answer_notes(res))
     if not critical:
         body.append(
             note(
@@ -106,7 +207,7 @@ def build(run: RunInput, options: ReportOptions) -> Section:
         )
     body.append(
         table(
-            ["layer", "head", f"drop ({res.metric})", "total", "perception", "cognition", ""],
+            [*HEAD_COLUMNS[:2], f"drop ({res.metric})", *HEAD_COLUMNS[2:]],
             head_rows,
             caption=f"Heads by drop (top {len(ranked)} of {len(res.heads)})",
         )
