@@ -14,6 +14,14 @@ os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
 from tests.helpers import noise_image
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The weights-hash cache of this session, not the user's ~/.cache/vlmcredit."""
+    folder = tmp_path_factory.mktemp("vlmcredit-cache")
+    os.environ["VLMCREDIT_CACHE_DIR"] = str(folder)
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("tiny")

@@ -13,7 +13,11 @@ from tests.analysis.planted import planted_attention
 from vlmcredit.analysis.anchors import (
     AnchorConfig,
     agreement,
+    anchor_count,
+    fill_clusters,
     label_anchors,
+    ratio_spread,
+    select_batch,
     select_clusters,
     threshold_anchors,
 )
@@ -292,6 +296,14 @@ def test_bad_attention_is_an_error(att, match):
         ({"sink": "median"}, "sink mode"),
         ({"sink": "topk", "sink_k": 0}, "sink_k"),
         ({"cluster": ClusterConfig(n_iterations=0)}, "n_iterations"),
+        ({"ratio_scope": "global"}, "ratio scope"),
+        ({"fill": "partial"}, "fill rule"),
+        ({"preset": "kawhi"}, "anchor preset"),
+        ({"preset": "paper", "mode": "threshold"}, "--preset paper sets --mode similarity"),
+        (
+            {"preset": "paper", "cluster": ClusterConfig(backend="leidenalg")},
+            "--preset paper sets --backend metis",
+        ),
         (
             {"mode": "similarity", "cluster": ClusterConfig("leidenalg", "bipartite")},
             "needs anchor mode 'bipartite'",
@@ -316,6 +328,9 @@ def test_anchor_config_to_dict_records_everything():
         "knn": 10,
         "sink": "none",
         "sink_k": 0,
+        "ratio_scope": "response",
+        "fill": "clusters-then-tokens",
+        "preset": "none",
         "cluster": {
             "backend": "igraph",
             "objective": "modularity",
@@ -334,3 +349,147 @@ def test_bipartite_objective_through_label_anchors():
     res = label_anchors(att, cfg)
     agr = agreement(res.anchor, planted)
     assert agr["precision"] >= 0.9 and agr["recall"] >= 0.9
+
+
+# ---- the ratio per response (fill), per batch (scope), the paper preset ----------------------
+
+
+def _planted_batch(shares=(0.03, 0.08, 0.15, 0.25, 0.45), lengths=(25, 40, 120, 200, 310)):
+    out = []
+    for k, (share, t) in enumerate(zip(shares, lengths, strict=True)):
+        att, planted = planted_attention(
+            num_tokens=t, num_anchors=max(1, round(share * t)), seed=20 + k
+        )
+        out.append((att, planted))
+    return out
+
+
+@pytest.mark.parametrize("mode", GRAPH_MODES)
+def test_every_response_holds_the_ratio_on_planted_data(mode):
+    """Planted anchors from 3% to 45% of responses of 25-310 tokens: with the defaults each
+    response gets exactly round(0.15 T) anchors (within +-2 points from 25 tokens on), the
+    planted ones first; the whole-cluster fill (the earlier default) misses on the same data."""
+    whole_off = 0
+    for att, planted in _planted_batch():
+        t = att.shape[0]
+        res = label_anchors(att, AnchorConfig(mode=mode))
+        assert res.anchor.sum() == anchor_count(t, 0.15)
+        assert abs(res.ratio_achieved - 0.15) <= 0.02
+        # the best-connected material first: all planted anchors fit, or only planted ones
+        if planted.sum() <= res.anchor.sum():
+            assert res.anchor[planted].all()
+        else:
+            assert planted[res.anchor].all()
+        assert sum(c.num_anchors for c in res.clusters) == res.anchor.sum()
+        assert sum(c.size != c.num_anchors and c.anchor for c in res.clusters) <= 1  # one split
+        old = label_anchors(att, AnchorConfig(mode=mode, fill="whole-clusters"))
+        for c in old.clusters:
+            assert c.num_anchors in (0, c.size)
+        whole_off += abs(old.ratio_achieved - 0.15) > 0.02
+    assert whole_off >= 2
+
+
+def _reference_fill(conn, cluster, count):
+    """Independent: rank clusters by (mean desc, id asc), whole while they fit, then the best
+    tokens (connectivity desc, index asc) of the next one."""
+    mask = np.zeros(conn.size, dtype=bool)
+    ranked = sorted(np.unique(cluster), key=lambda c: (-conn[cluster == c].mean(), c))
+    left = count
+    for c in ranked:
+        idx = np.nonzero(cluster == c)[0]
+        if idx.size <= left:
+            mask[idx] = True
+            left -= idx.size
+        else:
+            best = sorted(idx, key=lambda i: (-conn[i], i))[:left]
+            mask[best] = True
+            left = 0
+        if left == 0:
+            break
+    return mask
+
+
+def test_fill_clusters_matches_reference_random():
+    rng = np.random.default_rng(1)
+    for _ in range(300):
+        t = int(rng.integers(1, 80))
+        cluster = rng.integers(0, int(rng.integers(1, t + 1)), size=t)
+        conn = np.round(rng.random(t), 2)  # ties happen
+        count = int(rng.integers(0, t + 1))
+        mask = fill_clusters(conn, cluster, count)
+        assert mask.sum() == count
+        np.testing.assert_array_equal(mask, _reference_fill(conn, cluster, count))
+
+
+def test_fill_clusters_hand_example():
+    # clusters by mean: c2 (0.9, size 2), c0 (0.5, size 3), c1 (0.1, size 5)
+    cluster = np.array([0, 0, 0, 1, 1, 1, 1, 1, 2, 2])
+    conn = np.array([0.4, 0.6, 0.5, 0.1, 0.1, 0.3, 0.0, 0.0, 0.9, 0.9])
+    assert np.nonzero(fill_clusters(conn, cluster, 3))[0].tolist() == [1, 8, 9]
+    assert np.nonzero(fill_clusters(conn, cluster, 6))[0].tolist() == [0, 1, 2, 5, 8, 9]
+    assert np.nonzero(fill_clusters(conn, cluster, 2))[0].tolist() == [8, 9]
+    assert anchor_count(10, 0.15) == 2 and anchor_count(30, 0.15) == 5 and anchor_count(3, 0.1) == 1
+
+
+@pytest.mark.parametrize("fill", ["clusters-then-tokens", "whole-clusters"])
+def test_batch_scope_pools_the_clusters_of_a_batch(fill):
+    cfg = AnchorConfig(ratio_scope="batch", fill=fill)
+    batch = _planted_batch()
+    results = select_batch([label_anchors(att, cfg) for att, _ in batch], cfg)
+    conn = np.concatenate([r.connectivity for r in results])
+    offsets = np.cumsum([0] + [len(r.clusters) for r in results])[:-1]
+    cluster = np.concatenate([r.cluster + o for r, o in zip(results, offsets, strict=True)])
+    anchor = np.concatenate([r.anchor for r in results])
+    total = conn.size
+    if fill == "clusters-then-tokens":
+        assert anchor.sum() == anchor_count(total, 0.15)
+        np.testing.assert_array_equal(
+            anchor, _reference_fill(conn, cluster, anchor_count(total, 0.15))
+        )
+    else:
+        np.testing.assert_array_equal(anchor, select_clusters(conn, cluster, 0.15))
+    np.testing.assert_array_equal(
+        np.concatenate([r.threshold_anchor for r in results]), threshold_anchors(conn, 0.15)
+    )
+    for r in results:  # every per-response field follows the pooled choice
+        np.testing.assert_array_equal(r.weight, r.anchor.astype(np.float32))
+        assert r.ratio_achieved == r.anchor.mean()
+        assert sum(c.num_anchors for c in r.clusters) == r.anchor.sum()
+    shares = [r.ratio_achieved for r in results]
+    assert max(shares) - min(shares) > 0.2  # the batch's ratio, not each response's
+    # response scope leaves label_anchors' answer alone
+    per = AnchorConfig()
+    alone = [label_anchors(att, per) for att, _ in batch]
+    again = select_batch([label_anchors(att, per) for att, _ in batch], per)
+    for a, b in zip(alone, again, strict=True):
+        np.testing.assert_array_equal(a.anchor, b.anchor)
+
+
+def test_paper_preset_is_similarity_graph_with_metis():
+    cfg = AnchorConfig(preset="paper")
+    cfg.check()
+    assert (cfg.mode, cfg.cluster.backend) == ("similarity", "metis")
+    d = cfg.to_dict()
+    assert (d["preset"], d["mode"], d["cluster"]["backend"]) == ("paper", "similarity", "metis")
+    att, planted = planted_attention(seed=3)
+    res = label_anchors(att, cfg)
+    assert len(res.clusters) <= cfg.cluster.parts
+    assert res.anchor.sum() == anchor_count(att.shape[0], 0.15)
+    assert agreement(res.anchor, planted)["precision"] >= 0.8
+
+
+def test_ratio_spread_hand_values():
+    shares, lengths = np.array([0.10, 0.15, 0.16, 0.5, 0.0]), np.array([10, 40, 25, 2, 0])
+    spread = ratio_spread(shares, lengths, 0.15)
+    assert spread == {
+        "tolerance": 0.02,
+        "num_responses": 4,  # the empty response has no share
+        "min": 0.10,
+        "median": pytest.approx(0.155),
+        "max": 0.5,
+        "within_tolerance": 0.5,
+        "long_enough": 2,  # 25 tokens and more
+        "within_tolerance_long_enough": 1.0,
+    }
+    empty = ratio_spread(np.zeros(0), np.zeros(0), 0.15)
+    assert empty["num_responses"] == 0 and empty["min"] is None

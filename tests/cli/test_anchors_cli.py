@@ -15,7 +15,7 @@ import torch
 from typer.testing import CliRunner
 
 from tests.helpers import noise_image
-from vlmcredit.analysis.anchors import AnchorConfig, label_anchors
+from vlmcredit.analysis.anchors import AnchorConfig, anchor_count, label_anchors, select_batch
 from vlmcredit.cli.main import app
 from vlmcredit.data.sample import Sample
 from vlmcredit.formats.run import Run
@@ -101,6 +101,73 @@ def test_tables_and_summary(anchors_run, loaded) -> None:
     assert summary["parameters"]["analysis"]["ratio"] == 0.15
     manifest = json.loads((anchors_run / "manifest.json").read_text())
     assert manifest["status"] == "finished" and manifest["signals"]["method"] == "anchors"
+
+
+def test_every_long_response_holds_the_ratio(anchors_run) -> None:
+    """Defaults on the tiny model: each response of 25+ tokens within +-2 points of 15%
+    (exactly round(0.15 T) anchors), and anchors.json / the manifest say so."""
+    table = pd.read_parquet(anchors_run / "anchors.parquet")
+    summary = json.loads((anchors_run / "anchors.json").read_text())
+    shares, lengths = [], []
+    for sid, part in table.groupby("sample_id", sort=False):
+        t = len(part)
+        assert part.anchor.sum() == anchor_count(t, 0.15), sid
+        if t >= 25:
+            assert abs(part.anchor.mean() - 0.15) <= 0.02, sid
+        shares.append(part.anchor.mean())
+        lengths.append(t)
+    assert max(lengths) >= 25
+    spread = summary["ratio_per_response"]
+    assert spread["min"] == pytest.approx(min(shares))
+    assert spread["max"] == pytest.approx(max(shares))
+    assert spread["median"] == pytest.approx(float(np.median(shares)))
+    assert spread["long_enough"] == sum(t >= 25 for t in lengths)
+    assert spread["within_tolerance_long_enough"] == 1.0
+    assert (summary["ratio_scope"], summary["fill"]) == ("response", "clusters-then-tokens")
+    manifest = json.loads((anchors_run / "manifest.json").read_text())
+    analysis = manifest["parameters"]["analysis"]
+    assert (analysis["ratio_scope"], analysis["fill"], analysis["preset"]) == (
+        "response",
+        "clusters-then-tokens",
+        "none",
+    )
+    assert manifest["anchors"]["ratio_per_response"] == spread
+    signals = manifest["signals"]
+    assert (signals["loss_denominator"], signals["selection_scope"]) == (
+        "selected_tokens",
+        "per_response",
+    )
+
+
+def test_fill_scope_and_preset_flags(tiny_ckpt, rollouts, anchors_run, tmp_path) -> None:
+    """--fill whole-clusters (the earlier behaviour, by name), --ratio-scope batch and
+    --preset paper each give what the analysis gives on the run's stored attention."""
+    ckpt = str(tiny_ckpt(FAMILY))
+    stored = Run.load(anchors_run)
+    atts = {r["id"]: stored.tensors(r["id"])["attention"].numpy() for r in stored.rows}
+    cases = {
+        "whole": (["--fill", "whole-clusters"], AnchorConfig(fill="whole-clusters")),
+        "batch": (["--ratio-scope", "batch"], AnchorConfig(ratio_scope="batch")),
+        "paper": (["--preset", "paper"], AnchorConfig(preset="paper")),
+    }
+    for name, (flags, cfg) in cases.items():
+        out = tmp_path / name
+        args = ["--ckpt", ckpt, "--data", str(rollouts), "--out", str(out), "--batch-size", "5"]
+        result = _anchors(*args, *flags)
+        assert result.exit_code == 0, result.output
+        table = pd.read_parquet(out / "anchors.parquet")
+        want = select_batch([label_anchors(atts[sid], cfg) for sid in atts], cfg)
+        for sid, res in zip(atts, want, strict=True):
+            got = table[table.sample_id == sid].anchor.to_numpy()
+            np.testing.assert_array_equal(got, res.anchor, err_msg=f"{name} {sid}")
+        manifest = json.loads((out / "manifest.json").read_text())
+        recorded = manifest["parameters"]["analysis"]
+        assert (recorded["fill"], recorded["ratio_scope"]) == (cfg.fill, cfg.ratio_scope)
+        if name == "batch":
+            assert table.anchor.sum() == anchor_count(len(table), 0.15)
+            assert manifest["signals"]["selection_scope"] == "per_batch"
+        if name == "paper":
+            assert (recorded["mode"], recorded["cluster"]["backend"]) == ("similarity", "metis")
 
 
 def test_stored_attention_is_the_layer_head_mean(anchors_run, loaded) -> None:
@@ -211,6 +278,9 @@ def test_resume_after_kill_equals_uninterrupted(tiny_ckpt, rollouts, anchors_run
     [
         (["--ratio", "0"], "--ratio"),
         (["--mode", "spectral"], "mode"),
+        (["--ratio-scope", "global"], "--ratio-scope"),
+        (["--fill", "partial"], "--fill"),
+        (["--preset", "paper", "--mode", "threshold"], "--preset paper sets --mode similarity"),
         (["--data", "missing.jsonl"], "missing.jsonl"),
         (["--from", "nowhere"], "nowhere"),
     ],

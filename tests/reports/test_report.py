@@ -168,7 +168,11 @@ def test_anchors_section_tokens_clusters_and_maps(report_runs) -> None:
         members = s0[s0["cluster"] == int(row[0])]
         assert int(row[1]) == len(members) == stored[int(row[0])]["size"]
         assert float(row[2]) == pytest.approx(float(members["connectivity"].mean()), rel=1e-3)
-        assert (row[3] == "yes") == stored[int(row[0])]["anchor"] == bool(members["anchor"].all())
+        taken, size = int(members["anchor"].sum()), len(members)
+        assert stored[int(row[0])]["anchor"] == (taken > 0)
+        # whole clusters say yes / no; the one the fill split says how much of it is anchors
+        want = "no" if not taken else "yes" if taken == size else f"{taken} of {size} anchors"
+        assert row[3] == want
     means = [float(r[2]) for r in table.rows]
     assert means == sorted(means, reverse=True)
     # Histogram + one attention map per shown sample (s0 spans both its images, on thumbnails).
@@ -178,6 +182,16 @@ def test_anchors_section_tokens_clusters_and_maps(report_runs) -> None:
     assert two_images.size[0] > 400 and two_images.size[0] > one_image.size[0]
     assert "No thumbnail stored" not in text
     assert "cut (lowest anchor connectivity)" in text
+    facts = {r[0]: r[1] for t in page.tables if not t.headers for r in t.rows}
+    spread = summary["ratio_per_response"]
+    assert facts["anchor share per response"].startswith(
+        f"min {spread['min']:.1%} · median {spread['median']:.1%} · max {spread['max']:.1%}; "
+        f"{spread['within_tolerance']:.0%} of 3 within ±2 points of the target"
+    )
+    assert (facts["analysis.ratio_scope"], facts["analysis.fill"]) == (
+        "response",
+        "clusters-then-tokens",
+    )
     cut = summary["connectivity"]["cut"]
     assert f"{cut:.3g}"[:4] in text
 
@@ -347,6 +361,7 @@ def test_optional_keys_and_columns_may_be_missing(report_runs, tmp_path) -> None
     facts = {r[0]: r[1] for t in page.tables if not t.headers for r in t.rows}
     assert float(facts["cut (lowest anchor connectivity)"]) == pytest.approx(cut, rel=1e-3)
     assert facts["ratio target / achieved"] == "15.0% / 20.0%"
+    assert facts["anchor share per response"] == "not recorded (run from an older vlmcredit)"
     assert any(t.headers[:1] == ["cluster"] for t in page.tables)
 
 

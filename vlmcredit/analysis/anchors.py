@@ -3,9 +3,14 @@ image-connected clusters until about `ratio` of the tokens are covered.
 
 Pipeline for one sample, `label_anchors(att, cfg)` with att the (T, N) aggregated response x
 image attention: sink handling -> connectivity -> graph (bipartite or similarity) -> clustering
--> clusters ranked by mean connectivity -> whole clusters selected greedily toward the ratio.
-A threshold-only labelling (top `ratio` by connectivity, no graph) is always computed alongside
-for comparison; mode "threshold" uses it as the answer.
+-> clusters ranked by mean connectivity -> selection toward the ratio. The default fill
+("clusters-then-tokens") takes whole clusters from the most connected down while they fit in
+round(ratio * T) tokens, then the best-connected tokens of the next cluster, so every response
+gets exactly that many anchors; "whole-clusters" (the earlier behaviour) stops at the cluster
+boundary nearest the ratio, which holds the ratio only on average over responses.
+`ratio_scope="batch"` applies the same selection to the pooled clusters of a batch
+(`select_batch`). A threshold-only labelling (top `ratio` by connectivity, no graph) is always
+computed alongside for comparison; mode "threshold" uses it as the answer.
 """
 
 from __future__ import annotations
@@ -23,6 +28,19 @@ from vlmcredit.analysis.graphs import bipartite_graph, similarity_graph
 from vlmcredit.errors import VlmCreditError
 
 ANCHOR_MODES = ("bipartite", "similarity", "threshold")
+RATIO_SCOPES = ("response", "batch")  # where the ratio holds: each response, or the batch
+FILLS = ("clusters-then-tokens", "whole-clusters")
+# Named settings. "paper": the AT-RL paper as its public summaries describe it (token-token
+# attention-pattern similarity graph, METIS). A preset sets these fields where they still hold
+# their defaults; a different non-default value with it is refused (two answers to one question).
+PRESETS: dict[str, dict[str, str]] = {
+    "none": {},
+    "paper": {"mode": "similarity", "cluster.backend": "metis"},
+}
+# The per-response share is held to +-RATIO_TOLERANCE of the target when the response has at
+# least MIN_TOKENS_FOR_TOLERANCE tokens (an exact count is within 0.5 / T of ratio * T / T).
+RATIO_TOLERANCE = 0.02
+MIN_TOKENS_FOR_TOLERANCE = math.ceil(0.5 / RATIO_TOLERANCE)
 
 
 @dataclass
@@ -37,10 +55,43 @@ class AnchorConfig:
     knn: int = 10  # similarity: neighbours per token
     sink: str = "none"
     sink_k: int = 0
+    ratio_scope: str = "response"
+    fill: str = "clusters-then-tokens"
+    preset: str = "none"
     cluster: ClusterConfig = field(default_factory=ClusterConfig)
 
+    def apply_preset(self) -> None:
+        """Set the preset's fields that still hold their defaults; refuse a conflicting one."""
+        if self.preset not in PRESETS:
+            raise VlmCreditError(
+                f"anchor preset (--preset) {self.preset!r} is unknown; use one of "
+                f"{', '.join(PRESETS)}"
+            )
+        defaults = {"mode": AnchorConfig.mode, "cluster.backend": ClusterConfig.backend}
+        for key, value in PRESETS[self.preset].items():
+            holder = self.cluster if key.startswith("cluster.") else self
+            name = key.rsplit(".", 1)[-1]
+            current = getattr(holder, name)
+            if current not in (value, defaults[key]):
+                flag = "--" + name.replace("_", "-")
+                raise VlmCreditError(
+                    f"--preset {self.preset} sets {flag} {value}, but {flag} {current} was "
+                    f"given; drop one of them"
+                )
+            setattr(holder, name, value)
+
     def check(self) -> None:
-        """Raise VlmCreditError for an impossible parameter."""
+        """Raise VlmCreditError for an impossible parameter (after applying the preset)."""
+        self.apply_preset()
+        if self.ratio_scope not in RATIO_SCOPES:
+            raise VlmCreditError(
+                f"ratio scope (--ratio-scope) {self.ratio_scope!r} is unknown; use one of "
+                f"{', '.join(RATIO_SCOPES)}"
+            )
+        if self.fill not in FILLS:
+            raise VlmCreditError(
+                f"fill rule (--fill) {self.fill!r} is unknown; use one of {', '.join(FILLS)}"
+            )
         if self.mode not in ANCHOR_MODES:
             raise VlmCreditError(
                 f"anchor mode (--mode) {self.mode!r} is unknown; use one of "
@@ -84,7 +135,8 @@ class ClusterInfo:
     id: int
     size: int
     mean_connectivity: float
-    anchor: bool
+    anchor: bool  # some of its tokens are anchors (all of them unless it was the filled one)
+    num_anchors: int = 0
 
 
 @dataclass
@@ -141,10 +193,90 @@ def threshold_anchors(connectivity: np.ndarray, ratio: float) -> np.ndarray:
     out = np.zeros(num, dtype=bool)
     if num == 0:
         return out
-    # 1e-9 absorbs binary rounding (0.15 * 200 = 29.999999999999996).
-    count = min(num, max(1, math.floor(float(ratio) * num + 0.5 + 1e-9)))
-    out[np.argsort(-conn, kind="stable")[:count]] = True
+    out[np.argsort(-conn, kind="stable")[: anchor_count(num, ratio)]] = True
     return out
+
+
+def anchor_count(num_tokens: int, ratio: float) -> int:
+    """round-half-up(ratio * T), at least 1 when T > 0: the anchors a response (or batch) gets."""
+    if num_tokens <= 0:
+        return 0
+    # 1e-9 absorbs binary rounding (0.15 * 200 = 29.999999999999996).
+    return min(num_tokens, max(1, math.floor(float(ratio) * num_tokens + 0.5 + 1e-9)))
+
+
+def fill_clusters(connectivity: np.ndarray, cluster: np.ndarray, count: int) -> np.ndarray:
+    """Exactly `count` anchors: whole clusters, most image-connected first, while they fit; then
+    the best-connected tokens of the first cluster that does not fit (ties: earlier token).
+
+    Clusters are ranked by mean connectivity (ties: lower cluster id first), as in
+    `select_clusters`. A cluster larger than the room left is split rather than skipped, so the
+    selection stays a prefix of the cluster ranking: no lower-ranked cluster is taken whole
+    while a higher-ranked one is passed over.
+    """
+    conn = np.asarray(connectivity, dtype=np.float64).ravel()
+    clus = np.asarray(cluster).ravel()
+    if conn.shape != clus.shape:
+        raise VlmCreditError(
+            f"connectivity has {conn.size} values but cluster has {clus.size}; pass one per token"
+        )
+    out = np.zeros(conn.size, dtype=bool)
+    if conn.size == 0 or count <= 0:
+        return out
+    ids, inverse, sizes, means = _cluster_means(conn, clus)
+    taken = 0
+    for c in np.lexsort((ids, -means)):
+        members = np.nonzero(inverse == c)[0]
+        room = int(count) - taken
+        if sizes[c] <= room:
+            out[members] = True
+            taken += int(sizes[c])
+        else:
+            best = members[np.argsort(-conn[members], kind="stable")[:room]]
+            out[best] = True
+            taken += room
+        if taken >= count:
+            break
+    return out
+
+
+def select_anchors(
+    connectivity: np.ndarray, cluster: np.ndarray, ratio: float, fill: str
+) -> np.ndarray:
+    """The anchor mask of one selection unit (a response, or a pooled batch) by `fill`."""
+    if fill == "whole-clusters":
+        return select_clusters(connectivity, cluster, ratio)
+    return fill_clusters(connectivity, cluster, anchor_count(np.asarray(cluster).size, ratio))
+
+
+def ratio_spread(
+    ratios: np.ndarray,
+    num_tokens: np.ndarray,
+    target: float,
+    tolerance: float = RATIO_TOLERANCE,
+) -> dict[str, float | int | None]:
+    """How the per-response anchor shares spread around the target (anchors.json, report).
+
+    `within_tolerance`: share of responses within +-tolerance of the target; `long_enough`:
+    responses with at least ceil(0.5 / tolerance) tokens, the length from which an exact count
+    can land within the tolerance; `within_tolerance_long_enough`: the share among those.
+    """
+    r = np.asarray(ratios, dtype=np.float64).ravel()
+    n = np.asarray(num_tokens, dtype=np.int64).ravel()
+    keep = n > 0  # an empty response has no share
+    r, n = r[keep], n[keep]
+    inside = np.abs(r - float(target)) <= float(tolerance) + 1e-12
+    long = n >= math.ceil(0.5 / float(tolerance))
+    return {
+        "tolerance": float(tolerance),
+        "num_responses": int(r.size),
+        "min": float(r.min()) if r.size else None,
+        "median": float(np.median(r)) if r.size else None,
+        "max": float(r.max()) if r.size else None,
+        "within_tolerance": float(inside.mean()) if r.size else None,
+        "long_enough": int(long.sum()),
+        "within_tolerance_long_enough": float(inside[long].mean()) if long.any() else None,
+    }
 
 
 def _cluster_means(conn: np.ndarray, cluster: np.ndarray):
@@ -235,8 +367,8 @@ def label_anchors(att: np.ndarray, cfg: AnchorConfig | None = None) -> AnchorRes
     similarity mode clusters the kNN graph of cosine similarity of the debiased rows.
     Degenerate inputs: T == 0 -> empty result (modularity None) with a note; N == 0 ->
     VlmCreditError; one token, or all tokens attending identically (uniform attention) -> one
-    cluster holding every token, hence all anchors (no evidence to tell tokens apart), modularity
-    0.0, with a note.
+    cluster holding every token, all anchors whatever the fill (no evidence to tell tokens
+    apart), modularity 0.0, with a note.
     """
     cfg = cfg if cfg is not None else AnchorConfig()
     cfg.check()
@@ -295,14 +427,13 @@ def label_anchors(att: np.ndarray, cfg: AnchorConfig | None = None) -> AnchorRes
             membership = result.membership[:num_tokens]  # bipartite: drop image vertices
             modularity = result.quality
         cluster = _rank_clusters(conn, membership)
-        anchor = select_clusters(conn, cluster, cfg.ratio)
-        ids, _, sizes, means = _cluster_means(conn, cluster)
-        chosen = np.zeros(ids.size, dtype=bool)  # ids are 0..K-1 after ranking
-        chosen[cluster[anchor]] = True
-        clusters = [
-            ClusterInfo(id=int(i), size=int(s), mean_connectivity=float(m), anchor=bool(a))
-            for i, s, m, a in zip(ids, sizes, means, chosen, strict=True)
-        ]
+        if note is None:
+            anchor = select_anchors(conn, cluster, cfg.ratio, cfg.fill)
+        else:
+            # No evidence to tell tokens apart: every token, not an arbitrary ratio of them by
+            # index (the note says so, and the response reads as plain GRPO).
+            anchor = np.ones(num_tokens, dtype=bool)
+        clusters = _cluster_infos(conn, cluster, anchor)
     weight = np.where(anchor, np.float32(1.0), np.float32(cfg.other_weight)).astype(np.float32)
     if graph is not None:
         _annotate(graph, conn, cluster, anchor)
@@ -319,6 +450,55 @@ def label_anchors(att: np.ndarray, cfg: AnchorConfig | None = None) -> AnchorRes
         timing=timing,
         graph=graph,
     )
+
+
+def _cluster_infos(conn: np.ndarray, cluster: np.ndarray, anchor: np.ndarray) -> list[ClusterInfo]:
+    ids, inverse, sizes, means = _cluster_means(conn, cluster)  # ids are 0..K-1 after ranking
+    taken = np.bincount(inverse, weights=anchor.astype(np.float64), minlength=ids.size)
+    return [
+        ClusterInfo(int(i), int(s), float(m), anchor=bool(a > 0), num_anchors=int(a))
+        for i, s, m, a in zip(ids, sizes, means, taken, strict=True)
+    ]
+
+
+def _relabel(res: AnchorResult, anchor: np.ndarray, threshold: np.ndarray, cfg: AnchorConfig):
+    """`res` with a new anchor mask (batch selection): weights, cluster table, graph follow."""
+    res.anchor = anchor
+    res.threshold_anchor = threshold
+    res.weight = np.where(anchor, np.float32(1.0), np.float32(cfg.other_weight)).astype(np.float32)
+    if res.clusters:
+        res.clusters = _cluster_infos(res.connectivity, res.cluster, anchor)
+    res.ratio_achieved = float(anchor.sum()) / anchor.size if anchor.size else 0.0
+    if res.graph is not None:
+        _annotate(res.graph, res.connectivity, res.cluster, anchor)
+
+
+def select_batch(results: list[AnchorResult], cfg: AnchorConfig) -> list[AnchorResult]:
+    """Apply `cfg.ratio_scope` to the results of one batch (label_anchors per response first).
+
+    "response": unchanged, each response already holds its ratio. "batch": the clusters of all
+    responses are pooled (each stays a cluster of its own response; connectivity is one scale
+    across responses) and selected by `cfg.fill` toward ratio x the batch's tokens, so some
+    responses get many anchors and others none; the threshold comparison is pooled too.
+    Results are updated in place and returned.
+    """
+    cfg.check()
+    if cfg.ratio_scope == "response" or not results:
+        return results
+    conn = np.concatenate([r.connectivity for r in results])
+    bounds = np.cumsum([0] + [r.connectivity.size for r in results])
+    threshold = threshold_anchors(conn, cfg.ratio) if conn.size else np.zeros(0, dtype=bool)
+    if cfg.mode == "threshold":
+        anchor = threshold
+    else:
+        # pooled cluster ids: offset each response's (ranked) ids past the previous ones
+        offsets = np.cumsum([0] + [len(r.clusters) or 1 for r in results])[:-1]
+        cluster = np.concatenate([r.cluster + o for r, o in zip(results, offsets, strict=True)])
+        anchor = select_anchors(conn, cluster, cfg.ratio, cfg.fill)
+    for k, res in enumerate(results):
+        lo, hi = bounds[k], bounds[k + 1]
+        _relabel(res, anchor[lo:hi].copy(), threshold[lo:hi].copy(), cfg)
+    return results
 
 
 def _annotate(graph: Any, conn: np.ndarray, cluster: np.ndarray, anchor: np.ndarray) -> None:

@@ -32,6 +32,24 @@ def anchors(
         "threshold (top ratio by connectivity, no clustering).",
     ),
     ratio: float = typer.Option(0.15, "--ratio", help="Target share of anchor tokens."),
+    ratio_scope: str = typer.Option(
+        "response",
+        "--ratio-scope",
+        help="Where --ratio holds: response (each response) or batch (pooled clusters of a "
+        "--batch-size batch; some responses get none).",
+    ),
+    fill: str = typer.Option(
+        "clusters-then-tokens",
+        "--fill",
+        help="clusters-then-tokens (whole clusters, then the best-connected tokens of the next: "
+        "exactly the ratio) or whole-clusters (stop at the cluster boundary nearest the ratio).",
+    ),
+    preset: str = typer.Option(
+        "none",
+        "--preset",
+        help="paper: the AT-RL paper's choices (attention-pattern similarity graph + METIS), "
+        "i.e. --mode similarity --backend metis.",
+    ),
     other_weight: float = typer.Option(
         0.0, "--other-weight", help="Weight of non-anchor tokens (anchors get 1.0)."
     ),
@@ -67,6 +85,9 @@ def anchors(
     ),
     resume: bool = options.RESUME,
     skip_bad: bool = options.SKIP_BAD,
+    prompt_key: str = options.PROMPT_KEY,
+    image_key: str = options.IMAGE_KEY,
+    response_key: str = options.RESPONSE_KEY,
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     quiet: bool = options.QUIET,
 ) -> None:
@@ -92,6 +113,9 @@ def anchors(
             knn=knn,
             sink=sink,
             sink_k=sink_k,
+            ratio_scope=ratio_scope,
+            fill=fill,
+            preset=preset,
             cluster=ClusterConfig(
                 backend=backend,
                 objective=objective,
@@ -109,6 +133,9 @@ def anchors(
         resume=resume,
         graphml=graphml,
         skip_bad=skip_bad,
+        prompt_key=prompt_key,
+        image_key=image_key,
+        response_key=response_key,
         trust_remote_code=trust_remote_code,
     )
     with progress_bar("anchors", quiet) as advance:
@@ -121,4 +148,12 @@ def anchors(
         f"{s['num_samples']} samples; agreement with top-{100 * s['ratio_target']:.0f}% "
         f"threshold: jaccard {agree['jaccard']:.2f}"
     )
+    spread = s["ratio_per_response"]
+    if spread["num_responses"]:
+        typer.echo(
+            f"per response: {100 * spread['min']:.1f}% to {100 * spread['max']:.1f}% (median "
+            f"{100 * spread['median']:.1f}%), {100 * spread['within_tolerance']:.0f}% within "
+            f"+-{100 * spread['tolerance']:.0f} points of the target (--ratio-scope "
+            f"{s['ratio_scope']}, --fill {s['fill']})"
+        )
     typer.echo(f"wrote {run.path}/anchors.parquet, anchors.json, signals.parquet")

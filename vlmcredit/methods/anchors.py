@@ -1,10 +1,11 @@
 """AT-RL anchors: the ~15% of response tokens whose attention carries the image.
 
 Connectivity (attention mass on image tokens, averaged over the chosen layers and heads) ->
-token-image graph -> Leiden clusters -> whole clusters from the most connected down to the
-target ratio (vlmcredit.analysis.anchors). Anchors get weight 1, other tokens `other_weight`
-(default 0: train on anchors only). `vlmcredit anchors` is this method's own face, with its
-richer tables; `vlmcredit weights --method anchors` writes the same signals.
+token-image graph -> Leiden clusters -> whole clusters from the most connected down, topped up
+with the best-connected tokens of the next one, to the target ratio of each response (or of the
+batch with ratio_scope="batch"; vlmcredit.analysis.anchors). Anchors get weight 1, other tokens
+`other_weight` (default 0: train on anchors only). `vlmcredit anchors` is this method's own
+face, with its richer tables; `vlmcredit weights --method anchors` writes the same signals.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmcredit.analysis.anchors import AnchorConfig, AnchorResult, label_anchors
+from vlmcredit.analysis.anchors import AnchorConfig, AnchorResult, label_anchors, select_batch
 from vlmcredit.analysis.connectivity import aggregate_attention
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.methods.registry import Method, MethodOutput, Needs, SamplePasses, register
@@ -47,7 +48,23 @@ def output(result: AnchorResult) -> MethodOutput:
 
 
 def compute(passes: Sequence[SamplePasses], cfg: Any) -> list[MethodOutput]:
-    return [output(label(sample, cfg)) for sample in passes]
+    results = select_batch([label(sample, cfg) for sample in passes], cfg)
+    return [output(result) for result in results]
+
+
+def loss_denominator(cfg: AnchorConfig) -> str:
+    """selected_tokens with other_weight 0 (the default), all_tokens otherwise.
+
+    With weight 0 outside the anchors, a token-mean loss over all response tokens keeps only
+    ~ratio of plain GRPO's gradient; averaging over the selected tokens restores its scale. With
+    other_weight > 0 the other tokens carry gradient too, and a selected-token denominator would
+    drop them from the loss (trainers mask to the selected tokens), so all tokens count.
+    """
+    return "selected_tokens" if float(cfg.other_weight) == 0.0 else "all_tokens"
+
+
+def selection_scope(cfg: AnchorConfig) -> str:
+    return "per_batch" if cfg.ratio_scope == "batch" else "per_response"
 
 
 ANCHORS = register(
@@ -58,9 +75,7 @@ ANCHORS = register(
         config=AnchorConfig,
         needs=lambda _cfg: Needs(attention=True),
         compute=compute,
-        # Anchors carry the advantage, others get `other_weight`; the recipe's own denominator
-        # (all response tokens) is kept, as AT-RL describes.
-        loss_denominator="all_tokens",
-        selection_scope="per_response",
+        loss_denominator=loss_denominator,
+        selection_scope=selection_scope,
     )
 )

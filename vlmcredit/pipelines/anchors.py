@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from vlmcredit.analysis.anchors import AnchorConfig, AnchorResult, label_anchors
+from vlmcredit.analysis.anchors import AnchorConfig, AnchorResult, label_anchors, select_batch
 from vlmcredit.analysis.connectivity import debias_sinks
 from vlmcredit.analysis.graphs import write_graphml
 from vlmcredit.errors import VlmCreditError
@@ -38,7 +38,7 @@ from vlmcredit.pipelines.anchors_source import (
 )
 from vlmcredit.pipelines.anchors_tables import write_tables
 from vlmcredit.pipelines.heads_choice import HeadChoice, choose_heads, pair_indices
-from vlmcredit.pipelines.skeleton import batched, drive, refuse_taken
+from vlmcredit.pipelines.skeleton import batched, drive, marks_failure, refuse_taken
 
 
 @dataclass
@@ -60,6 +60,9 @@ class AnchorsRunConfig:
     skip_bad: bool = False
     trust_remote_code: bool = False
     graphml: bool = False  # also write each sample's clustered graph to graphs/<id>.graphml
+    prompt_key: str = "prompt"  # rollout columns (EasyR1: prompt_key "problem")
+    image_key: str = "images"
+    response_key: str = "response"
 
     def check(self) -> None:
         if self.from_run is None and (self.ckpt is None or self.data is None):
@@ -132,8 +135,11 @@ def _capture_now(cfg: AnchorsRunConfig) -> _Source:
     from vlmcredit.data.rollouts import read_rollouts
     from vlmcredit.formats.provenance import weights_hash
     from vlmcredit.models.loading import load_checkpoint
+    from vlmcredit.pipelines.rollout_checks import rollout_keys, screen_samples
 
-    rollouts = read_rollouts(cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples)
+    rollouts = read_rollouts(
+        cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples, keys=rollout_keys(cfg)
+    )
     bad_rows = [b.record() for b in rollouts.bad_rows]
     # Text-only rows have no connectivity to measure: refuse them before any work is done
     # (or record them as bad with --skip-bad), not half-way through the run.
@@ -149,6 +155,10 @@ def _capture_now(cfg: AnchorsRunConfig) -> _Source:
     if not samples:
         raise VlmCreditError(f"--data {cfg.data}: no usable samples")
     ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    samples, screened_out = screen_samples(ck, samples, cfg.skip_bad)
+    bad_rows.extend(screened_out)
+    if not samples:
+        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
     checkpoint = {
         "id": cfg.ckpt,
         "path": str(ck.path),
@@ -209,6 +219,7 @@ def _captured_blocks(
 
 
 # -- the run ------------------------------------------------------------------------------------
+@marks_failure
 def run_anchors(
     cfg: AnchorsRunConfig,
     progress: Callable[[int, int], None] | None = None,
@@ -265,14 +276,21 @@ def run_anchors(
     def work(batch: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         items, capture_seconds = items_of(batch)
         rows, tensors = [], {}
+        outcomes: list[tuple[AnchorResult, np.ndarray] | str] = []  # result, or the error
         for item in items:
             try:
-                result, att = analyse(item, cfg.analysis, pairs)
+                outcomes.append(analyse(item, cfg.analysis, pairs))
             except VlmCreditError as exc:
                 if not cfg.skip_bad:
                     raise
-                rows.append({**item.row, "status": "bad", "error": str(exc)})
+                outcomes.append(str(exc))
+        # --ratio-scope batch: the ratio holds over this batch's responses (no-op per response)
+        select_batch([o[0] for o in outcomes if not isinstance(o, str)], cfg.analysis)
+        for item, outcome in zip(items, outcomes, strict=True):
+            if isinstance(outcome, str):
+                rows.append({**item.row, "status": "bad", "error": outcome})
                 continue
+            result, att = outcome
             tensors.update(sample_tensors(item, result, att, capture_seconds / len(items)))
             if cfg.graphml and result.graph is not None:
                 # before the commit: a resumed run rewrites the graphs of unfinished batches

@@ -11,10 +11,10 @@ from typing import Any
 
 import numpy as np
 
-from vlmcredit.analysis.anchors import AnchorConfig, agreement
+from vlmcredit.analysis.anchors import AnchorConfig, agreement, ratio_spread
 from vlmcredit.analysis.connectivity import connectivity_stats
 from vlmcredit.formats.anchors import COLUMNS, write_anchors
-from vlmcredit.formats.run import Run
+from vlmcredit.formats.run import Run, row_sample_id
 from vlmcredit.methods.registry import Method
 from vlmcredit.pipelines.method_signals import write_method_signals
 
@@ -61,7 +61,7 @@ def write_tables(
         )
         signal_rows.append(
             {
-                "sample_id": sid,
+                "sample_id": row_sample_id(row),  # the trainer's id: shared within a group
                 "token_ids": ids,
                 "weight": weight.astype(np.float32).tolist(),
                 "mask": anchor.tolist(),
@@ -82,6 +82,8 @@ def write_tables(
                         "size": int(c[0]),
                         "mean_connectivity": float(c[1]),
                         "anchor": bool(c[2]),
+                        # below the size only for the cluster the fill split
+                        "num_anchors": int(anchor[cluster == i].sum()),
                     }
                     for i, c in enumerate(clusters)
                 ],
@@ -107,6 +109,14 @@ def write_tables(
         "num_tokens": int(anchor.size),
         "num_anchors": int(anchor.sum()),
         "mean_modularity": float(np.mean(modularities)) if modularities else None,
+        # the ratio per response, not only over the run (ratio_scope / fill in parameters)
+        "ratio_per_response": ratio_spread(
+            np.array([s["ratio_achieved"] for s in per_sample]),
+            np.array([s["num_tokens"] for s in per_sample]),
+            ratio,
+        ),
+        "ratio_scope": analysis.ratio_scope,
+        "fill": analysis.fill,
         "agreement": agreement(anchor, thresh),
         "connectivity": stats.to_dict(),
         "timing": {

@@ -3,6 +3,7 @@ attention of the top clusters drawn over the image, and the cluster table."""
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import numpy as np
@@ -35,6 +36,9 @@ KEY_PARAMETERS = {
     "top_k",
     "knn",
     "other_weight",
+    "ratio_scope",
+    "fill",
+    "preset",
     "layers",
     "heads",
     "heads_json",
@@ -52,7 +56,8 @@ def _clusters(tokens: Any, stored: dict[str, Any] | None) -> list[dict[str, Any]
                 "id": int(cid),
                 "size": len(part),
                 "mean_connectivity": float(part["connectivity"].mean()),
-                "anchor": bool(part["anchor"].all()),
+                "anchor": bool(part["anchor"].any()),
+                "num_anchors": int(part["anchor"].sum()),
                 "tokens": text if len(text) <= EXAMPLE_CHARS else text[:EXAMPLE_CHARS] + "…",
                 "index": part.index.to_numpy(),
             }
@@ -65,6 +70,13 @@ def _clusters(tokens: Any, stored: dict[str, Any] | None) -> list[dict[str, Any]
     return sorted(rows, key=lambda r: -r["mean_connectivity"])
 
 
+def _anchor_cell(cluster: dict[str, Any]) -> str | bool:
+    """yes / no, or "k of n anchors" for the cluster the fill split (--fill)."""
+    if cluster["anchor"] and 0 < cluster["num_anchors"] < cluster["size"]:
+        return f"{cluster['num_anchors']} of {cluster['size']} anchors"
+    return bool(cluster["anchor"])
+
+
 def _groups(tokens: Any, clusters: list[dict[str, Any]], res: AnchorsResult, top: int):
     """(label, row positions within the sample) of the token groups drawn over the image."""
     start = tokens.index[0]
@@ -74,7 +86,10 @@ def _groups(tokens: Any, clusters: list[dict[str, Any]], res: AnchorsResult, top
         return [(label, idx) for label, idx in groups if idx.size]
     groups = []
     for c in clusters[:top]:
-        tag = "anchor" if c["anchor"] else "other"
+        if not c["anchor"]:
+            tag = "other"
+        else:  # the cluster the fill split shows its share
+            tag = "anchor" if c["num_anchors"] >= c["size"] else f"{c['num_anchors']} anchors"
         label = f"cluster {c['id']} ({c['size']} tok, {tag})"
         groups.append((label, c["index"] - start))
     return groups
@@ -124,11 +139,30 @@ def _sample_block(
             parts.append(note("No thumbnail stored: cells drawn on a blank canvas."))
     if clusters:
         rows = [
-            [c["id"], c["size"], c["mean_connectivity"], c["anchor"], c["tokens"]] for c in clusters
+            [c["id"], c["size"], c["mean_connectivity"], _anchor_cell(c), c["tokens"]]
+            for c in clusters
         ]
         headers = ["cluster", "tokens", "mean connectivity", "anchor", "first tokens"]
         parts.append(table(headers, rows, cls="clusters"))
     return f'<div class="sample">{"".join(parts)}</div>'
+
+
+def _spread_text(spread: Any) -> str:
+    """One line on how the per-response shares spread around the target (anchors.json)."""
+    if not isinstance(spread, dict):
+        return "not recorded (run from an older vlmcredit)"
+    if not spread.get("num_responses"):
+        return "no responses"
+    points = 100 * float(spread["tolerance"])
+    text = (
+        f"min {spread['min']:.1%} · median {spread['median']:.1%} · max {spread['max']:.1%}; "
+        f"{spread['within_tolerance']:.0%} of {spread['num_responses']} within ±{points:.0f} "
+        "points of the target"
+    )
+    short = spread["num_responses"] - spread["long_enough"]
+    if short:
+        text += f" ({short} too short for that: under {math.ceil(50 / points)} tokens)"
+    return text
 
 
 def build(run: RunInput, options: ReportOptions) -> Section:
@@ -156,6 +190,7 @@ def build(run: RunInput, options: ReportOptions) -> Section:
         ("samples / tokens", f"{len(res.sample_ids)} / {len(tokens)}"),
         ("anchors", int(anchors.sum())),
         ("ratio target / achieved", f"{res.ratio_target:.1%} / {res.ratio_achieved:.1%}"),
+        ("anchor share per response", _spread_text(summary.get("ratio_per_response"))),
         ("cut (lowest anchor connectivity)", res.cut),
         ("bimodality coefficient", conn.get("bimodality_coefficient")),
     ]
