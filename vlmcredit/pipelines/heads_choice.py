@@ -82,3 +82,13 @@ def pair_indices(
             "capture those layers with --reduce heads, or run anchors with --ckpt"
         )
     return [(lpos[layer], hpos[head]) for layer, head in pairs]
+
+
+def chosen_pairs(choice: HeadChoice) -> list[tuple[int, int]] | None:
+    """The choice as absolute (layer, head) pairs for methods that read chosen heads' Q/K
+    (`SamplePasses.head_choice`); None when nothing was chosen (every head of every layer)."""
+    if choice.pairs is not None:
+        return list(choice.pairs)
+    if choice.source == "all":
+        return None
+    return [(layer, head) for layer in choice.layers for head in choice.heads]

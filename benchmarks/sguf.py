@@ -1,0 +1,190 @@
+"""SGUF per image and KAWHI weights vs one teacher-forced forward (CPU).
+
+    python benchmarks/sguf.py                      # both parts
+    python benchmarks/sguf.py --part sguf --rounds 30
+
+Part 1, SGUF on a 1,000-cell image (40 x 25 cells of 28 px = 1120 x 700 px: a rendered bar
+chart and a noise image): the vectorised `vlmcredit.analysis.sguf.sguf` vs a reference way
+(scipy.ndimage Gaussian + Sobel, per-cell numpy eigvalsh, a Python union-find), interleaved
+rounds after a warm-up; min / median / max ms and the ratio of medians.
+
+Part 2, KAWHI overhead: a mid-size Qwen2.5-VL text model (hidden 512, 8 layers, 8 heads /
+2 kv heads, random weights; the tiny checkpoint's tokenizer and processor), a batch of B charts
+(448 px: 256 image tokens each) with a ~T-token multi-paragraph response. Interleaved rounds of
+(a) one teacher-forced forward of the batch (plain SDPA, no grad) and (b) `online.weights(...,
+method="kawhi")` on the same batch (its own Q/K capture forward + SGUF + alignment + paragraph
+weights); the ratio (b) / (a) is the cost of KAWHI weights in units of one forward.
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from tests.charts import bar_chart  # noqa: E402
+from vlmcredit.analysis.sguf import SgufConfig, gaussian_kernel, lab_luminance, sguf  # noqa: E402
+
+
+def reference_sguf(rgb: np.ndarray, cell: int, cfg: SgufConfig) -> np.ndarray:
+    """The direct way: scipy filters, a loop over cells, a Python union-find. Returns keys."""
+    from scipy import ndimage
+
+    lum = lab_luminance(rgb).astype(np.float64)
+    k = gaussian_kernel(cfg.sigma).astype(np.float64)
+    blurred = ndimage.correlate1d(
+        ndimage.correlate1d(lum, k, 1, mode="mirror"), k, 0, mode="mirror"
+    )
+    gx = ndimage.sobel(blurred, 1, mode="mirror")
+    gy = ndimage.sobel(blurred, 0, mode="mirror")
+    rows, cols = rgb.shape[0] // cell, rgb.shape[1] // cell
+    lmax = np.zeros(rows * cols)
+    lmin = np.zeros(rows * cols)
+    lumc = np.zeros(rows * cols)
+    for r in range(rows):
+        for c in range(cols):
+            sl = (slice(r * cell, (r + 1) * cell), slice(c * cell, (c + 1) * cell))
+            x, y = gx[sl], gy[sl]
+            t = np.array([[np.mean(x * x), np.mean(x * y)], [np.mean(x * y), np.mean(y * y)]])
+            lo, hi = np.linalg.eigvalsh(t)
+            lmax[r * cols + c], lmin[r * cols + c] = hi, max(lo, 0.0)
+            lumc[r * cols + c] = blurred[sl].mean()
+    parent = list(range(rows * cols))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for r in range(rows):
+        for c in range(cols):
+            for rr, cc in ((r, c + 1), (r + 1, c)):
+                if rr < rows and cc < cols:
+                    a, b = r * cols + c, rr * cols + cc
+                    num = np.hypot(lmax[a] - lmax[b], lmin[a] - lmin[b])
+                    den = max(lmax[a], lmax[b], lmin[a], lmin[b], cfg.eps)
+                    if num / den < cfg.delta_s and abs(lumc[a] - lumc[b]) < cfg.delta_l:
+                        parent[find(a)] = find(b)
+    labels = np.array([find(i) for i in range(rows * cols)])
+    _, labels = np.unique(labels, return_inverse=True)
+    energy = np.bincount(labels, lmax + lmin) / np.bincount(labels)
+    return (energy > cfg.beta * np.median(energy))[labels]
+
+
+def stats(values: list[float]) -> str:
+    return f"{min(values):8.2f} {statistics.median(values):8.2f} {max(values):8.2f}"
+
+
+def part_sguf(rounds: int) -> None:
+    rng = np.random.default_rng(0)
+    chart = np.asarray(bar_chart(1120, 700))
+    noise = rng.integers(0, 256, (700, 1120, 3), dtype=np.uint8)
+    cfg = SgufConfig()
+    for name, img in (("chart", chart), ("noise", noise)):
+        assert np.array_equal(sguf(img, 28, cfg).key, reference_sguf(img, 28, cfg)), name
+        times: dict[str, list[float]] = {"sguf": [], "reference": []}
+        for r in range(rounds + 1):
+            order = [
+                ("sguf", lambda i=img: sguf(i, 28, cfg)),
+                ("reference", lambda i=img: reference_sguf(i, 28, cfg)),
+            ]
+            for mode, fn in order if r % 2 else order[::-1]:
+                t = time.perf_counter()
+                fn()
+                if r:  # round 0 is the warm-up
+                    times[mode].append(1e3 * (time.perf_counter() - t))
+        print(f"SGUF, 1000-cell {name} image (1120x700 px), ms over {rounds} rounds")
+        print("mode            min   median      max")
+        for mode, v in times.items():
+            print(f"{mode:10s} {stats(v)}")
+        ratio = statistics.median(times["sguf"]) / statistics.median(times["reference"])
+        print(f"sguf / reference (medians): {ratio:.3f}")
+
+
+def part_kawhi(rounds: int, batch_size: int, response_tokens: int) -> None:
+    import torch
+
+    from benchmarks.online_overhead import mid_model
+    from vlmcredit import online
+    from vlmcredit.data.sample import Sample
+    from vlmcredit.models.families import ModelGeometry, adapter_for
+    from vlmcredit.models.inputs import encode_samples
+    from vlmcredit.models.loading import load_processor
+    from vlmcredit.models.tiny import make_tiny
+
+    ckpt = Path(tempfile.mkdtemp()) / "tiny"
+    make_tiny("qwen2.5-vl", ckpt, seed=0)
+    model = mid_model(ckpt).eval()
+    processor = load_processor(ckpt, adapter_for("qwen2_5_vl"))
+    geo = ModelGeometry.from_config(model.config)
+    words = ["The", "red", "bar", "is", "tall", "and", "the", "blue", "bar", "short", "wins"]
+    paragraph = " ".join(words * 3) + "."
+    text = "\n\n".join([paragraph] * 50)
+    ids = processor.tokenizer(text, add_special_tokens=False)["input_ids"][:response_tokens]
+    samples = [
+        Sample([bar_chart(448, 448, seed=i)], "Which bar is tallest?", ids, f"s{i}")
+        for i in range(batch_size)
+    ]
+    enc = encode_samples(processor, geo, samples)
+    batch = dict(enc.inputs)
+    batch["response_mask"] = torch.ones(batch_size, len(ids), dtype=torch.long)
+    forward_inputs = dict(enc.inputs)
+
+    def forward() -> None:
+        with torch.no_grad():
+            model(**forward_inputs)
+
+    def kawhi() -> None:
+        online.weights(model, batch, method="kawhi", heads=[0, 1, 3, 6], processor=processor)
+
+    times: dict[str, list[float]] = {"forward": [], "kawhi": []}
+    for r in range(rounds + 1):
+        order = [("forward", forward), ("kawhi", kawhi)]
+        for mode, fn in order if r % 2 else order[::-1]:
+            t = time.perf_counter()
+            fn()
+            if r:
+                times[mode].append(1e3 * (time.perf_counter() - t))
+    n_img = int((enc.inputs["input_ids"][0] == geo.image_token_id).sum())
+    print(
+        f"KAWHI weights vs one teacher-forced forward: B={batch_size}, S="
+        f"{enc.inputs['input_ids'].shape[1]}, T={len(ids)}, N={n_img} image tokens/row, "
+        f"ms over {rounds} rounds"
+    )
+    print("mode            min   median      max")
+    for mode, v in times.items():
+        print(f"{mode:10s} {stats(v)}")
+    ratio = statistics.median(times["kawhi"]) / statistics.median(times["forward"])
+    print(f"kawhi / forward (medians): {ratio:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--part", choices=["sguf", "kawhi", "both"], default="both")
+    parser.add_argument("--rounds", type=int, default=20)
+    parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--response-tokens", type=int, default=512)
+    parser.add_argument("--threads", type=int, default=2)
+    args = parser.parse_args()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    print(f"machine: {platform.processor() or platform.machine()}, torch {torch.__version__}")
+    if args.part in ("sguf", "both"):
+        part_sguf(args.rounds)
+    if args.part in ("kawhi", "both"):
+        part_kawhi(max(3, args.rounds // 4), args.batch_size, args.response_tokens)
+
+
+if __name__ == "__main__":
+    main()
