@@ -316,3 +316,39 @@ def weight_histogram(
             ax2.set_xlabel("sample_weight (per response)")
             ax2.set_ylabel("responses")
         return _render(fig, name, title, dpi, svg=True)
+
+
+def pair_matrices(
+    labels: Sequence[str],
+    jaccard: np.ndarray,
+    spearman: np.ndarray,
+    name: str,
+    title: str,
+    dpi: int = 100,
+) -> Figure:
+    """Two method x method heatmaps: Jaccard overlap of selections, Spearman of scores (NaN =
+    undefined, drawn blank)."""
+    import matplotlib
+
+    n = len(labels)
+    with matplotlib.rc_context(_RC):
+        fig = _new(max(7.0, 1.1 * n * 2 + 2.0), max(3.2, 0.55 * n + 1.6))
+        for k, (values, what, cmap, lo) in enumerate(
+            ((jaccard, "Jaccard of selected tokens", "viridis", 0.0),
+             (spearman, "Spearman of per-token scores", "RdBu_r", -1.0))
+        ):  # fmt: skip
+            ax = fig.add_subplot(1, 2, k + 1)
+            image = ax.imshow(np.asarray(values, dtype=float), vmin=lo, vmax=1.0, cmap=cmap)
+            ax.set_xticks(range(n), labels, rotation=45, ha="right", **PLAIN)
+            ax.set_yticks(range(n), labels, **PLAIN)
+            for i in range(n):
+                for j in range(n):
+                    v = float(values[i][j])
+                    if np.isfinite(v):
+                        dark = v < 0.5 if k == 0 else abs(v) > 0.6  # light text on dark cells
+                        color = "white" if dark else "black"
+                        ax.text(j, i, f"{v:.2f}", ha="center", va="center", fontsize=7, color=color)
+            ax.set_title(what, **PLAIN)
+            fig.colorbar(image, ax=ax, shrink=0.8)
+        fig.suptitle(title, **PLAIN)
+        return _render(fig, name, title, dpi, svg=True)

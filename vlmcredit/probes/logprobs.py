@@ -1,0 +1,406 @@
+"""Teacher-forced scoring: log p of each taken response token and the next-token entropy.
+
+Three input variants, each one forward of the decoder per batch:
+  image      the real prompt and image;
+  no_image   the prompt re-templated without the image (no image tokens, no pixel values), as
+             ToR asks; prompt ids a trainer recorded lose their vision_start..vision_end spans;
+  perturbed  the real prompt with patches of the image blacked out (VPPO); black is pixel value
+             0 after the image processor's rescale and normalisation.
+
+Memory: the forward returns the decoder's last hidden states; the LM head runs on `CHUNK`
+response positions at a time, so no (T x vocab) tensor outlives its chunk. The log-softmax is
+taken in fp32 whatever the model dtype (a bf16 softmax over 150k entries loses the small
+probabilities the entropy sums). Every requested (temperature, top_p) is scored from the same
+logits.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, replace
+from typing import Any
+
+import numpy as np
+import torch
+
+from vlmcredit.data.sample import Sample
+from vlmcredit.errors import VlmCreditError
+from vlmcredit.models.families import ModelGeometry, adapter_of
+from vlmcredit.models.inputs import EncodedBatch, encode_samples
+from vlmcredit.models.layout import build_mm_token_type_ids
+from vlmcredit.probes.response_attention import model_device
+
+CHUNK = 256  # response positions per LM-head chunk: 256 x 152k fp32 logits = 155 MB
+NUCLEUS_K = 1024  # candidates of the partial top-k that finds a peaked row's nucleus
+VARIANTS = ("image", "no_image", "perturbed")
+
+Score = tuple[float, float]  # (temperature, top_p)
+# per response: (temperature, top_p) -> (log p of the taken token (T,), entropy (T,) or None
+# when the variant's entropy was not asked for), float32
+RowScores = dict[Score, tuple[np.ndarray, np.ndarray | None]]
+
+
+@dataclass(frozen=True)
+class Perturbation:
+    """Black out patches with `probability`; `patch_px` pixels square on the resized image."""
+
+    probability: float = 0.5
+    patch_px: int = 14
+    cells: bool = False  # patches = the merged image-token cells instead of patch_px squares
+    seed: int = 0
+
+    @classmethod
+    def from_options(cls, options: Mapping[str, Any] | None) -> Perturbation:
+        return cls(**dict(options)) if options else cls()
+
+
+# -- the scores ----------------------------------------------------------------------------------
+def entropy_from_logprobs(logprobs: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
+    """Entropy (nats) of each row of fp32 log-probabilities; with top_p < 1 of the nucleus:
+    the most probable tokens until their mass reaches top_p (the one crossing it included),
+    renormalised."""
+    probs = logprobs.exp()
+    if top_p >= 1.0:
+        return -(probs * logprobs).nan_to_num_(0.0).sum(-1)  # 0 * -inf -> 0
+    out = torch.empty(probs.shape[0], dtype=probs.dtype, device=probs.device)
+    # a peaked row's nucleus lies in its top NUCLEUS_K: a partial top-k is exact there and far
+    # cheaper than sorting the vocabulary; the other rows are sorted in full
+    k = min(NUCLEUS_K, probs.shape[-1])
+    top = probs.topk(k, dim=-1).values
+    fits = top.sum(-1) >= top_p
+    if fits.any():
+        out[fits] = _nucleus_entropy(top[fits], top_p)
+    if not fits.all():
+        rest = probs[~fits].sort(dim=-1, descending=True).values
+        out[~fits] = _nucleus_entropy(rest, top_p)
+    return out
+
+
+def _nucleus_entropy(sorted_p: torch.Tensor, top_p: float) -> torch.Tensor:
+    before = sorted_p.cumsum(-1) - sorted_p  # mass of the strictly more probable tokens
+    kept = torch.where(before < top_p, sorted_p, 0.0)
+    q = kept / kept.sum(-1, keepdim=True)
+    return -(q * q.log()).nan_to_num_(0.0).sum(-1)
+
+
+def score_hidden(
+    hidden: torch.Tensor,
+    head: Any,
+    targets: torch.Tensor,
+    scores: Sequence[Score],
+    entropy: bool = True,
+) -> RowScores:
+    """Scores of one response: `hidden` (T, D) are the states that predict `targets` (T,).
+    With entropy=False only log p is computed (the entropy arrays are empty)."""
+    out: dict[Score, tuple[list[torch.Tensor], list[torch.Tensor]]] = {s: ([], []) for s in scores}
+    for start in range(0, hidden.shape[0], CHUNK):
+        logits = head(hidden[start : start + CHUNK]).float()
+        taken = targets[start : start + CHUNK, None]
+        for temperature, top_p in scores:
+            lp = torch.log_softmax(logits / temperature, dim=-1)
+            out[(temperature, top_p)][0].append(lp.gather(-1, taken)[:, 0])
+            if entropy:
+                out[(temperature, top_p)][1].append(entropy_from_logprobs(lp, top_p))
+        del logits
+    return {s: (_cat(lps), _cat(ents) if entropy else None) for s, (lps, ents) in out.items()}
+
+
+def _cat(parts: list[torch.Tensor]) -> np.ndarray:
+    if not parts:
+        return np.zeros(0, dtype=np.float32)
+    return torch.cat(parts).to("cpu", torch.float32).numpy()
+
+
+def score_inputs(
+    model: Any,
+    inputs: Mapping[str, Any],
+    spans: Sequence[tuple[int, int]],
+    scores: Sequence[Score],
+    entropy: bool = True,
+) -> list[RowScores]:
+    """One teacher-forced forward of `inputs`; per row b the scores of tokens spans[b]."""
+    device = model_device(model)
+    adapter = adapter_of(model)
+    batch = {k: v.to(device) for k, v in inputs.items() if v is not None}
+    batch = adapter.with_positions(model, batch)  # fresh positions, whatever ran before
+    with torch.no_grad():
+        # the decoder's last (normed) hidden states: the LM head runs later, chunk by chunk
+        hidden = adapter.base_model(model)(**batch, use_cache=False).last_hidden_state
+        head = adapter.output_embedding(model)
+        ids = batch["input_ids"]
+        rows = []
+        for b, (start, end) in enumerate(spans):
+            if end <= start:
+                empty = np.zeros(0, np.float32)
+                rows.append({s: (empty, empty if entropy else None) for s in scores})
+                continue
+            # the state at position p predicts the token at p + 1
+            states, targets = hidden[b, start - 1 : end - 1], ids[b, start:end]
+            rows.append(score_hidden(states, head, targets, scores, entropy))
+    return rows
+
+
+def score_encoded(
+    model: Any, batch: EncodedBatch, scores: Sequence[Score], entropy: bool = True
+) -> list[RowScores]:
+    spans = [lay.response_span for lay in batch.layouts]
+    return score_inputs(model, batch.inputs, spans, scores, entropy)
+
+
+# -- input variants of rollout samples -----------------------------------------------------------
+def without_image(sample: Sample, geometry: ModelGeometry, response_ids: list[int]) -> Sample:
+    """`sample` re-templated with no image: image parts dropped from the prompt (recorded
+    prompt ids lose their vision_start..vision_end spans); the response ids are kept as given."""
+    prompt = sample.prompt
+    prompt_ids = None
+    if isinstance(prompt, list):
+        prompt = [_drop_image_parts(message) for message in prompt]
+    elif prompt is None:
+        prompt_ids = strip_vision_spans(list(sample.prompt_ids or []), geometry)
+    return replace(sample, images=[], prompt=prompt, prompt_ids=prompt_ids, response=response_ids)
+
+
+def _drop_image_parts(message: Mapping[str, Any]) -> dict[str, Any]:
+    content = message.get("content")
+    if not isinstance(content, list):
+        return dict(message)
+    kept = [
+        part for part in content if not (isinstance(part, Mapping) and part.get("type") == "image")
+    ]
+    return {**message, "content": kept}
+
+
+def strip_vision_spans(ids: Sequence[int], geometry: ModelGeometry) -> list[int]:
+    """Token ids without any vision_start ... vision_end span (both markers included)."""
+    out: list[int] = []
+    inside = False
+    for t in ids:
+        if t == geometry.vision_start_token_id:
+            inside = True
+        elif inside and t == geometry.vision_end_token_id:
+            inside = False
+        elif not inside:
+            out.append(int(t))
+    if inside:
+        raise VlmCreditError("prompt ids open a vision_start span that never ends")
+    return out
+
+
+def sample_seed(seed: int, key: str) -> int:
+    """A seed per (run seed, sample): stable across runs, processes and batch compositions."""
+    digest = hashlib.sha1(f"{int(seed)}:{key}".encode()).digest()
+    return int.from_bytes(digest[:8], "little")
+
+
+def blackout_masks(
+    grids: torch.Tensor, geometry: ModelGeometry, pert: Perturbation, keys: Sequence[str]
+) -> list[np.ndarray]:
+    """Per image, the (H, W) bool mask of blacked-out pixels of the resized image.
+
+    `grids` is image_grid_thw (one row per image); keys[k] seeds image k's draw.
+    """
+    side = geometry.cell_pixels if pert.cells else int(pert.patch_px)
+    masks = []
+    for (_, h, w), key in zip(grids.tolist(), keys, strict=True):
+        height, width = h * geometry.patch_size, w * geometry.patch_size
+        rng = np.random.default_rng(sample_seed(pert.seed, key))
+        rows, cols = -(-height // side), -(-width // side)
+        chosen = rng.random((rows, cols)) < float(pert.probability)
+        full = np.repeat(np.repeat(chosen, side, axis=0), side, axis=1)
+        masks.append(full[:height, :width])
+    return masks
+
+
+def black_values(image_processor: Any) -> torch.Tensor:
+    """(C,) what pixel value 0 becomes after the processor's rescale and normalisation."""
+    mean = np.asarray(getattr(image_processor, "image_mean", (0.0, 0.0, 0.0)), dtype=np.float64)
+    std = np.asarray(getattr(image_processor, "image_std", (1.0, 1.0, 1.0)), dtype=np.float64)
+    if not getattr(image_processor, "do_normalize", True):
+        return torch.zeros(mean.shape[0], dtype=torch.float32)
+    return torch.tensor(-mean / std, dtype=torch.float32)
+
+
+def perturb_pixel_values(
+    pixel_values: torch.Tensor,
+    grids: torch.Tensor,
+    geometry: ModelGeometry,
+    masks: Sequence[np.ndarray],
+    black: torch.Tensor,
+) -> torch.Tensor:
+    """A copy of the processor's patch rows with the masked pixels set to `black`.
+
+    Qwen's image processor orders each image's rows (t, block row, block col, row in block, col
+    in block) with merge x merge blocks, and each row (channel, temporal, y, x); the pixel
+    masks are laid out the same way, so only the chosen pixels change.
+    """
+    out = pixel_values.clone()
+    ps, m = geometry.patch_size, geometry.merge_size
+    channels = black.shape[0]
+    tps = pixel_values.shape[1] // (channels * ps * ps)
+    offset = 0
+    for (t, h, w), mask in zip(grids.tolist(), masks, strict=True):
+        n = t * h * w
+        grid = torch.from_numpy(mask).reshape(h // m, m, ps, w // m, m, ps)
+        per_patch = grid.permute(0, 3, 1, 4, 2, 5).reshape(h * w, ps * ps).repeat(t, 1)
+        rows = out[offset : offset + n].view(n, channels, tps, ps * ps)
+        fill = black.to(rows.dtype).to(rows.device).view(1, channels, 1, 1).expand_as(rows)
+        where = per_patch.to(rows.device).view(n, 1, 1, ps * ps).expand_as(rows)
+        rows[where] = fill[where]
+        offset += n
+    return out
+
+
+def score_samples(
+    ck: Any,
+    samples: Sequence[Sample],
+    variants: Sequence[str],
+    scores: Sequence[Score],
+    perturb: Mapping[str, Any] | None = None,
+    entropy_variants: Sequence[str] | None = None,
+) -> dict[str, list[RowScores]]:
+    """variant -> per-sample scores of a batch of rollout samples (one forward per variant).
+
+    Entropy is computed for `entropy_variants` only (None = all): a top-p entropy sorts the
+    vocabulary, so the passes a method reads log p from alone skip it."""
+    out: dict[str, list[RowScores]] = {}
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise VlmCreditError(f"logprobs variant(s) {', '.join(unknown)}: use {', '.join(VARIANTS)}")
+    todo = list(variants)
+
+    def want(variant: str) -> bool:
+        return entropy_variants is None or variant in entropy_variants
+
+    batch = encode_samples(ck.processor, ck.geometry, samples)
+    if "image" in todo:
+        out["image"] = score_encoded(ck.model, batch, scores, want("image"))
+    if "no_image" in todo:
+        bare = [
+            without_image(s, ck.geometry, ids)
+            for s, ids in zip(samples, batch.response_ids, strict=True)
+        ]
+        bare_batch = encode_samples(ck.processor, ck.geometry, bare)
+        out["no_image"] = score_encoded(ck.model, bare_batch, scores, want("no_image"))
+    if "perturbed" in todo:
+        out["perturbed"] = score_encoded(
+            ck.model,
+            perturbed_batch(ck, batch, samples, Perturbation.from_options(perturb)),
+            scores,
+            want("perturbed"),
+        )
+    return out
+
+
+def perturbed_batch(
+    ck: Any, batch: EncodedBatch, samples: Sequence[Sample], pert: Perturbation
+) -> EncodedBatch:
+    """`batch` with each image's patches blacked out (seeded by the sample id and image index)."""
+    if "pixel_values" not in batch.inputs:
+        return batch
+    keys = [f"{s.id}/{k}" for s in samples for k in range(len(s.images))]
+    grids = batch.inputs["image_grid_thw"]
+    masks = blackout_masks(grids, ck.geometry, pert, keys)
+    pixels = perturb_pixel_values(
+        batch.inputs["pixel_values"],
+        grids,
+        ck.geometry,
+        masks,
+        black_values(ck.processor.image_processor),
+    )
+    return EncodedBatch({**batch.inputs, "pixel_values": pixels}, batch.layouts, batch.response_ids)
+
+
+# -- trainer batches (vlmcredit.online) ------------------------------------------------------------
+def score_trainer_batch(
+    model: Any,
+    batch: Mapping[str, torch.Tensor],
+    lengths: Sequence[int],
+    variants: Sequence[str],
+    scores: Sequence[Score],
+    perturb: Mapping[str, Any] | None = None,
+    black: torch.Tensor | None = None,
+    entropy_variants: Sequence[str] | None = None,
+) -> dict[str, list[RowScores]]:
+    """The variants on a trainer batch (prompt block left padded + response block); entropy
+    for `entropy_variants` only (None = all), as in `score_samples`."""
+
+    def want(variant: str) -> bool:
+        return entropy_variants is None or variant in entropy_variants
+
+    geo = ModelGeometry.from_config(model.config)
+    input_ids = batch["input_ids"]
+    start = input_ids.shape[1] - batch["response_mask"].shape[1]
+    spans = [(start, start + n) for n in lengths]
+    base = {
+        k: batch[k]
+        for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        if k in batch
+    }
+    base["mm_token_type_ids"] = build_mm_token_type_ids(input_ids, geo).to(torch.long)
+    out: dict[str, list[RowScores]] = {}
+    if "image" in variants:
+        out["image"] = score_inputs(model, base, spans, scores, want("image"))
+    if "no_image" in variants:
+        inputs, bare_spans = _without_images(batch, geo, lengths)
+        out["no_image"] = score_inputs(model, inputs, bare_spans, scores, want("no_image"))
+    if "perturbed" in variants:
+        perturbed = _perturbed_trainer_inputs(base, geo, perturb, black)
+        out["perturbed"] = score_inputs(model, perturbed, spans, scores, want("perturbed"))
+    return out
+
+
+def _without_images(
+    batch: Mapping[str, torch.Tensor], geo: ModelGeometry, lengths: Sequence[int]
+) -> tuple[dict[str, torch.Tensor], list[tuple[int, int]]]:
+    input_ids = batch["input_ids"].cpu()
+    mask = batch["attention_mask"].cpu()
+    width = batch["response_mask"].shape[1]
+    start = input_ids.shape[1] - width
+    prompts = [
+        strip_vision_spans(input_ids[b, :start][mask[b, :start].bool()].tolist(), geo)
+        for b in range(input_ids.shape[0])
+    ]
+    new_start = max(len(p) for p in prompts)
+    # pad id 0: any vocabulary id works under attention mask 0
+    ids = torch.zeros((input_ids.shape[0], new_start + width), dtype=torch.long)
+    am = torch.zeros_like(ids)
+    for b, prompt in enumerate(prompts):
+        ids[b, new_start - len(prompt) : new_start] = torch.tensor(prompt, dtype=torch.long)
+        am[b, new_start - len(prompt) : new_start] = 1
+        ids[b, new_start:] = input_ids[b, start:]
+        am[b, new_start:] = mask[b, start:]
+    inputs = {
+        "input_ids": ids,
+        "attention_mask": am,
+        "mm_token_type_ids": torch.zeros_like(ids),
+    }
+    return inputs, [(new_start, new_start + n) for n in lengths]
+
+
+def _perturbed_trainer_inputs(
+    base: Mapping[str, torch.Tensor],
+    geo: ModelGeometry,
+    perturb: Mapping[str, Any] | None,
+    black: torch.Tensor | None,
+) -> dict[str, torch.Tensor]:
+    if base.get("pixel_values") is None:
+        return dict(base)
+    if black is None:
+        raise VlmCreditError(
+            "online: the perturbed-image pass needs the image processor's normalisation to know "
+            "what black is: pass processor=<the checkpoint's processor> to vlmcredit.online"
+        )
+    # seeded by batch row and image index within the row (a trainer batch has no sample ids)
+    starts = (base["input_ids"] == geo.vision_start_token_id).sum(dim=1).tolist()
+    keys = [f"{b}/{k}" for b, n in enumerate(starts) for k in range(int(n))]
+    grids = base["image_grid_thw"]
+    if len(keys) != grids.shape[0]:
+        raise VlmCreditError(
+            f"batch: {grids.shape[0]} images in image_grid_thw but {len(keys)} vision_start "
+            "tokens in input_ids"
+        )
+    pert = Perturbation.from_options(perturb)
+    masks = blackout_masks(grids.cpu(), geo, pert, keys)
+    pixels = perturb_pixel_values(base["pixel_values"], grids.cpu(), geo, masks, black)
+    return {**base, "pixel_values": pixels}
