@@ -9,14 +9,19 @@
     response_mask   (B, T)      1 on response tokens; the response block is right padded
     pixel_values, image_grid_thw, and optionally mm_token_type_ids (built when missing)
 Column t of the result belongs to response token t; padding gets weight 1.0 (the trainer's own
-mask removes it). Any method of `vlmcredit.methods` works here: this module runs the model
+mask removes it). For a method that reads image attention, a row without image tokens (a
+text-only prompt in a mixed dataset) gets weight 1.0 on every token, i.e. plain GRPO for that
+row; `compute` returns those rows in `OnlineWeights.text_only_rows` and `weights` logs their
+count. Any method of `vlmcredit.methods` works here: this module runs the model
 passes the method declares on the batch and hands the arrays to the method, exactly as
 `vlmcredit weights` does for a rollout file.
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -24,6 +29,18 @@ import torch
 
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.methods import registry
+from vlmcredit.methods.logprob_options import collect as collect_pass_options
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class OnlineWeights:
+    """`compute`'s result: the (B, T) weights and the rows that kept weight 1 for having no
+    image tokens (only for methods that read image attention)."""
+
+    weights: torch.Tensor
+    text_only_rows: list[int] = field(default_factory=list)
 
 
 def methods() -> list[str]:
@@ -38,14 +55,39 @@ def weights(
     config: Any = None,
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
+    processor: Any = None,
     **params: Any,
 ) -> torch.Tensor:
     """(B, T) per-token weights for the response block of `batch` by `method`.
 
     `config` is the method's config object (e.g. `AnchorConfig`); or pass its parameters as
     keyword arguments (`ratio=0.2`). `layers`/`heads` restrict the attention the method reads
-    (default all).
+    (default all); for Q/K methods (KAWHI) `heads` are the critical heads, in every layer.
+    `processor` (the checkpoint's processor) is needed by methods that read the response text
+    or the images (KAWHI): its tokenizer gives the text, its mean/std rebuild the images from
+    `pixel_values`. Text-only rows get weight 1 (see `compute` for their count).
     """
+    result = compute(model, batch, method, config, layers, heads, processor, **params)
+    if result.text_only_rows:
+        log.info(
+            "vlmcredit.online: %d of %d batch rows have no image tokens and keep weight 1",
+            len(result.text_only_rows),
+            result.weights.shape[0],
+        )
+    return result.weights
+
+
+def compute(
+    model: Any,
+    batch: Mapping[str, torch.Tensor],
+    method: str = "anchors",
+    config: Any = None,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    processor: Any = None,
+    **params: Any,
+) -> OnlineWeights:
+    """`weights`, with the rows that kept weight 1 for having no image tokens."""
     m = registry.get(method)
     for key in ("input_ids", "attention_mask", "response_mask"):
         if key not in batch:
@@ -58,10 +100,16 @@ def weights(
         raise VlmCreditError(f"method {method}: pass either config= or parameters, not both")
     elif hasattr(config, "check"):
         config.check()
-    passes = batch_passes(model, batch, m.needs(config), layers, heads)
+    needs = m.needs(config)
+    options = {"logprobs": collect_pass_options([config])}
+    passes = batch_passes(model, batch, needs, layers, heads, processor, options)
     mask = batch["response_mask"]
     out = torch.ones(mask.shape, dtype=torch.float32)
-    for b, result in enumerate(m.run(passes, config)):
+    # A row with no image has no connectivity to measure: it keeps weight 1 (plain GRPO).
+    text_only = [b for b, p in enumerate(passes) if needs.attention and p.attention is None]
+    rows = [b for b in range(len(passes)) if b not in set(text_only)]
+    results = m.run([passes[b] for b in rows], config) if rows else []
+    for b, result in zip(rows, results, strict=True):
         n = len(passes[b].token_ids)
         if n == 0:
             continue
@@ -69,7 +117,7 @@ def weights(
         if result.sample_weight is not None:
             w = w * np.float32(result.sample_weight)
         out[b, :n] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
-    return out.to(mask.device)
+    return OnlineWeights(out.to(mask.device), text_only)
 
 
 def batch_passes(
@@ -78,14 +126,24 @@ def batch_passes(
     needs: registry.Needs,
     layers: Sequence[int] | None,
     heads: Sequence[int] | None,
+    processor: Any = None,
+    options: Mapping[str, Any] | None = None,
 ) -> list[registry.SamplePasses]:
-    """Run the passes `needs` names on a trainer batch, one forward for all of them."""
+    """Run the passes `needs` names on a trainer batch (attention: one forward; Q/K: one;
+    logprobs: one per input variant). `options["logprobs"]` as `logprob_options.collect`."""
     from vlmcredit.probes.response_attention import capture_batch_attention, response_rows
 
-    unsupported = [n for n in needs.names() if n != "attention"]
+    unsupported = [
+        n for n in needs.names() if n not in ("attention", "qk", "images", "text", "logprobs")
+    ]
     if unsupported:
         raise VlmCreditError(
             f"online: pass(es) {', '.join(unsupported)} are not available in a trainer batch yet"
+        )
+    if (needs.images or needs.text) and processor is None:
+        raise VlmCreditError(
+            "online: this method reads the response text / images: pass processor=<the "
+            "checkpoint's processor> to online.weights"
         )
     input_ids = batch["input_ids"]
     start = input_ids.shape[1] - batch["response_mask"].shape[1]
@@ -94,11 +152,131 @@ def batch_passes(
     passes = []
     for b, n in enumerate(lengths):
         ids = input_ids[b, start : start + n].detach().cpu().numpy().astype(np.int64)
+        row_attention = None if attention is None else attention[b]
         passes.append(
             registry.SamplePasses(
                 sample_id=str(b),
                 token_ids=ids,
-                attention=None if attention is None else attention[b].numpy(),
+                attention=None if row_attention is None else row_attention.numpy(),
             )
         )
+    if needs.qk_layers or needs.images or needs.text:
+        _fill_qk_image_text(model, batch, needs, passes, lengths, layers, heads, processor)
+    if needs.logprobs or needs.attention:
+        _fill_logprobs_layers(model, batch, needs, passes, lengths, layers, processor, options)
     return passes
+
+
+def _fill_logprobs_layers(
+    model: Any,
+    batch: Mapping[str, Any],
+    needs: registry.Needs,
+    passes: list[registry.SamplePasses],
+    lengths: list[int],
+    layers: Sequence[int] | None,
+    processor: Any,
+    options: Mapping[str, Any] | None,
+) -> None:
+    """Log p / entropy per variant, the attention's layer indices, and (SAYO) the image-token
+    boxes plus the batch's optional `boxes` (one list per row, in pixels of the image the
+    processor resized: a trainer batch holds no original image sizes)."""
+    from vlmcredit.methods.logprob_options import DEFAULT_SCORE, score_key
+    from vlmcredit.models.families import ModelGeometry, adapter_of
+    from vlmcredit.models.layout import build_layouts
+    from vlmcredit.probes.logprobs import black_values, score_trainer_batch
+
+    geo = ModelGeometry.from_config(model.config)
+    if needs.attention:
+        with_attn = [la.index for la in adapter_of(model).attention_layers(model)]
+        captured = sorted(set(with_attn if layers is None else layers))
+        start = batch["input_ids"].shape[1] - batch["response_mask"].shape[1]
+        spans = [(start, start + n) for n in lengths]
+        layouts = build_layouts(
+            batch["input_ids"], batch.get("attention_mask"), batch.get("image_grid_thw"), geo, spans
+        )
+        for b, p in enumerate(passes):
+            p.attention_layers, p.num_layers = captured, geo.num_layers
+            images = layouts[b].images
+            p.image_boxes = np.concatenate([im.boxes for im in images]) if images else None
+            p.image_owner = np.asarray(layouts[b].image_token_owner)
+            if "boxes" in batch:
+                p.meta["boxes"] = batch["boxes"][b]
+    if not needs.logprobs:
+        return
+    opts = dict((options or {}).get("logprobs") or {})
+    scores = [tuple(s) for s in opts.get("scores") or [DEFAULT_SCORE]]
+    perturbed = "perturbed" in needs.logprobs and batch.get("pixel_values") is not None
+    black = black_values(processor.image_processor) if perturbed and processor else None
+    variants = score_trainer_batch(
+        model,
+        batch,
+        lengths,
+        needs.logprobs,
+        scores,
+        opts.get("perturb"),
+        black,
+        opts.get("entropy_variants"),
+    )
+    for variant, rows in variants.items():
+        for p, row in zip(passes, rows, strict=True):
+            for (temperature, top_p), (logp, entropy) in row.items():
+                key = score_key(variant, temperature, top_p)
+                p.logprobs[key] = logp
+                if entropy is not None:
+                    p.entropy[key] = entropy
+
+
+def _fill_qk_image_text(
+    model: Any,
+    batch: Mapping[str, torch.Tensor],
+    needs: registry.Needs,
+    passes: list[registry.SamplePasses],
+    lengths: list[int],
+    layers: Sequence[int] | None,
+    heads: Sequence[int] | None,
+    processor: Any,
+) -> None:
+    """Q/K, images, cells and response text of a trainer batch, as `vlmcredit weights` fills
+    them for a rollout file (the images are rebuilt from `pixel_values`: the exact pixels the
+    processor resized, so the regions match the file-based run)."""
+    from vlmcredit.models.families import ModelGeometry
+    from vlmcredit.models.layout import build_layouts
+    from vlmcredit.models.pixels import images_from_pixel_values
+    from vlmcredit.models.response_text import response_text_spans
+    from vlmcredit.probes.batch_qk import capture_batch_qk
+
+    geo = ModelGeometry.from_config(model.config)
+    input_ids = batch["input_ids"]
+    start = input_ids.shape[1] - batch["response_mask"].shape[1]
+    spans = [(start, start + n) for n in lengths]
+    layouts = build_layouts(
+        input_ids, batch.get("attention_mask"), batch.get("image_grid_thw"), geo, spans
+    )
+    captures = capture_batch_qk(model, batch, needs.qk_layers, lengths) if needs.qk_layers else []
+    images: list[Any] = []
+    if needs.images and batch.get("pixel_values") is not None:
+        ip = processor.image_processor
+        images = images_from_pixel_values(
+            batch["pixel_values"], batch["image_grid_thw"], geo, ip.image_mean, ip.image_std
+        )
+    all_layers = range(geo.num_layers) if layers is None else layers
+    choice = None if heads is None else [(la, h) for la in all_layers for h in heads]
+    next_image = 0
+    for b, p in enumerate(passes):
+        layout = layouts[b]
+        p.head_choice = choice
+        p.cell_pixels = geo.cell_pixels
+        p.image_owner = np.asarray(layout.image_token_owner)
+        p.image_cells = (
+            np.concatenate([im.cells for im in layout.images])
+            if layout.images
+            else np.zeros((0, 3), np.int64)
+        )
+        if images:
+            p.images = images[next_image : next_image + len(layout.images)]
+        next_image += len(layout.images)
+        if captures:
+            p.queries = {k: v.numpy() for k, v in captures[b].queries.items()}
+            p.keys = {k: v.numpy() for k, v in captures[b].keys.items()}
+        if needs.text:
+            p.response_text, p.token_spans = response_text_spans(processor.tokenizer, p.token_ids)

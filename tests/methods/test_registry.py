@@ -42,7 +42,11 @@ def test_builtin_anchors_is_registered_with_its_loss_semantics() -> None:
     assert "anchors" in registry.available()
     assert m.config is AnchorConfig
     assert m.needs(m.config()) == Needs(attention=True)
-    assert (m.loss_denominator, m.selection_scope) == ("all_tokens", "per_response")
+    cfg = m.config()
+    # weight 0 outside the anchors: the loss averages over the anchors (docs/methods.md)
+    assert (m.denominator_for(cfg), m.scope_for(cfg)) == ("selected_tokens", "per_response")
+    cfg.other_weight, cfg.ratio_scope = 0.1, "batch"
+    assert (m.denominator_for(cfg), m.scope_for(cfg)) == ("all_tokens", "per_batch")
 
 
 @pytest.mark.parametrize(

@@ -8,12 +8,14 @@ from vlmcredit import __version__
 from vlmcredit.cli.anchors import anchors
 from vlmcredit.cli.capture import capture
 from vlmcredit.cli.common import state
+from vlmcredit.cli.compare import compare
 from vlmcredit.cli.demo import demo
 from vlmcredit.cli.export import export
 from vlmcredit.cli.info import info
 from vlmcredit.cli.make_tiny import make_tiny
 from vlmcredit.cli.mme import mme_score, mme_synth
 from vlmcredit.cli.probe_heads import probe_heads
+from vlmcredit.cli.regions import regions
 from vlmcredit.cli.report import report
 from vlmcredit.cli.weights import weights
 
@@ -50,6 +52,8 @@ app.command("mme-score")(mme_score)
 app.command("mme-synth")(mme_synth)
 app.command("anchors")(anchors)
 app.command("weights")(weights)
+app.command("compare")(compare)
+app.command("regions")(regions)
 app.command("demo")(demo)
 app.command("export")(export)
 app.command("report")(report)

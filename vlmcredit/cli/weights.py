@@ -20,7 +20,7 @@ def _list_methods() -> None:
         typer.echo(f"    paper: {m.paper}")
         typer.echo(
             f"    passes: {', '.join(m.needs(m.config()).names()) or 'none'}; loss denominator: "
-            f"{m.loss_denominator}; selection: {m.selection_scope}"
+            f"{m.denominator_for(m.config())}; selection: {m.scope_for(m.config())}"
         )
         params = config_dict(m.config())
         flat = _flatten(params)
@@ -68,6 +68,9 @@ def weights(
     device_map: str | None = options.DEVICE_MAP,
     resume: bool = options.RESUME,
     skip_bad: bool = options.SKIP_BAD,
+    prompt_key: str = options.PROMPT_KEY,
+    image_key: str = options.IMAGE_KEY,
+    response_key: str = options.RESPONSE_KEY,
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     quiet: bool = options.QUIET,
     list_methods: bool = typer.Option(
@@ -101,6 +104,9 @@ def weights(
         device_map=device_map,
         resume=resume,
         skip_bad=skip_bad,
+        prompt_key=prompt_key,
+        image_key=image_key,
+        response_key=response_key,
         trust_remote_code=trust_remote_code,
     )
     with progress_bar("weights", quiet) as advance:

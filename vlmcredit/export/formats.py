@@ -16,6 +16,7 @@ from typing import Any
 
 from vlmcredit import __version__
 from vlmcredit.errors import VlmCreditError
+from vlmcredit.export import trl_modes, verl_support
 from vlmcredit.formats.files import atomic_write_bytes, atomic_write_json, make_temp_dir, now
 from vlmcredit.formats.heads import HEADS_JSON as HEADS_FILE
 from vlmcredit.formats.heads import read_heads
@@ -129,6 +130,8 @@ def _write_folder(
         tokenizer=signals.meta["tokenizer_sha1"][:12],
         heads=HEADS_NOTE if heads_bytes is not None else "",
         folder=final.resolve(),
+        trl_matrix=trl_modes.matrix_markdown(),
+        verl_matrix=verl_support.support_matrix_markdown(),
     )
     atomic_write_bytes(folder / "README.md", readme.encode())
     return [*files, MANIFEST, "README.md"]
@@ -190,21 +193,36 @@ trainer = VlmCreditGRPOTrainer(
 trainer.train()
 ```
 
-Responses not in the file (fresh rollouts) keep weight 1; the logged metrics
-`vlmcredit/rows_missed` and `vlmcredit/tokens_missed` count them. For fresh rollouts compute the
-weights online instead: `VlmCreditGRPOTrainer(..., weights_fn=vlmcredit.online.weights)`.
+Completions are looked up by `sample_id` + their exact token ids (EOS included): record the
+rollouts as TRL samples them with `vlmcredit.export.trl_rollouts.record_rollouts(trainer, PATH)`
+(or `VlmCreditGRPOTrainer(..., record_rollouts=PATH)`) and compute the signals on that file. A
+completion not in the file stops training with an error naming it and the batch's match rate;
+`on_miss="keep"` trains it at weight 1, `on_miss="drop"` at weight 0. Every step logs
+`vlmcredit/match_rate`, `vlmcredit/rows_found`, `vlmcredit/rows_missed`,
+`vlmcredit/tokens_missed`. For fresh rollouts compute the weights online instead:
+`VlmCreditGRPOTrainer(..., weights_fn=vlmcredit.online.weights)` (rows without an image keep
+weight 1, logged as `vlmcredit/rows_text_only`).
 A `selected_tokens` denominator averages the loss over the selected tokens (loss types grpo,
-bnpo, dapo); `loss_denominator="all_tokens"` overrides it.
+bnpo, dapo, cispo, sapo, vespo); `loss_denominator="all_tokens"` overrides it.
+
+Loss configurations (trl 1.16): "weighted" = every token's gradient is exactly its weight times
+plain GRPO's (a real GRPO step per entry in vlmcredit's tests); the trainer refuses the others
+when it is built. The entropy bonus (`entropy_coef`, `use_adaptive_entropy`) is refused too.
+
+{trl_matrix}
 """,
     "verl": _HEADER
     + """
 ## VERL
 
-Install: `pip install --no-deps verl` plus its runtime, and vlmcredit in the same environment.
-The training parquet must carry each rollout's id in `extra_info.sample_id`. Make VERL import
-the adapter in its processes (Ray workers included), then pick the weighting:
+Install: `pip install "vlmcredit[verl]"` then `pip install --no-deps verl==0.9.1
+transferqueue==0.1.11` (what vlmcredit's own tests run: the trainer mode's registration, its
+advantage step on a real TransferQueue and VERL's engine loss on CPU; a full `main_ppo` run also
+needs VERL's rollout server, vLLM or SGLang, on GPUs). The training parquet must carry each
+rollout's id in `extra_info.sample_id`. Make VERL import the adapter in its processes (Ray
+workers included), then pick the weighting:
 
-verl 0.9 (v1 trainer, the default):
+verl 0.9 (v1 trainer, the default; tested):
 
 ```
 VERL_USE_EXTERNAL_MODULES=vlmcredit.export.verl python -m verl.trainer.main_ppo \\
@@ -215,7 +233,9 @@ VERL_USE_EXTERNAL_MODULES=vlmcredit.export.verl python -m verl.trainer.main_ppo 
     ...
 ```
 
-verl 0.8 (and 0.9 with `trainer.use_v1=False`):
+verl 0.8 (and 0.9 with `trainer.use_v1=False`; experimental: the hook is tested on VERL's
+`compute_advantage` and DataProto, not inside a legacy `fit`; verl 0.8 refuses
+`selected_tokens`, its actor divides each micro-batch by its own token count):
 
 ```
 VLMCREDIT_SIGNALS={folder} VERL_USE_EXTERNAL_MODULES=vlmcredit.export.verl \\
@@ -225,10 +245,23 @@ python -m verl.trainer.main_ppo algorithm.adv_estimator=grpo \\
     ...
 ```
 
-After VERL's advantage estimator the adapter multiplies `advantages` by the weights (any
-`actor_rollout_ref.actor.policy_loss.loss_mode` then applies them); with a `selected_tokens`
-denominator it also narrows `response_mask` to the selected tokens so the `token-mean` loss
-averages over them. In your own trainer code: `vlmcredit.export.verl.weight_dataproto(batch,
-VerlWeighting.from_path("{folder}"))` after `compute_advantage`.
+After VERL's advantage estimator the adapter multiplies `advantages` by the weights; with a
+`selected_tokens` denominator it also narrows `response_mask` and `loss_mask` (the count VERL's
+engine divides `token-mean` by) to the selected tokens. A batch with no selected token at all is
+an error (0 / 0). The trainer refuses, when it is built, a policy loss or aggregation that does
+not scale each token's gradient by its weight exactly (tests/export/test_verl_losses.py):
+
+{verl_matrix}
+`actor.use_kl_loss` and a non-zero `actor.entropy_coeff` add terms the weights do not reach
+(weight-0 tokens still train); they are refused unless you pass
+`+vlmcredit.allow_unweighted_terms=true` (legacy hook: `VLMCREDIT_ALLOW_UNWEIGHTED_TERMS=1`).
+In your own trainer code: `vlmcredit.export.verl.weight_dataproto(batch,
+VerlWeighting.from_path("{folder}", actor=config.actor_rollout_ref.actor))` after
+`compute_advantage`.
+
+Rollouts for `vlmcredit anchors` / `weights`, exactly as sampled (ids, EOS, images, group):
+`vlmcredit.export.verl_rollouts.VerlRolloutWriter("rollouts.jsonl").write(batch)` on the batch
+after its advantages. `trainer.rollout_data_dir` dumps hold decoded text only (no token ids or
+images): `read_generation_dump` reads them for inspection, not for replay.
 """,
 }

@@ -101,6 +101,13 @@ class SamplePasses:
     response_text: str | None = None  # Needs.text
     token_spans: np.ndarray | None = None  # (T, 2) character [start, end) per token
     meta: dict[str, Any] = field(default_factory=dict)  # the rollout row's extra fields
+    # the run's head choice (--heads, --heads-json, online `heads=`) as absolute (layer, head)
+    # pairs, for methods that read Q/K of chosen heads (KAWHI); None = no choice (all heads)
+    head_choice: list[tuple[int, int]] | None = None
+    # absolute decoder layer of each entry of attention's L axis, and the model's layer count,
+    # for methods that read one given layer (SAYO: the last); None = not known
+    attention_layers: list[int] | None = None
+    num_layers: int | None = None
 
 
 @dataclass
@@ -127,9 +134,29 @@ class Method:
     config: type  # dataclass of parameters with defaults
     needs: Callable[[Any], Needs]  # config -> passes (a method may need more for some configs)
     compute: ComputeFn  # a batch of responses -> one output each (batch-scoped methods use all)
-    loss_denominator: str = "all_tokens"
-    selection_scope: str = "per_response"
+    # A value, or config -> value when a parameter changes it (anchors: ratio_scope picks the
+    # scope, other_weight the denominator). Read them through denominator_for / scope_for.
+    loss_denominator: str | Callable[[Any], str] = "all_tokens"
+    selection_scope: str | Callable[[Any], str] = "per_response"
     columns: Mapping[str, str] = field(default_factory=dict)  # extra per-token column -> dtype
+
+    def denominator_for(self, cfg: Any) -> str:
+        """The loss denominator of signals computed with `cfg`."""
+        value = self.loss_denominator
+        return self._checked(value(cfg) if callable(value) else value, "loss_denominator")
+
+    def scope_for(self, cfg: Any) -> str:
+        """The selection scope of signals computed with `cfg`."""
+        value = self.selection_scope
+        return self._checked(value(cfg) if callable(value) else value, "selection_scope")
+
+    def _checked(self, value: str, what: str) -> str:
+        allowed = LOSS_DENOMINATORS if what == "loss_denominator" else SELECTION_SCOPES
+        if value not in allowed:
+            raise VlmCreditError(
+                f"method {self.name}: {what} {value!r} is not one of {', '.join(allowed)}"
+            )
+        return value
 
     def check(self) -> None:
         """Raise when the declaration is incomplete (called by `register`)."""
@@ -137,16 +164,9 @@ class Method:
             raise VlmCreditError(f"method name {self.name!r}: use letters, digits, - and _")
         if not dataclasses.is_dataclass(self.config):
             raise VlmCreditError(f"method {self.name}: config must be a dataclass type")
-        if self.loss_denominator not in LOSS_DENOMINATORS:
-            raise VlmCreditError(
-                f"method {self.name}: loss_denominator {self.loss_denominator!r} is not one of "
-                f"{', '.join(LOSS_DENOMINATORS)}"
-            )
-        if self.selection_scope not in SELECTION_SCOPES:
-            raise VlmCreditError(
-                f"method {self.name}: selection_scope {self.selection_scope!r} is not one of "
-                f"{', '.join(SELECTION_SCOPES)}"
-            )
+        # config-dependent declarations are checked on the default config
+        self.denominator_for(self.config())
+        self.scope_for(self.config())
         for column, dtype in self.columns.items():
             if column in CORE_COLUMNS or column in ("token_ids", "weight", "mask"):
                 raise VlmCreditError(f"method {self.name}: {column!r} is a contract column")

@@ -41,8 +41,8 @@ def signals_meta(run: Run, method: Method, cfg: Any) -> SignalsMeta:
         checkpoint_id=ck["id"],
         weights_sha1=ck.get("weights_sha1"),
         tokenizer_sha1=ck["tokenizer_sha1"],
-        loss_denominator=method.loss_denominator,
-        selection_scope=method.selection_scope,
+        loss_denominator=method.denominator_for(cfg),
+        selection_scope=method.scope_for(cfg),
         extra_columns=dict(method.columns),
     )
 

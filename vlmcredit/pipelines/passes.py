@@ -38,7 +38,46 @@ def _fill_images(ctx: PassContext, passes: list[SamplePasses]) -> None:
         p.images = list(sample.images)
 
 
-FILLERS: dict[str, Filler] = {"images": _fill_images}
+def _fill_text(ctx: PassContext, passes: list[SamplePasses]) -> None:
+    """The response text and each token's character span, decoded from the token ids (so a
+    text response and a token-id response map the same way; see models.response_text)."""
+    from vlmcredit.models.response_text import response_text_spans
+
+    for p in passes:
+        p.response_text, p.token_spans = response_text_spans(ctx.ck.tokenizer, p.token_ids)
+
+
+def _fill_logprobs(ctx: PassContext, passes: list[SamplePasses]) -> None:
+    """Teacher-forced log p and entropy per response token, one forward per input variant for
+    every method of the run; `ctx.options["logprobs"]` (methods.logprob_options.collect) says
+    which (temperature, top_p) to score and how to perturb the image."""
+    from vlmcredit.methods.logprob_options import DEFAULT_SCORE, score_key
+    from vlmcredit.probes.logprobs import score_samples
+
+    opts = ctx.options.get("logprobs") or {}
+    scores = [tuple(s) for s in opts.get("scores") or [DEFAULT_SCORE]]
+    variants = score_samples(
+        ctx.ck,
+        ctx.samples,
+        ctx.needs.logprobs,
+        scores,
+        opts.get("perturb"),
+        opts.get("entropy_variants"),
+    )
+    for variant, rows in variants.items():
+        for p, row in zip(passes, rows, strict=True):
+            for (temperature, top_p), (logp, entropy) in row.items():
+                key = score_key(variant, temperature, top_p)
+                p.logprobs[key] = logp
+                if entropy is not None:
+                    p.entropy[key] = entropy
+
+
+FILLERS: dict[str, Filler] = {
+    "images": _fill_images,
+    "text": _fill_text,
+    "logprobs": _fill_logprobs,
+}
 
 
 def _boxes(layout: Any) -> np.ndarray:
@@ -58,6 +97,7 @@ def run_passes(
     spec: Any,
     pairs: list[tuple[int, int]] | None,
     options: dict[str, Any] | None = None,
+    head_choice: list[tuple[int, int]] | None = None,
 ) -> tuple[list[Any], list[SamplePasses]]:
     """(capture items, per-sample passes) for one batch; `spec` is the capture's CaptureSpec."""
     from vlmcredit.probes.response_attention import capture_samples, encoded_samples
@@ -78,6 +118,9 @@ def run_passes(
             image_owner=np.asarray(item.layout.image_token_owner),
             cell_pixels=ck.geometry.cell_pixels,
             meta=dict(item.sample.meta),
+            head_choice=head_choice,
+            attention_layers=list(item.capture.layers) if needs.attention else None,
+            num_layers=ck.geometry.num_layers,
         )
         for item in items
     ]

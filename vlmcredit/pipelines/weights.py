@@ -20,7 +20,8 @@ from typing import Any
 import numpy as np
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.formats.run import Run
+from vlmcredit.formats.run import Run, row_sample_id
+from vlmcredit.methods.logprob_options import collect as collect_pass_options
 from vlmcredit.methods.registry import (
     Method,
     MethodOutput,
@@ -28,10 +29,17 @@ from vlmcredit.methods.registry import (
     config_dict,
     parse_methods,
 )
-from vlmcredit.pipelines.heads_choice import choose_heads, pair_indices
+from vlmcredit.pipelines.heads_choice import choose_heads, chosen_pairs, pair_indices
 from vlmcredit.pipelines.method_signals import signal_row, write_method_signals
 from vlmcredit.pipelines.passes import run_passes
-from vlmcredit.pipelines.skeleton import batched, checkpoint_record, drive, refuse_taken
+from vlmcredit.pipelines.regions import write_paragraph_tables
+from vlmcredit.pipelines.skeleton import (
+    batched,
+    checkpoint_record,
+    drive,
+    marks_failure,
+    refuse_taken,
+)
 
 
 @dataclass
@@ -52,6 +60,9 @@ class WeightsRunConfig:
     resume: bool = False
     skip_bad: bool = False
     trust_remote_code: bool = False
+    prompt_key: str = "prompt"  # rollout columns (EasyR1: prompt_key "problem")
+    image_key: str = "images"
+    response_key: str = "response"
 
     def check(self) -> None:
         if self.batch_size < 1:
@@ -141,6 +152,7 @@ def _output(t: Mapping[str, Any], name: str, method: Method) -> MethodOutput:
     )
 
 
+@marks_failure
 def run_weights(
     cfg: WeightsRunConfig,
     progress: Callable[[int, int], None] | None = None,
@@ -150,6 +162,7 @@ def run_weights(
     from vlmcredit.data.rollouts import read_rollouts
     from vlmcredit.models.loading import load_checkpoint
     from vlmcredit.pipelines.capture import sample_row
+    from vlmcredit.pipelines.rollout_checks import rollout_keys, screen_samples
     from vlmcredit.probes.capture import CaptureSpec
 
     cfg.check()
@@ -158,15 +171,21 @@ def run_weights(
     needs = combined_needs(methods, configs)
     refuse_taken(cfg.out, cfg.resume)
     start = time.perf_counter()
-    rollouts = read_rollouts(cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples)
+    rollouts = read_rollouts(
+        cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples, keys=rollout_keys(cfg)
+    )
     samples = rollouts.samples
     if not samples:
         raise VlmCreditError(f"--data {cfg.data}: no usable samples")
     ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    samples, screened_out = screen_samples(ck, samples, cfg.skip_bad)
+    if not samples:
+        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
     geo = ck.geometry
     choice = choose_heads(cfg.layers, cfg.heads, cfg.heads_json, geo.num_layers, geo.num_heads)
     captured_heads = choice.heads if choice.reduce == "heads" else [-1]
     pairs = pair_indices(choice.pairs, choice.layers, captured_heads)
+    head_choice = chosen_pairs(choice)  # the heads Q/K methods (KAWHI) average
     qk_layers = sorted({layer % geo.num_layers for layer in needs.qk_layers})
     spec = CaptureSpec(
         layers=choice.layers,
@@ -186,15 +205,23 @@ def run_weights(
         }
         if needs.attention
         else None,
+        # the heads whose Q/K a method averages (KAWHI's critical heads), when Q/K is read
+        "qk_heads": {"pairs": head_choice, "source": choice.source} if needs.qk_layers else None,
     }
+    # what the logprobs pass scores (temperatures, top-p, perturbation), from the configs
+    pass_options = {"logprobs": collect_pass_options(configs.values())}
+    if needs.logprobs:
+        extra["logprobs"] = {"variants": list(needs.logprobs), **pass_options["logprobs"]}
     run = Run.open(Path(cfg.out), "weights", cfg.parameters(configs), cfg.resume, extra)
-    if not run.rows and rollouts.bad_rows:
-        run.commit(b.record() for b in rollouts.bad_rows)
+    if not run.rows and (rollouts.bad_rows or screened_out):
+        run.commit([*(b.record() for b in rollouts.bad_rows), *screened_out])
 
     def work(batch: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         import torch
 
-        captured, passes = run_passes(ck, batch, needs, spec, pairs)
+        captured, passes = run_passes(
+            ck, batch, needs, spec, pairs, pass_options, head_choice=head_choice
+        )
         tensors: dict[str, Any] = {}
         for sample in passes:
             tensors[f"{sample.sample_id}/response_ids"] = torch.from_numpy(sample.token_ids)
@@ -205,6 +232,7 @@ def run_weights(
 
     drive(run, batched(samples, cfg.batch_size), lambda s: s.id, work, progress, log)
     summary = write_signal_tables(run, methods, configs)
+    write_paragraph_tables(run, methods, ck.tokenizer)
     run.finish(weights=summary, seconds=time.perf_counter() - start)
     return run
 
@@ -220,7 +248,8 @@ def write_signal_tables(
         t = run.tensors(row["id"])
         ids = t["response_ids"].tolist()
         for m in methods:
-            rows[m.name].append(signal_row(row["id"], ids, _output(t, m.name, m)))
+            # keyed by the trainer's id: a group's rows share it, their response ids differ
+            rows[m.name].append(signal_row(row_sample_id(row), ids, _output(t, m.name, m)))
     summary = {}
     for m in methods:
         if not rows[m.name]:
@@ -234,6 +263,6 @@ def write_signal_tables(
             "num_tokens": int(weights.size),
             "mean_weight": float(weights.mean()) if weights.size else 0.0,
             "share_nonzero": float((weights != 0).mean()) if weights.size else 0.0,
-            "loss_denominator": m.loss_denominator,
+            "loss_denominator": m.denominator_for(configs[m.name]),
         }
     return summary

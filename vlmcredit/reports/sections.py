@@ -53,6 +53,8 @@ _BUILTIN_MODULES = (
     "vlmcredit.reports.section_heads",
     "vlmcredit.reports.section_anchors",
     "vlmcredit.reports.section_signals",
+    "vlmcredit.reports.section_kawhi",
+    "vlmcredit.reports.section_compare",
 )
 _extra: list[SectionBuilder] = []
 
