@@ -23,15 +23,24 @@ Rows are numbered from 0 in file order. A bad row stops the read with a one-line
 from __future__ import annotations
 
 import hashlib
-import json
 import math
-import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from vlmcredit.data.images import ImageLoadError, image_ref, load_image
+from vlmcredit.data.rollout_files import (
+    RawRow,
+    check_file,
+    jsonl_rows,
+    one_line,
+    parquet_format,
+    parquet_rows,
+    parquet_schema,
+    refuse_json_array,
+    type_name,
+)
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
 
@@ -40,7 +49,6 @@ JSONL_SUFFIXES = (".jsonl", ".ndjson", ".json")
 PARQUET_SUFFIXES = (".parquet", ".pq")
 FORMATS = ("jsonl", "parquet", "verl")
 
-_BATCH_ROWS = 64  # parquet rows decoded at a time: bounded memory when images are inline bytes
 _TRAINER_FIELDS = ("response_ids", "prompt_ids", "completion_index", "reward", "advantage")
 _SKIP_HINT = "fix the row or pass --skip-bad to skip bad rows"
 
@@ -128,13 +136,13 @@ def iter_rollouts(
 
 def detect_format(path: str | Path, keys: RolloutKeys = DEFAULT_KEYS) -> str:
     """ "jsonl", "parquet" or "verl" for a rollout file; raises `VlmCreditError` otherwise."""
-    src = _check_file(Path(path))
+    src = check_file(Path(path))
     suffix = src.suffix.lower()
     if suffix in JSONL_SUFFIXES:
-        _refuse_json_array(src)
+        refuse_json_array(src)
         return "jsonl"
     if suffix in PARQUET_SUFFIXES:
-        return _parquet_format(_parquet_schema(src), keys)
+        return parquet_format(parquet_schema(src), keys.prompt, keys.images)
     raise VlmCreditError(
         f"{src}: unknown rollout file type {suffix or '(no suffix)'!r}; "
         f"give a .jsonl (one JSON object per line) or .parquet file"
@@ -159,20 +167,6 @@ def split_image_placeholders(text: str) -> list[dict[str, Any]]:
 # --- opening files ------------------------------------------------------------------------
 
 
-@dataclass
-class _RawRow:
-    """One row as read from disk, before validation; `error` is set when it did not parse."""
-
-    row: int
-    record: dict[str, Any] | None
-    error: str | None = None
-    line: int | None = None  # JSONL line number (1-based), for people opening the file
-
-    @property
-    def label(self) -> str:
-        return f"row {self.row}" if self.line is None else f"row {self.row} (line {self.line})"
-
-
 class _RowError(Exception):
     """A problem confined to one row, so `skip_bad` can skip it."""
 
@@ -183,120 +177,16 @@ class _RowError(Exception):
 
 def _open(
     path: str | Path, max_samples: int | None, require_response: bool, keys: RolloutKeys
-) -> tuple[Path, str, Iterator[_RawRow]]:
+) -> tuple[Path, str, Iterator[RawRow]]:
     """Check everything file-level now, so lazy readers fail before their first row."""
     if max_samples is not None and max_samples < 0:
         raise VlmCreditError(f"max_samples must be >= 0, got {max_samples}")
     src = Path(path)
     fmt = detect_format(src, keys)
     if fmt == "jsonl":
-        return src, fmt, _jsonl_rows(src)
-    _check_columns(src, _parquet_schema(src).names, require_response, keys)
-    return src, fmt, _parquet_rows(src)
-
-
-def _check_file(path: Path) -> Path:
-    if path.is_dir():
-        raise VlmCreditError(f"{path}: is a directory; give a .jsonl or .parquet rollout file")
-    if not path.is_file():
-        raise VlmCreditError(f"{path}: rollout file not found; check the path")
-    return path
-
-
-def _refuse_json_array(path: Path) -> None:
-    # A .json file holding one big array would otherwise fail as "invalid JSON" on every line.
-    with path.open("rb") as fh:
-        head = fh.read(4096).lstrip(b"\xef\xbb\xbf \t\r\n")
-    if head.startswith(b"["):
-        raise VlmCreditError(
-            f"{path}: holds a JSON array; write one JSON object per line (.jsonl) instead"
-        )
-
-
-def _jsonl_rows(path: Path) -> Iterator[_RawRow]:
-    row = 0
-    with path.open("rb") as fh:  # bytes: a bad encoding on one line only spoils that row
-        for line_no, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue  # blank lines (e.g. a trailing newline) are not rows
-            yield _parse_json_line(raw, row, line_no)
-            row += 1
-
-
-def _parse_json_line(raw: bytes, row: int, line_no: int) -> _RawRow:
-    try:
-        record = json.loads(raw)
-    except ValueError as exc:  # JSONDecodeError and UnicodeDecodeError
-        return _RawRow(row, None, f"invalid JSON ({exc})", line_no)
-    if not isinstance(record, dict):
-        return _RawRow(row, None, f"expected a JSON object, got {_type(record)}", line_no)
-    return _RawRow(row, record, None, line_no)
-
-
-def _parquet_schema(path: Path) -> Any:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    try:
-        return pq.read_schema(path)
-    except (pa.ArrowException, OSError) as exc:
-        raise VlmCreditError(
-            f"{path}: cannot read as parquet ({_one_line(str(exc))}); check the file is a "
-            f"complete parquet file"
-        ) from exc
-
-
-def _parquet_rows(path: Path) -> Iterator[_RawRow]:
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    row = 0
-    with pq.ParquetFile(path) as pf:
-        batches = pf.iter_batches(batch_size=_BATCH_ROWS)
-        while True:
-            try:
-                batch = next(batches)
-            except StopIteration:
-                return
-            except (pa.ArrowException, OSError) as exc:
-                raise VlmCreditError(
-                    f"{path}: cannot read parquet data after row {row} ({_one_line(str(exc))}); "
-                    f"check the file is a complete parquet file"
-                ) from exc
-            for record in batch.to_pylist():  # plain Python values: same shapes as JSON
-                yield _RawRow(row, record)
-                row += 1
-
-
-def _parquet_format(schema: Any, keys: RolloutKeys) -> str:
-    """ "verl" when the prompt holds chat messages with string contents and images are structs."""
-    names = schema.names
-    if keys.prompt not in names or keys.images not in names:
-        return "parquet"
-    message = _list_value_type(schema.field(keys.prompt).type)
-    image = _list_value_type(schema.field(keys.images).type)
-    if not (_is_struct_with(message, "role", "content") and _is_struct_with(image, "bytes")):
-        return "parquet"
-    import pyarrow as pa
-
-    content = message.field("content").type
-    return "verl" if pa.types.is_string(content) or pa.types.is_large_string(content) else "parquet"
-
-
-def _list_value_type(arrow_type: Any) -> Any:
-    import pyarrow as pa
-
-    if pa.types.is_list(arrow_type) or pa.types.is_large_list(arrow_type):
-        return arrow_type.value_type
-    return None
-
-
-def _is_struct_with(arrow_type: Any, *names: str) -> bool:
-    import pyarrow as pa
-
-    if arrow_type is None or not pa.types.is_struct(arrow_type):
-        return False
-    return all(arrow_type.get_field_index(name) >= 0 for name in names)
+        return src, fmt, jsonl_rows(src)
+    _check_columns(src, parquet_schema(src).names, require_response, keys)
+    return src, fmt, parquet_rows(src)
 
 
 def _check_columns(path: Path, names: list[str], require_response: bool, keys: RolloutKeys) -> None:
@@ -342,7 +232,7 @@ class _Claim:
 
 def _samples(
     path: Path,
-    rows: Iterator[_RawRow],
+    rows: Iterator[RawRow],
     skip_bad: bool,
     max_samples: int | None,
     require_response: bool,
@@ -357,7 +247,7 @@ def _samples(
         try:
             sample, claim = _build_sample(path, raw, seen, require_response, keys)
         except _RowError as exc:
-            bad = BadRow(raw.row, exc.sample_id, _one_line(f"{raw.label}: {exc}"))
+            bad = BadRow(raw.row, exc.sample_id, one_line(f"{raw.label}: {exc}"))
             if not skip_bad:
                 raise VlmCreditError(f"{path}: {bad.error}; {_SKIP_HINT}") from None
             if bad_rows is not None:
@@ -377,7 +267,7 @@ def _samples(
 
 
 def _build_sample(
-    path: Path, raw: _RawRow, seen: _Seen, require_response: bool, keys: RolloutKeys
+    path: Path, raw: RawRow, seen: _Seen, require_response: bool, keys: RolloutKeys
 ) -> tuple[Sample, _Claim]:
     if raw.record is None:
         raise _RowError(raw.error or "unreadable row")
@@ -483,7 +373,7 @@ def _explicit_id(record: dict[str, Any]) -> str | None:
         if value is None or value == "":
             return None
     if isinstance(value, bool) or not isinstance(value, (str, int)):
-        raise _RowError(f"id must be text or an integer, got {_type(value)}")
+        raise _RowError(f"id must be text or an integer, got {type_name(value)}")
     return str(value)
 
 
@@ -502,7 +392,7 @@ def _token_ids(record: dict[str, Any], column: str) -> list[int] | None:
     if value is None:
         return None
     if not isinstance(value, list):
-        raise _RowError(f"'{column}' must be a list of token ids, got {_type(value)}")
+        raise _RowError(f"'{column}' must be a list of token ids, got {type_name(value)}")
     if not value:
         raise _RowError(f"'{column}' is empty; give the token ids (EOS included) or leave it out")
     for k, token in enumerate(value):
@@ -544,13 +434,15 @@ def _prompt(
     if isinstance(prompt, list):
         label = "prompt messages" if keys.prompt == "prompt" else f"'{keys.prompt}' messages"
         return _normalize_messages(prompt, keys.prompt), label
-    raise _RowError(f"'{keys.prompt}' must be text or a list of chat messages, got {_type(prompt)}")
+    raise _RowError(
+        f"'{keys.prompt}' must be text or a list of chat messages, got {type_name(prompt)}"
+    )
 
 
 def _normalize_messages(messages: Any, column: str) -> list[dict[str, Any]]:
     """Validate a chat list and give every message processor-style list content."""
     if not isinstance(messages, list):
-        raise _RowError(f"'{column}' must be a list of chat messages, got {_type(messages)}")
+        raise _RowError(f"'{column}' must be a list of chat messages, got {type_name(messages)}")
     if not messages:
         raise _RowError(f"'{column}' is an empty message list")
     return [_normalize_message(msg, f"{column}[{i}]") for i, msg in enumerate(messages)]
@@ -558,7 +450,9 @@ def _normalize_messages(messages: Any, column: str) -> list[dict[str, Any]]:
 
 def _normalize_message(message: Any, where: str) -> dict[str, Any]:
     if not isinstance(message, dict):
-        raise _RowError(f"{where} must be a dict with 'role' and 'content', got {_type(message)}")
+        raise _RowError(
+            f"{where} must be a dict with 'role' and 'content', got {type_name(message)}"
+        )
     # Parquet structs carry every field on every row; absent ones come back as None.
     msg = {k: v for k, v in message.items() if v is not None}
     role = msg.get("role")
@@ -570,13 +464,15 @@ def _normalize_message(message: Any, where: str) -> dict[str, Any]:
     elif isinstance(content, list):
         parts = [_normalize_part(p, f"{where}.content[{j}]") for j, p in enumerate(content)]
     else:
-        raise _RowError(f"{where} 'content' must be text or a list of parts, got {_type(content)}")
+        raise _RowError(
+            f"{where} 'content' must be text or a list of parts, got {type_name(content)}"
+        )
     return {**msg, "content": parts}
 
 
 def _normalize_part(part: Any, where: str) -> dict[str, Any]:
     if not isinstance(part, dict):
-        raise _RowError(f"{where} must be a dict with a 'type', got {_type(part)}")
+        raise _RowError(f"{where} must be a dict with a 'type', got {type_name(part)}")
     kind = part.get("type")
     if kind == "image":
         # Pixels come from the row's `images` list only; inline refs in parts are not used.
@@ -615,7 +511,7 @@ def _response(record: dict[str, Any], column: str, require_response: bool) -> st
         return value
     if isinstance(value, list) and value and all(_is_token_id(t) for t in value):
         return [int(t) for t in value]
-    raise _RowError(f"'{column}' must be text or a list of token ids, got {_type(value)}")
+    raise _RowError(f"'{column}' must be text or a list of token ids, got {type_name(value)}")
 
 
 def _is_token_id(value: Any) -> bool:
@@ -627,7 +523,7 @@ def _image_list(record: dict[str, Any], column: str) -> list[Any]:
     if refs is None:
         raise _RowError(f"missing '{column}' (use [] for a text-only row)")
     if not isinstance(refs, list):
-        raise _RowError(f"'{column}' must be a list of image references, got {_type(refs)}")
+        raise _RowError(f"'{column}' must be a list of image references, got {type_name(refs)}")
     return refs
 
 
@@ -640,11 +536,3 @@ def _load_images(path: Path, row: int, refs: list[Any]) -> list[Any]:
         except ImageLoadError as exc:
             raise _RowError(f"image {k}: {exc.problem}") from exc
     return images
-
-
-def _type(value: Any) -> str:
-    return type(value).__name__
-
-
-def _one_line(text: str) -> str:
-    return re.sub(r"\s*\n\s*", " ", text).strip()
