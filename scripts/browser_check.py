@@ -244,22 +244,12 @@ def check_report(
 
 
 def demo_report(folder: Path) -> Path:
-    """Heads + anchors (+ signals) runs from the test fixtures, hostile text included."""
+    """The demo's report, built by the real pipelines on the built-in tiny model. (Hostile
+    token text and names are checked by tests/reports on runs the real commands wrote.)"""
     sys.path.insert(0, str(ROOT))
-    from tests.reports.runs_fixture import write_anchors_run, write_heads_run
-    from vlmcredit.reports.report import build_report, write_report
+    from vlmcredit.pipelines.demo import run_demo
 
-    hostile = ["<script>alert(1)</script>", '"><img src=x onerror=alert(2)>', " fine", "\n\n"]
-    write_heads_run(folder / "heads")
-    write_anchors_run(
-        folder / "anchors",
-        sample_ids=["s0", '"><img src=x onerror=alert(3)>'],
-        responses={"s0": hostile * 40},
-        argv=["vlmcredit", "anchors", "--note", "<script>alert(4)</script>"],
-    )
-    out = folder / "report.html"
-    write_report(build_report([folder / "heads", folder / "anchors"]), out, folder / "figures")
-    return out
+    return run_demo(folder / "demo", echo=lambda _line: None)
 
 
 def main(argv: list[str] | None = None) -> int:
