@@ -206,3 +206,29 @@ def test_text_only_rows_keep_weight_one_and_are_counted(loaded, samples, caplog)
     only_text = trainer_batch(ck, [text_only])
     result = online.compute(ck.model, only_text, method="anchors")
     assert result.text_only_rows == [0] and torch.all(result.weights == 1.0)
+
+
+@pytest.mark.parametrize("method", ["anchors", "entropy"])
+def test_special_vision_ids_sampled_in_a_response_are_text(loaded, method) -> None:
+    """A small policy can sample vision special ids (video pad, vision start); the trainer's
+    forward reads them as text, and so must the online passes (M-RoPE would otherwise look for
+    a video grid that does not exist). (A sampled *image* pad id breaks the model's own
+    feature/token count check, in the trainer's forward as much as here.)"""
+    ck = loaded("qwen2.5-vl")
+    samples = [
+        Sample([noise_image(56, 84, 1)], "Describe.", "Dots and static.", "a"),
+        Sample([noise_image(84, 56, 2)], "Describe.", "Noise.", "b"),
+    ]
+    batch = trainer_batch(ck, samples)
+    clean = online.weights(ck.model, batch, method=method)
+    odd = {k: v.clone() for k, v in batch.items()}
+    start = odd["input_ids"].shape[1] - odd["response_mask"].shape[1]
+    odd["input_ids"][0, start + 1] = ck.geometry.vision_start_token_id
+    odd["input_ids"][1, start] = ck.geometry.video_token_id
+    weights = online.weights(ck.model, odd, method=method)
+    assert weights.shape == clean.shape and torch.isfinite(weights).all()
+    # causal: the response rows before the odd token attend exactly as before
+    before = capture_batch_attention(ck.model, batch)
+    after = capture_batch_attention(ck.model, odd)
+    torch.testing.assert_close(after[0][:, :, :1], before[0][:, :, :1], rtol=0, atol=1e-6)
+    assert after[1].shape == before[1].shape  # same image columns: the odd id is text

@@ -182,7 +182,7 @@ def _fill_logprobs_layers(
     processor resized: a trainer batch holds no original image sizes)."""
     from vlmcredit.methods.logprob_options import DEFAULT_SCORE, score_key
     from vlmcredit.models.families import ModelGeometry, adapter_of
-    from vlmcredit.models.layout import build_layouts
+    from vlmcredit.models.layout import build_layouts, prompt_vision_ids
     from vlmcredit.probes.logprobs import black_values, score_trainer_batch
 
     geo = ModelGeometry.from_config(model.config)
@@ -192,7 +192,11 @@ def _fill_logprobs_layers(
         start = batch["input_ids"].shape[1] - batch["response_mask"].shape[1]
         spans = [(start, start + n) for n in lengths]
         layouts = build_layouts(
-            batch["input_ids"], batch.get("attention_mask"), batch.get("image_grid_thw"), geo, spans
+            prompt_vision_ids(batch["input_ids"], geo, start),
+            batch.get("attention_mask"),
+            batch.get("image_grid_thw"),
+            geo,
+            spans,
         )
         for b, p in enumerate(passes):
             p.attention_layers, p.num_layers = captured, geo.num_layers
@@ -240,7 +244,7 @@ def _fill_qk_image_text(
     them for a rollout file (the images are rebuilt from `pixel_values`: the exact pixels the
     processor resized, so the regions match the file-based run)."""
     from vlmcredit.models.families import ModelGeometry
-    from vlmcredit.models.layout import build_layouts
+    from vlmcredit.models.layout import build_layouts, prompt_vision_ids
     from vlmcredit.models.pixels import images_from_pixel_values
     from vlmcredit.models.response_text import response_text_spans
     from vlmcredit.probes.batch_qk import capture_batch_qk
@@ -250,7 +254,11 @@ def _fill_qk_image_text(
     start = input_ids.shape[1] - batch["response_mask"].shape[1]
     spans = [(start, start + n) for n in lengths]
     layouts = build_layouts(
-        input_ids, batch.get("attention_mask"), batch.get("image_grid_thw"), geo, spans
+        prompt_vision_ids(input_ids, geo, start),
+        batch.get("attention_mask"),
+        batch.get("image_grid_thw"),
+        geo,
+        spans,
     )
     captures = capture_batch_qk(model, batch, needs.qk_layers, lengths) if needs.qk_layers else []
     images: list[Any] = []

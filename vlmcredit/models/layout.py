@@ -83,6 +83,39 @@ def build_mm_token_type_ids(input_ids: Any, geometry: ModelGeometry) -> Any:
     return types
 
 
+def prompt_mm_token_type_ids(input_ids: Any, geometry: ModelGeometry, prompt_width: int) -> Any:
+    """Type ids of a trainer batch (prompt block, then response block): image and video tokens
+    count only in the prompt. A sampled response can contain the image pad id (a small or
+    untrained policy emits any token); as the trainer's own forward does, it is text there, or
+    M-RoPE would look for an image grid that does not exist."""
+    types = build_mm_token_type_ids(input_ids, geometry)
+    types[:, prompt_width:] = 0
+    return types
+
+
+def prompt_vision_ids(input_ids: Any, geometry: ModelGeometry, prompt_width: int) -> Any:
+    """A copy of a trainer batch's ids whose response block holds no vision special ids (they
+    become -1, which matches no token): layouts then see only the prompt's images."""
+    ids = input_ids.clone()
+    response = ids[:, prompt_width:]
+    special = (
+        geometry.image_token_id,
+        geometry.video_token_id,
+        geometry.vision_start_token_id,
+        geometry.vision_end_token_id,
+    )
+    for token in special:
+        response[response == token] = -1
+    return ids
+
+
+def prompt_image_positions(row_ids: Any, geometry: ModelGeometry, prompt_width: int) -> Any:
+    """Image-token positions of one trainer-batch row, in its prompt block only (torch)."""
+    import torch
+
+    return torch.nonzero(row_ids[:prompt_width] == geometry.image_token_id).flatten()
+
+
 def _runs(positions: np.ndarray) -> list[np.ndarray]:
     """Split sorted positions into maximal runs of consecutive integers."""
     if positions.size == 0:

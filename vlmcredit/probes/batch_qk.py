@@ -15,7 +15,7 @@ import torch
 
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.models.families import ModelGeometry, adapter_of
-from vlmcredit.models.layout import build_mm_token_type_ids
+from vlmcredit.models.layout import prompt_image_positions, prompt_mm_token_type_ids
 from vlmcredit.probes.capture import CaptureSpec, RowTarget, SampleCapture, capture_session
 
 
@@ -28,7 +28,7 @@ def capture_batch_qk(
     start = input_ids.shape[1] - batch["response_mask"].shape[1]
     targets = []
     for b, n in enumerate(lengths):
-        positions = torch.nonzero(input_ids[b] == geo.image_token_id).flatten()
+        positions = prompt_image_positions(input_ids[b], geo, start)
         if positions.numel() == 0:
             raise VlmCreditError(
                 f"batch row {b}: has no image tokens; a Q/K method aligns the response with the "
@@ -40,7 +40,7 @@ def capture_batch_qk(
         for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
         if k in batch
     }
-    inputs["mm_token_type_ids"] = build_mm_token_type_ids(input_ids, geo).to(torch.long)
+    inputs["mm_token_type_ids"] = prompt_mm_token_type_ids(input_ids, geo, start).to(torch.long)
     layers = sorted({layer % geo.num_layers for layer in qk_layers})
     spec = CaptureSpec(attention=False, qk_layers=layers)
     inputs = adapter_of(model).with_positions(model, inputs)

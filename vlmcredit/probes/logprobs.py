@@ -28,7 +28,7 @@ from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.models.families import ModelGeometry, adapter_of
 from vlmcredit.models.inputs import EncodedBatch, encode_samples
-from vlmcredit.models.layout import build_mm_token_type_ids
+from vlmcredit.models.layout import prompt_mm_token_type_ids
 from vlmcredit.probes.response_attention import model_device
 
 CHUNK = 256  # response positions per LM-head chunk: 256 x 152k fp32 logits = 155 MB
@@ -337,7 +337,7 @@ def score_trainer_batch(
         for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
         if k in batch
     }
-    base["mm_token_type_ids"] = build_mm_token_type_ids(input_ids, geo).to(torch.long)
+    base["mm_token_type_ids"] = prompt_mm_token_type_ids(input_ids, geo, start).to(torch.long)
     out: dict[str, list[RowScores]] = {}
     if "image" in variants:
         out["image"] = score_inputs(model, base, spans, scores, want("image"))

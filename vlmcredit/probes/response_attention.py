@@ -16,7 +16,11 @@ import torch
 from vlmcredit.data.sample import Sample
 from vlmcredit.models.families import ModelGeometry, adapter_of
 from vlmcredit.models.inputs import EncodedBatch, encode_samples
-from vlmcredit.models.layout import SampleLayout, build_mm_token_type_ids
+from vlmcredit.models.layout import (
+    SampleLayout,
+    prompt_image_positions,
+    prompt_mm_token_type_ids,
+)
 from vlmcredit.probes.capture import CaptureSpec, RowTarget, SampleCapture, capture_session
 
 
@@ -175,7 +179,7 @@ def capture_batch_attention(
     lengths = response_rows(batch["response_mask"])
     targets = []
     for b, n in enumerate(lengths):
-        positions = torch.nonzero(input_ids[b] == geo.image_token_id).flatten()
+        positions = prompt_image_positions(input_ids[b], geo, start)
         # An empty response range captures nothing for a text-only row.
         targets.append(RowTarget(start, start + n if positions.numel() else start, positions))
     has_image = [t.key_positions.numel() > 0 for t in targets]
@@ -186,7 +190,7 @@ def capture_batch_attention(
         for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
         if k in batch
     }
-    inputs["mm_token_type_ids"] = build_mm_token_type_ids(input_ids, geo).to(torch.long)
+    inputs["mm_token_type_ids"] = prompt_mm_token_type_ids(input_ids, geo, start).to(torch.long)
     spec = CaptureSpec(layers=layers, heads=heads, reduce="mean")
     # Explicit positions from this batch: a fresh forward that leaves the model's cached rope
     # deltas (e.g. a trainer's generation state) untouched.
