@@ -144,13 +144,19 @@ def part_kawhi(rounds: int, batch_size: int, response_tokens: int) -> None:
         with torch.no_grad():
             model(**forward_inputs)
 
+    def forward_last() -> None:
+        # the same forward without the all-position lm_head: what KAWHI's own Q/K pass runs
+        with torch.no_grad():
+            model(**forward_inputs, logits_to_keep=1)
+
     def kawhi() -> None:
         online.weights(model, batch, method="kawhi", heads=[0, 1, 3, 6], processor=processor)
 
-    times: dict[str, list[float]] = {"forward": [], "kawhi": []}
+    times: dict[str, list[float]] = {"forward": [], "forward_last": [], "kawhi": []}
+    modes = [("forward", forward), ("forward_last", forward_last), ("kawhi", kawhi)]
     for r in range(rounds + 1):
-        order = [("forward", forward), ("kawhi", kawhi)]
-        for mode, fn in order if r % 2 else order[::-1]:
+        order = modes[r % 3 :] + modes[: r % 3]  # rotate the order every round
+        for mode, fn in order:
             t = time.perf_counter()
             fn()
             if r:
@@ -166,6 +172,8 @@ def part_kawhi(rounds: int, batch_size: int, response_tokens: int) -> None:
         print(f"{mode:10s} {stats(v)}")
     ratio = statistics.median(times["kawhi"]) / statistics.median(times["forward"])
     print(f"kawhi / forward (medians): {ratio:.3f}")
+    same = statistics.median(times["kawhi"]) / statistics.median(times["forward_last"])
+    print(f"kawhi / forward_last (medians, the same forward work + KAWHI): {same:.3f}")
 
 
 def main() -> None:
