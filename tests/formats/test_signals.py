@@ -234,8 +234,9 @@ def test_malformed_tables_are_refused(tmp_path: Path, column, values, message) -
 
 
 def test_duplicates_and_bad_manifests_are_refused(tmp_path: Path) -> None:
+    conflicting = {**rows()[0], "weight": [0.5] * len(rows()[0]["token_ids"])}
     with pytest.raises(VlmCreditError, match="same response twice"):
-        write_signals(tmp_path / "dup", [rows()[0], rows()[0]], meta())
+        write_signals(tmp_path / "dup", [rows()[0], conflicting], meta())
     with pytest.raises(VlmCreditError, match="loss_denominator 'tokens'"):
         write_signals(tmp_path / "x", rows(), meta(loss_denominator="tokens"))
     with pytest.raises(VlmCreditError, match="unknown columns anchor_mask"):
@@ -298,3 +299,19 @@ def test_tokenizer_hash_same_for_processor_and_tokenizer(tiny_ckpt) -> None:
     finally:
         tok.chat_template = original
         processor.chat_template = original
+
+
+def test_identical_completions_of_a_group_share_one_row(tmp_path) -> None:
+    """GRPO samples the same short answer twice: one row serves both; conflicting rows for the
+    same response are still refused."""
+    meta = SignalsMeta("anchors", {}, "ckpt", None, TOKENIZER)
+    same = {"sample_id": "p0", "token_ids": [5, 6, 7], "weight": [1.0, 0.0, 1.0]}
+    other = {"sample_id": "p0", "token_ids": [5, 6], "weight": [1.0, 1.0]}
+    write_signals(tmp_path / "ok", [same, dict(same), other], meta)
+    back = read_signals(tmp_path / "ok", tokenizer_sha1=TOKENIZER)
+    assert len(back.frame) == 2
+    np.testing.assert_array_equal(back.lookup("p0", [5, 6, 7]), [1.0, 0.0, 1.0])
+    conflict = {**same, "weight": [0.0, 0.0, 1.0]}
+    with pytest.raises(VlmCreditError, match="same response twice"):
+        write_signals(tmp_path / "bad", [same, conflict], meta)
+    assert not (tmp_path / "bad" / "signals.parquet").exists()

@@ -307,6 +307,18 @@ def _normalise_rows(rows: Any, where: str, extra: Mapping[str, str]) -> Any:
     return frame[[c for c in order if c in frame.columns]].reset_index(drop=True)
 
 
+def _merge_identical_responses(frame: Any) -> Any:
+    """One row per (sample_id, response_id): GRPO often samples the same completion twice in a
+    group (short answers), and a trainer looks the response up by its token ids, so identical
+    completions share one row. Rows that agree on the key but not on their signals stay, and
+    the validation below refuses them (the method gave one response two answers)."""
+    if not frame.duplicated(["sample_id", "response_id"]).any():
+        return frame
+    cells = frame.map(lambda v: tuple(v.tolist()) if isinstance(v, np.ndarray) else v)
+    keep = ~cells.duplicated()
+    return frame[keep].reset_index(drop=True)
+
+
 def column_order(extra: Mapping[str, str] | None = None) -> tuple[str, ...]:
     """Column order of a table: the contract's, then the method's extra columns."""
     return (*COLUMN_ORDER, *sorted(extra or {}))
@@ -423,6 +435,7 @@ def write_signals(
     folder = Path(folder)
     where = str(folder / SIGNALS_FILE)
     frame = _normalise_rows(rows, where, meta.extra_columns)
+    frame = _merge_identical_responses(frame)
     _validate_frame(frame, where, meta.extra_columns)
     import pyarrow as pa
     import pyarrow.parquet as pq
