@@ -134,8 +134,7 @@ class _Source:
 def _capture_now(cfg: AnchorsRunConfig) -> _Source:
     from vlmcredit.data.rollouts import read_rollouts
     from vlmcredit.formats.provenance import weights_hash
-    from vlmcredit.models.loading import load_checkpoint
-    from vlmcredit.pipelines.rollout_checks import rollout_keys, screen_samples
+    from vlmcredit.pipelines.rollout_checks import load_and_screen, rollout_keys
 
     rollouts = read_rollouts(
         cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples, keys=rollout_keys(cfg)
@@ -152,13 +151,8 @@ def _capture_now(cfg: AnchorsRunConfig) -> _Source:
         if not cfg.skip_bad:
             raise VlmCreditError(f"{problem} (drop text-only rows or pass --skip-bad)")
         bad_rows.append({"id": s.id, "row": s.meta.get("row"), "status": "bad", "error": problem})
-    if not samples:
-        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
-    ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
-    samples, screened_out = screen_samples(ck, samples, cfg.skip_bad)
+    ck, samples, screened_out = load_and_screen(cfg, samples)
     bad_rows.extend(screened_out)
-    if not samples:
-        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
     checkpoint = {
         "id": cfg.ckpt,
         "path": str(ck.path),

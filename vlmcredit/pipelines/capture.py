@@ -153,8 +153,7 @@ def run_capture(
 ) -> Run:
     """Capture every sample of `cfg.data` into the run directory `cfg.out`."""
     from vlmcredit.data.rollouts import read_rollouts
-    from vlmcredit.models.loading import load_checkpoint
-    from vlmcredit.pipelines.rollout_checks import rollout_keys, screen_samples
+    from vlmcredit.pipelines.rollout_checks import load_and_screen, rollout_keys
 
     cfg.check()
     if not Path(cfg.data).is_file():
@@ -170,13 +169,7 @@ def run_capture(
     samples = rollouts.samples
     if cfg.generate:
         samples = expand_generations(samples, cfg.generate)
-    if not samples:
-        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
-
-    ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
-    samples, screened_out = screen_samples(ck, samples, cfg.skip_bad)
-    if not samples:
-        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
+    ck, samples, screened_out = load_and_screen(cfg, samples)
     geo = ck.geometry
     spec = CaptureSpec(
         layers=parse_indices(cfg.layers, geo.num_layers, "--layers"),

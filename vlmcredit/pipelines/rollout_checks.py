@@ -53,3 +53,17 @@ def screen_samples(
             continue
         good.append(sample)
     return good, bad
+
+
+def load_and_screen(cfg: Any, samples: Sequence[Sample]) -> tuple[Any, list[Sample], list[dict]]:
+    """(checkpoint, screened samples, bad rows) for a pipeline config with the usual checkpoint
+    options; refuses a data file left with no usable sample before or after screening."""
+    from vlmcredit.models.loading import load_checkpoint
+
+    if not samples:
+        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
+    ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    good, bad = screen_samples(ck, samples, cfg.skip_bad)
+    if not good:
+        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
+    return ck, good, bad

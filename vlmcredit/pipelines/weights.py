@@ -160,9 +160,8 @@ def run_weights(
 ) -> Run:
     """Compute the chosen methods' signals for every sample into the run folder `cfg.out`."""
     from vlmcredit.data.rollouts import read_rollouts
-    from vlmcredit.models.loading import load_checkpoint
     from vlmcredit.pipelines.capture import sample_row
-    from vlmcredit.pipelines.rollout_checks import rollout_keys, screen_samples
+    from vlmcredit.pipelines.rollout_checks import load_and_screen, rollout_keys
     from vlmcredit.probes.capture import CaptureSpec
 
     cfg.check()
@@ -175,12 +174,7 @@ def run_weights(
         cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples, keys=rollout_keys(cfg)
     )
     samples = rollouts.samples
-    if not samples:
-        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
-    ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
-    samples, screened_out = screen_samples(ck, samples, cfg.skip_bad)
-    if not samples:
-        raise VlmCreditError(f"--data {cfg.data}: no usable samples")
+    ck, samples, screened_out = load_and_screen(cfg, samples)
     geo = ck.geometry
     choice = choose_heads(cfg.layers, cfg.heads, cfg.heads_json, geo.num_layers, geo.num_heads)
     captured_heads = choice.heads if choice.reduce == "heads" else [-1]
