@@ -138,7 +138,7 @@ def _text_image(text: str, rng: random.Random) -> Any:
     return img
 
 
-def _item(category: str, rng: random.Random, name: str) -> SynthItem:
+def render_item(category: str, rng: random.Random, name: str) -> SynthItem:
     """Render one image of `category` and its honest Yes / No question pair."""
     colors = list(COLORS)
     if category == "existence":
@@ -241,7 +241,7 @@ def synth_items(category: str, n: int, seed: int) -> list[SynthItem]:
     (category,) = _check_categories([category])
     # One stream per category so a category's images do not depend on which others are asked.
     rng = random.Random(f"vlmcredit-mme-synth:{seed}:{category}")
-    return [_item(category, rng, f"{i:04d}.png") for i in range(n)]
+    return [render_item(category, rng, f"{i:04d}.png") for i in range(n)]
 
 
 def write_synthetic_mme(

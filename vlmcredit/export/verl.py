@@ -17,8 +17,8 @@ in `verl_support.POLICY_LOSSES`; the others are refused when the trainer is buil
 - verl 0.8 (and 0.9 with `trainer.use_v1=False`): `install_legacy_hook(weighting)` wraps
   `verl.trainer.ppo.ray_trainer.compute_advantage`, which the legacy trainer's `fit` calls.
 
-Importing this module inside VERL's processes (`VERL_USE_EXTERNAL_MODULES=vlmcredit.export.verl`
-or the `verl.plugins` entry point) performs the registration (see `_register_on_import`).
+Importing this module inside VERL's processes (`VERL_USE_EXTERNAL_MODULES=vlmcredit.export.verl`)
+performs the registration (see `_register_on_import`).
 """
 
 from __future__ import annotations

@@ -65,8 +65,8 @@ TINY_VOCAB_SIZE = 640
 TINY_IMAGE_MAX_TOKENS = 256  # merged tokens per image: keeps tiny forwards fast on CPU
 
 
-def build_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> Any:
-    """Train a byte-level BPE on the built-in corpus and wrap it as a Qwen2Tokenizer."""
+def build_tokenizer(vocab_size: int = TINY_VOCAB_SIZE, extra_corpus: str = "") -> Any:
+    """Train a byte-level BPE on the built-in corpus (plus `extra_corpus`) as a Qwen2Tokenizer."""
     from tokenizers import Tokenizer, models, pre_tokenizers, trainers
     from transformers import Qwen2Tokenizer
 
@@ -78,7 +78,8 @@ def build_tokenizer(vocab_size: int = TINY_VOCAB_SIZE) -> Any:
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    corpus = [_CORPUS_WORDS] * 8 + [w for w in _CORPUS_WORDS.split(" ") if w]
+    words = _CORPUS_WORDS + extra_corpus
+    corpus = [words] * 8 + [w for w in words.split(" ") if w]
     bpe.train_from_iterator(corpus, trainer=trainer)
     state = json.loads(bpe.to_str())
     vocab: dict[str, int] = state["model"]["vocab"]
@@ -160,15 +161,20 @@ def _vision_config(family: str) -> dict[str, Any]:
     }
 
 
-def build_config(family: str, tokenizer: Any) -> Any:
+def build_config(
+    family: str,
+    tokenizer: Any,
+    text_overrides: dict[str, Any] | None = None,
+    vision_overrides: dict[str, Any] | None = None,
+) -> Any:
     """The transformers config of a tiny model of `family` whose ids match `tokenizer`."""
     from transformers import AutoConfig
 
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     return AutoConfig.for_model(
         family,
-        text_config=_text_config(family, len(tokenizer), ids),
-        vision_config=_vision_config(family),
+        text_config={**_text_config(family, len(tokenizer), ids), **(text_overrides or {})},
+        vision_config={**_vision_config(family), **(vision_overrides or {})},
         image_token_id=ids["<|image_pad|>"],
         video_token_id=ids["<|video_pad|>"],
         vision_start_token_id=ids["<|vision_start|>"],
@@ -177,7 +183,8 @@ def build_config(family: str, tokenizer: Any) -> Any:
     )
 
 
-def build_image_processor(family: str) -> Any:
+def build_image_processor(family: str, max_tokens: int = TINY_IMAGE_MAX_TOKENS) -> Any:
+    """Qwen's PIL image processor with at most `max_tokens` merged tokens per image."""
     from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import (
         Qwen2VLImageProcessorPil,
     )
@@ -190,7 +197,7 @@ def build_image_processor(family: str) -> Any:
         temporal_patch_size=2,
         size={
             "shortest_edge": 4 * cell * cell,
-            "longest_edge": TINY_IMAGE_MAX_TOKENS * cell * cell,
+            "longest_edge": max_tokens * cell * cell,
         },
     )
 
@@ -222,6 +229,12 @@ def make_tiny(family: str, out: str | os.PathLike[str], seed: int = 0) -> Path:
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
 
+    return save_checkpoint(model, tokenizer, build_image_processor(model_type), out_path)
+
+
+def save_checkpoint(model: Any, tokenizer: Any, image_processor: Any, out_path: Path) -> Path:
+    """Write a complete checkpoint folder atomically: a temporary folder beside `out_path`,
+    renamed into place, so a killed write never leaves half a checkpoint behind."""
     tmp = Path(tempfile.mkdtemp(prefix=".tiny-", dir=out_path.parent))
     try:
         from transformers.utils import logging as hf_logging
@@ -235,7 +248,7 @@ def make_tiny(family: str, out: str | os.PathLike[str], seed: int = 0) -> Path:
             if was_on:
                 hf_logging.enable_progress_bar()
         tokenizer.save_pretrained(tmp)
-        build_image_processor(model_type).save_pretrained(tmp)
+        image_processor.save_pretrained(tmp)
         (tmp / "chat_template.jinja").write_text(QWEN_VL_CHAT_TEMPLATE)
         _normalise_json_files(tmp)
         _user_permissions(tmp)

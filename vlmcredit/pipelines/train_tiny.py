@@ -1,0 +1,433 @@
+"""Train the built-in model: a small Qwen2.5-VL, from scratch, on synthetic shape images.
+
+`vlmcredit train-tiny --out DIR` builds the checkpoint shipped as `builtin:tiny-qwen2.5-vl`.
+It is the real transformers class (Qwen2_5_VLForConditionalGeneration) with a small config:
+text hidden 128, 4 decoder layers of 8 query heads (4 KV heads), a 2-block vision tower, and an
+image processor capped at 36 merged tokens (the 336x280 synthetic images become 6x5 cells).
+
+Training text comes from `data.synth_dialogs`: every synthetic question in two styles, a bare
+"Yes"/"No" (MME style) and a grounded sentence followed by the verdict (reasoning style). Every
+step renders a fresh batch from its own seeded stream, `Random("vlmcredit-train:<seed>:<step>")`,
+so the data never repeats, a run is reproducible from its seed, and a resumed run sees exactly
+the batches the killed one would have. Held-out questions come from `synth_items(..., seed)`
+streams, which the training streams never share.
+
+The run keeps intermediate checkpoints (`step-NNNNNN/`) for checkpoint comparison, and a resume
+state (`resume/`: weights, AdamW moments, step; safetensors, no pickle) rewritten atomically
+every `save_every` steps.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import shutil
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from vlmcredit.data.mme_synth import SynthItem, render_item, synth_items
+from vlmcredit.data.synth_dialogs import DIALOG_CATEGORIES, Dialog, dialogs
+from vlmcredit.errors import VlmCreditError
+
+FAMILY = "qwen2_5_vl"
+TEXT = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+}
+VISION = {
+    "depth": 2,
+    "num_heads": 4,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "out_hidden_size": 128,
+    "window_size": 56,
+    "fullatt_block_indexes": [1],
+}
+IMAGE_MAX_TOKENS = 36  # merged 28-px cells: a 336x280 image becomes 6x5 = 30 tokens
+# Words of the dialogs, so each is one token in the built-in tokenizer as in a real vocabulary.
+DIALOG_CORPUS = (
+    " There There is are no only So the answer is yes. no. Look at image, then answer yes or no. "
+    "on the left on the right at the top at the bottom circles squares triangles exactly Are "
+    "Is this zero one two three four five six seven eight of above below "
+)
+SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
+EVAL_SEED = 7  # held-out questions: synth_items(category, n, EVAL_SEED), never a training stream
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained bytes (with the package versions)."""
+
+    steps: int = 6000
+    batch_size: int = 32
+    lr: float = 2e-3
+    warmup: int = 200
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    seed: int = 0
+    # category mix: position is the hardest (two objects, an axis and an order)
+    category_weights: dict[str, float] = field(
+        default_factory=lambda: {"existence": 1.0, "count": 1.0, "position": 1.6, "color": 0.8}
+    )
+    reason_share: float = 0.5  # share of reasoning-style answers; the rest are MME style
+    keep: tuple[float, ...] = (0.1, 0.25, 0.5)  # intermediate checkpoints, as fractions of steps
+    eval_every: int = 250
+    eval_images: int = 24  # held-out images per category for the running accuracy
+    save_every: int = 250
+
+    def check(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise VlmCreditError("--steps and --batch-size must be >= 1")
+        if not 0.0 <= self.reason_share <= 1.0:
+            raise VlmCreditError(f"--reason-share must be in [0, 1], got {self.reason_share}")
+        unknown = set(self.category_weights) - set(DIALOG_CATEGORIES)
+        if unknown:
+            raise VlmCreditError(f"unknown categories {sorted(unknown)}")
+
+
+# -- tokenizer, model, pixels --------------------------------------------------------------------
+def build_parts(seed: int) -> tuple[Any, Any, Any]:
+    """(tokenizer, model, image processor) of a fresh built-in model, weights drawn from `seed`."""
+    import torch
+    from transformers import AutoModelForImageTextToText
+
+    from vlmcredit.models.tiny import build_config, build_image_processor, build_tokenizer
+
+    tokenizer = build_tokenizer(extra_corpus=DIALOG_CORPUS)
+    config = build_config(FAMILY, tokenizer, TEXT, VISION)
+    torch.manual_seed(seed)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    model.generation_config.pad_token_id = config.text_config.pad_token_id
+    model.generation_config.eos_token_id = config.text_config.eos_token_id
+    return tokenizer, model, build_image_processor(FAMILY, IMAGE_MAX_TOKENS)
+
+
+class Pixels:
+    """Qwen's image preprocessing, vectorised over a batch of same-size images.
+
+    Resizing stays the processor's own (PIL bicubic on uint8); rescale, normalise and patchify
+    are done here on the whole batch at once. `check` proves equality with the processor.
+    """
+
+    def __init__(self, processor: Any) -> None:
+        self.processor = processor
+        self.patch = processor.patch_size
+        self.merge = processor.merge_size
+        self.temporal = processor.temporal_patch_size
+        mean = np.asarray(processor.image_mean, np.float32).reshape(1, 3, 1, 1)
+        std = np.asarray(processor.image_std, np.float32).reshape(1, 3, 1, 1)
+        self.scale, self.mean, self.std = np.float32(processor.rescale_factor), mean, std
+
+    def resized(self, image: Any) -> np.ndarray:
+        """(3, H, W) uint8, resized exactly as the processor resizes."""
+        from transformers.image_utils import PILImageResampling
+
+        arr = np.asarray(image.convert("RGB")).transpose(2, 0, 1)
+        size = self.processor.size
+        out = self.processor.resize(
+            arr,
+            size=size,
+            resample=PILImageResampling.BICUBIC,
+            factor=self.patch * self.merge,
+        )
+        return np.asarray(out, dtype=np.uint8)
+
+    def __call__(self, images: Sequence[Any]) -> tuple[Any, Any]:
+        import torch
+
+        batch = np.stack([self.resized(im) for im in images]).astype(np.float32)
+        batch = (batch * self.scale - self.mean) / self.std
+        n, c, h, w = batch.shape
+        p, m = self.patch, self.merge
+        gh, gw = h // p, w // p
+        x = batch.reshape(n, c, gh // m, m, p, gw // m, m, p).transpose(0, 2, 5, 3, 6, 1, 4, 7)
+        x = np.broadcast_to(x[:, :, :, :, :, :, None], (*x.shape[:6], self.temporal, p, p))
+        pixel_values = torch.from_numpy(np.ascontiguousarray(x).reshape(n * gh * gw, -1))
+        grid = torch.tensor([[1, gh, gw]] * n, dtype=torch.long)
+        return pixel_values, grid
+
+    def check(self, images: Sequence[Any]) -> None:
+        """Raise unless this equals the processor's output on `images` (up to float rounding)."""
+        import torch
+
+        ref = self.processor(images=list(images), return_tensors="pt")
+        mine, grid = self(images)
+        if not torch.equal(grid, ref["image_grid_thw"]) or not torch.allclose(
+            mine, ref["pixel_values"], atol=1e-5
+        ):
+            raise RuntimeError("vectorised pixels differ from the image processor's")
+
+
+# -- batches --------------------------------------------------------------------------------------
+def step_dialogs(cfg: TrainConfig, step: int) -> list[tuple[SynthItem, Dialog]]:
+    """The batch of training step `step`: a pure function of (seed, step)."""
+    rng = random.Random(f"vlmcredit-train:{cfg.seed}:{step}")
+    cats = list(cfg.category_weights)
+    weights = [cfg.category_weights[c] for c in cats]
+    out = []
+    for i in range(cfg.batch_size):
+        category = rng.choices(cats, weights)[0]
+        item = render_item(category, rng, f"{step}-{i}.png")
+        style = "reason" if rng.random() < cfg.reason_share else "mme"
+        out.append((item, rng.choice(dialogs(item, (style,)))))
+    return out
+
+
+class Encoder:
+    """Token ids of prompt + answer in the chat template's layout, checked against the processor."""
+
+    def __init__(self, tokenizer: Any, image_tokens: int) -> None:
+        self.tok = tokenizer
+        self.pad = tokenizer.convert_tokens_to_ids("<|endoftext|>")
+        self.end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+        self.image_id = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+        self.image_tokens = image_tokens
+
+    def prompt(self, question: str) -> str:
+        pads = "<|image_pad|>" * self.image_tokens
+        return (
+            f"{SYSTEM}<|im_start|>user\n<|vision_start|>{pads}<|vision_end|>{question}"
+            "<|im_end|>\n<|im_start|>assistant\n"
+        )
+
+    def batch(self, dialogs_: Sequence[Dialog], with_answers: bool = True) -> dict[str, Any]:
+        """Right-padded input_ids, attention_mask, labels (-100 outside answers), prompt lengths."""
+        import torch
+
+        prompts = self.tok([self.prompt(d.question) for d in dialogs_])["input_ids"]
+        answers = self.tok([d.answer for d in dialogs_])["input_ids"] if with_answers else None
+        rows, labels = [], []
+        for k, p in enumerate(prompts):
+            a = [*answers[k], self.end] if answers is not None else []
+            rows.append(p + a)
+            labels.append([-100] * len(p) + a)
+        width = max(map(len, rows))
+        ids = torch.full((len(rows), width), self.pad, dtype=torch.long)
+        lab = torch.full((len(rows), width), -100, dtype=torch.long)
+        mask = torch.zeros((len(rows), width), dtype=torch.long)
+        for k, (r, lb) in enumerate(zip(rows, labels, strict=True)):
+            ids[k, : len(r)] = torch.tensor(r)
+            lab[k, : len(lb)] = torch.tensor(lb)
+            mask[k, : len(r)] = 1
+        return {
+            "input_ids": ids,
+            "attention_mask": mask,
+            "labels": lab,
+            "prompt_lengths": [len(p) for p in prompts],
+        }
+
+    def check(self, processor: Any, image: Any, question: str) -> None:
+        """Raise unless `prompt` tokenises as the processor's chat template + image expansion."""
+        messages = [
+            {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}
+        ]
+        text = processor.apply_chat_template(messages, add_generation_prompt=True)
+        ref = processor(text=[text], images=[image], return_tensors="pt")["input_ids"][0]
+        mine = self.tok([self.prompt(question)])["input_ids"][0]
+        if ref.tolist() != mine:
+            raise RuntimeError("the training prompt differs from the processor's chat template")
+
+
+def model_inputs(enc: dict[str, Any], pixels: tuple[Any, Any]) -> dict[str, Any]:
+    ids = enc["input_ids"]
+    return {
+        "input_ids": ids,
+        "attention_mask": enc["attention_mask"],
+        "pixel_values": pixels[0],
+        "image_grid_thw": pixels[1],
+        "mm_token_type_ids": (ids == IMAGE_ID[0]).long(),
+    }
+
+
+IMAGE_ID = [0]  # set once the tokenizer exists (the <|image_pad|> id)
+
+
+# -- evaluation -----------------------------------------------------------------------------------
+def held_out(n: int) -> list[tuple[SynthItem, Dialog]]:
+    """Held-out MME-style questions: both questions of `n` images per category."""
+    out = []
+    for category in DIALOG_CATEGORIES:
+        for item in synth_items(category, n, EVAL_SEED):
+            out.extend((item, d) for d in dialogs(item, ("mme",)))
+    return out
+
+
+def answer_accuracy(
+    model: Any, encoder: Encoder, pixels: Pixels, rows: Sequence[tuple[SynthItem, Dialog]]
+) -> dict[str, float]:
+    """Share of held-out questions whose greedy first answer token is the right Yes/No."""
+    import torch
+
+    yes = encoder.tok.convert_tokens_to_ids("Yes")
+    no = encoder.tok.convert_tokens_to_ids("No")
+    right: dict[str, list[bool]] = {}
+    model.eval()
+    with torch.no_grad():
+        for start in range(0, len(rows), 64):
+            chunk = rows[start : start + 64]
+            enc = encoder.batch([d for _, d in chunk], with_answers=False)
+            logits = model(**model_inputs(enc, pixels([it.image for it, _ in chunk]))).logits
+            for k, (_, d) in enumerate(chunk):
+                token = int(logits[k, enc["prompt_lengths"][k] - 1].argmax())
+                said = "Yes" if token == yes else "No" if token == no else "other"
+                right.setdefault(d.category, []).append(said == d.truth)
+    model.train()
+    return {c: float(np.mean(v)) for c, v in right.items()}
+
+
+# -- checkpoints and resume ----------------------------------------------------------------------
+def save_resume(folder: Path, model: Any, optimizer: Any, step: int) -> None:
+    """Weights, AdamW moments and the step, in safetensors, replaced atomically."""
+    from safetensors.torch import save_file
+
+    tensors = {f"model.{k}": v.contiguous() for k, v in model.state_dict().items()}
+    names = {id(p): n for n, p in model.named_parameters()}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state:
+                n = names[id(p)]
+                tensors[f"adam.{n}.exp_avg"] = state["exp_avg"]
+                tensors[f"adam.{n}.exp_avg_sq"] = state["exp_avg_sq"]
+                tensors[f"adam.{n}.step"] = state["step"].reshape(1)
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    save_file(tensors, str(tmp / "state.safetensors"))
+    (tmp / "step.json").write_text(json.dumps({"step": step}))
+    if folder.exists():
+        shutil.rmtree(folder)
+    tmp.rename(folder)
+
+
+def load_resume(folder: Path, model: Any, optimizer: Any) -> int:
+    """Restore what `save_resume` wrote; returns the number of finished steps."""
+    import torch
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / "state.safetensors"))
+    model.load_state_dict(
+        {k.removeprefix("model."): v for k, v in tensors.items() if k.startswith("model.")}
+    )
+    for n, p in model.named_parameters():
+        if f"adam.{n}.exp_avg" in tensors:
+            optimizer.state[p] = {
+                "exp_avg": tensors[f"adam.{n}.exp_avg"],
+                "exp_avg_sq": tensors[f"adam.{n}.exp_avg_sq"],
+                "step": tensors[f"adam.{n}.step"].reshape(()).to(torch.float32),
+            }
+    return int(json.loads((folder / "step.json").read_text())["step"])
+
+
+def lr_at(cfg: TrainConfig, step: int) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = (step - cfg.warmup) / max(1, cfg.steps - cfg.warmup)
+    cosine = 0.5 * (1 + math.cos(math.pi * frac))
+    return cfg.lr * (cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * cosine)
+
+
+# -- the run --------------------------------------------------------------------------------------
+def train_tiny(
+    out: Path, cfg: TrainConfig, echo: Callable[[str], None] = print, threads: int | None = None
+) -> Path:
+    """Train into `out` (resuming a killed run there); returns the final checkpoint folder."""
+    import torch
+    from tqdm.auto import tqdm
+
+    from vlmcredit.models.families import adapter_for
+    from vlmcredit.models.loading import load_processor, read_model_type
+    from vlmcredit.models.tiny import save_checkpoint
+
+    cfg.check()
+    out.mkdir(parents=True, exist_ok=True)
+    marker = out / "train-config.json"
+    wanted = json.dumps(asdict(cfg), indent=2, sort_keys=True)
+    if marker.exists() and marker.read_text() != wanted:
+        raise VlmCreditError(
+            f"--out {out}: holds a training run with other settings ({marker}); choose a new "
+            "folder or the same settings to resume"
+        )
+    if not marker.exists() and any(out.iterdir()):
+        raise VlmCreditError(
+            f"--out {out}: exists and is not a train-tiny run; choose a new folder"
+        )
+    marker.write_text(wanted)
+    if threads:
+        torch.set_num_threads(threads)
+
+    tokenizer, model, processor = build_parts(cfg.seed)
+    IMAGE_ID[0] = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    # the untrained weights, kept for checkpoint comparison; its processor (loaded the way every
+    # command loads one) is the reference the vectorised pixels and the prompt ids are checked on
+    init = out / "step-000000"
+    if not init.exists():
+        save_checkpoint(model, tokenizer, processor, init)
+    full_processor = load_processor(init, adapter_for(read_model_type(init, str(init))))
+    pixels = Pixels(processor)
+    probe = step_dialogs(cfg, 0)[:4]
+    pixels.check([it.image for it, _ in probe])
+    _, grid = pixels([probe[0][0].image])
+    encoder = Encoder(tokenizer, int(grid[0].prod()) // (processor.merge_size**2))
+    encoder.check(full_processor, probe[0][0].image, probe[0][1].question)
+
+    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
+    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
+    optimizer = torch.optim.AdamW(
+        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+    resume = out / "resume"
+    start = load_resume(resume, model, optimizer) if (resume / "step.json").exists() else 0
+    if start:
+        echo(f"resuming at step {start} of {cfg.steps}")
+    keep = {max(1, round(f * cfg.steps)) for f in cfg.keep}
+    evals = held_out(cfg.eval_images)
+    log_path = out / "train-log.jsonl"
+    model.train()
+    bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-tiny")
+    t0 = time.perf_counter()
+    for step in bar:
+        for group in optimizer.param_groups:
+            group["lr"] = lr_at(cfg, step)
+        batch = step_dialogs(cfg, step)
+        enc = encoder.batch([d for _, d in batch])
+        loss = model(
+            **model_inputs(enc, pixels([it.image for it, _ in batch])), labels=enc["labels"]
+        ).loss
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        optimizer.step()
+        done = step + 1
+        record: dict[str, Any] = {"step": done, "loss": round(loss.item(), 5)}
+        record["grad_norm"] = round(grad_norm, 4)
+        if done % cfg.eval_every == 0 or done == cfg.steps:
+            acc = answer_accuracy(model, encoder, pixels, evals)
+            record["held_out_accuracy"] = {k: round(v, 4) for k, v in acc.items()}
+            bar.set_postfix(loss=f"{loss.item():.3f}", acc=f"{np.mean(list(acc.values())):.3f}")
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        with log_path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        if done in keep:
+            target = out / f"step-{done:06d}"
+            if not target.exists():
+                save_checkpoint(model, tokenizer, processor, target)
+        if done % cfg.save_every == 0 and done < cfg.steps:
+            save_resume(resume, model, optimizer, done)
+    final = out / "final"
+    if not final.exists():
+        save_checkpoint(model, tokenizer, processor, final)
+    shutil.rmtree(resume, ignore_errors=True)
+    return final
