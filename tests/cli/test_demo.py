@@ -13,12 +13,13 @@ from vlmcredit.formats.signals import read_signals
 
 
 def test_demo_runs_the_whole_path(tmp_path) -> None:
-    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path)])
+    result = CliRunner().invoke(app, ["demo", "--out", str(tmp_path), "--quick"])
     assert result.exit_code == 0, result.output
     for step in ("synthetic MME", "vision-critical heads", "anchor tokens", "export", "report"):
         assert step in result.stdout
+    assert "builtin:tiny-qwen2.5-vl" in result.stdout
     heads = json.loads((tmp_path / "runs" / "heads" / "heads.json").read_text())
-    assert len(heads["heads"]) == 4  # one configuration per head index of the tiny model
+    assert len(heads["heads"]) == 8  # one configuration per head index of the built-in model
     # the documented default rule for a partial MME, printed, not a number fitted to the result
     rule = heads["threshold_rule"]
     gap = heads["baseline"]["total"] - heads["controls"]["gray_image"]["total"]
@@ -32,9 +33,14 @@ def test_demo_runs_the_whole_path(tmp_path) -> None:
         assert f"head {h['head']}: drop {h['drop']['total']:.1f}" in result.stdout
     assert "controls: gray image" in result.stdout
     manifest = json.loads((tmp_path / "runs" / "anchors" / "manifest.json").read_text())
-    assert manifest["attention"]["heads"] == heads["critical_heads"]
+    assert manifest["attention"]["heads"] == (heads["critical_heads"] or "all")
+    rollouts = [json.loads(x) for x in (tmp_path / "data" / "rollouts.jsonl").read_text().split()]
     anchors = pd.read_parquet(tmp_path / "runs" / "anchors" / "anchors.parquet")
-    assert anchors.sample_id.nunique() == 8 and anchors.anchor.any()
+    assert anchors.sample_id.nunique() == len(rollouts) == 8 and anchors.anchor.any()
+    for method in ("kawhi", "tor", "vppo", "entropy", "sayo"):  # every other weight method
+        assert len(read_signals(tmp_path / "runs" / "weights" / method).frame) == 8
+    pairs = json.loads((tmp_path / "runs" / "compare" / "compare.json").read_text())["pairs"]
+    assert {p["b"] for p in pairs if p["a"] == "anchors"} >= {"kawhi", "tor", "vppo"}
     for fmt in ("verl", "trl"):
         signals = read_signals(tmp_path / f"export-{fmt}")
         assert len(signals.frame) == 8

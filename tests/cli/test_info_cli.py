@@ -73,3 +73,17 @@ def test_make_tiny_cli(tmp_path) -> None:
     bad = runner.invoke(app, ["make-tiny", "--family", "llava", "--out", str(tmp_path / "n")])
     assert bad.exit_code == 2 and "qwen2.5-vl" in bad.stderr
     assert not (tmp_path / "n").exists()
+
+
+def test_no_ckpt_means_the_builtin_model_with_a_note() -> None:
+    result = runner.invoke(app, ["info", "--json"])
+    assert result.exit_code == 0, result.output
+    facts = json.loads(result.stdout)
+    assert facts["family"] == "qwen2.5-vl" and facts["checkpoint"] == "builtin:tiny-qwen2.5-vl"
+    assert (facts["layers"], facts["heads"], facts["kv_heads"]) == (4, 8, 4)
+    assert result.stderr.count("\n") == 1 and "built-in demo model" in result.stderr
+    named = runner.invoke(app, ["info", "--ckpt", "builtin:tiny-qwen2.5-vl-early", "--json"])
+    assert named.exit_code == 0 and "built-in demo model" not in named.stderr
+    wrong = runner.invoke(app, ["info", "--ckpt", "builtin:tiny-llama"])
+    assert wrong.exit_code != 0
+    assert "no such built-in model; built-in: builtin:tiny-qwen2.5-vl" in wrong.output

@@ -106,3 +106,26 @@ def test_other_settings_do_not_reuse_a_run_folder(tmp_path) -> None:
     result = CliRunner().invoke(app, ["train-tiny", "--out", str(stranger), "--steps", "1"])
     assert result.exit_code != 0 and "not a train-tiny run" in result.output
     assert (stranger / "notes.txt").read_text() == "mine"
+
+
+def test_descriptions_list_every_shape_left_to_right_with_its_quadrant() -> None:
+    from vlmcredit.data.mme_synth import IMAGE_SIZE
+    from vlmcredit.data.synth_dialogs import DESCRIBE_PROMPT, description
+
+    rng = random.Random(9)
+    for category in ("existence", "count", "color", "position"):
+        item = render_item(category, rng, "x.png")
+        text = description(item)
+        (d,) = dialogs(item, ("describe",))
+        assert (d.question, d.answer, d.style) == (DESCRIBE_PROMPT, text, "describe")
+        w, h = IMAGE_SIZE
+        last = -1
+        for s in sorted(item.shapes, key=lambda s: (s.cx, s.cy)):
+            where = f"{'top' if s.cy < h / 2 else 'bottom'} {'left' if s.cx < w / 2 else 'right'}"
+            article = "an" if s.color[0] in "aeiou" else "a"
+            phrase = f"{article} {s.color} {s.kind} at the {where}"
+            at = text.find(phrase, last + 1)
+            assert at > last, (phrase, text)
+            last = at
+        n = len(item.shapes)
+        assert text.startswith("There is one shape" if n == 1 else f"There are {NUMBER_WORDS[n]}")

@@ -14,14 +14,23 @@ from vlmcredit.cli.common import progress_bar, user_errors
 def anchors(
     out: Path = options.OUT,
     ckpt: str | None = typer.Option(
-        None, "--ckpt", help="Checkpoint to capture with (with --from: where its tokenizer is)."
+        None,
+        "--ckpt",
+        help="Checkpoint to capture with (default: builtin:tiny-qwen2.5-vl; with --from: where "
+        "its tokenizer is).",
     ),
-    data: Path | None = typer.Option(None, "--data", help="Rollouts (.jsonl / .parquet)."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Rollouts: .jsonl, .parquet or VERL parquet (or --from)."
+    ),
     from_run: Path | None = typer.Option(
         None, "--from", help="Reuse a finished `vlmcredit capture` run instead of capturing."
     ),
-    layers: str = typer.Option("all", "--layers", help="Decoder layers to average: all, 0-3, -1."),
-    heads: str = typer.Option("all", "--heads", help="Query heads to average: all or a list."),
+    layers: str = typer.Option(
+        "all", "--layers", help="Decoder layers to average: all, 0,4,8-11, -1."
+    ),
+    heads: str = typer.Option(
+        "all", "--heads", help="Query heads to average: all or a list/range."
+    ),
     heads_json: Path | None = typer.Option(
         None, "--heads-json", help="Average only the vision-critical heads of a probe-heads run."
     ),
@@ -98,7 +107,7 @@ def anchors(
 
     cfg = AnchorsRunConfig(
         out=out,
-        ckpt=ckpt,
+        ckpt=ckpt if from_run is not None else options.ckpt_or_builtin(ckpt),
         data=data,
         from_run=from_run,
         layers=layers,

@@ -12,7 +12,7 @@ from vlmcredit.cli.common import progress_bar, user_errors
 
 @user_errors
 def capture(
-    ckpt: str = options.CKPT,
+    ckpt: str | None = options.CKPT,
     data: Path = typer.Option(..., "--data", help="Rollouts: .jsonl, .parquet or VERL parquet."),
     out: Path = options.OUT,
     layers: str = typer.Option("all", "--layers", help="Decoder layers: all, 0,4,8-11, -1."),
@@ -43,7 +43,7 @@ def capture(
     from vlmcredit.probes.response_attention import GenerationConfig
 
     cfg = CaptureRunConfig(
-        ckpt=ckpt,
+        ckpt=options.ckpt_or_builtin(ckpt),
         data=data,
         out=out,
         layers=layers,

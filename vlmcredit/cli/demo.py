@@ -12,8 +12,10 @@ from vlmcredit.cli.common import user_errors
 @user_errors
 def demo(
     out: Path = typer.Option(Path("demo-out"), "--out", help="Folder for the demo's runs."),
+    quick: bool = typer.Option(False, "--quick", help="Fewer images (for tests; under a minute)."),
 ) -> None:
-    """The whole path (MME -> heads -> anchors -> export -> report) on a tiny offline model."""
+    """The whole path (MME -> heads -> rollouts -> anchors -> weights -> compare -> export ->
+    report) on the built-in model, offline."""
     from vlmcredit.pipelines.demo import run_demo
 
-    run_demo(out, echo=typer.echo)
+    run_demo(out, echo=typer.echo, quick=quick)

@@ -17,6 +17,7 @@ from vlmcredit.cli.mme import mme_score, mme_synth
 from vlmcredit.cli.probe_heads import probe_heads
 from vlmcredit.cli.regions import regions
 from vlmcredit.cli.report import report
+from vlmcredit.cli.train_tiny import train_tiny
 from vlmcredit.cli.weights import weights
 
 app = typer.Typer(
@@ -46,6 +47,7 @@ def _root(
 
 app.command("info")(info)
 app.command("make-tiny")(make_tiny)
+app.command("train-tiny")(train_tiny)
 app.command("capture")(capture)
 app.command("probe-heads")(probe_heads)
 app.command("mme-score")(mme_score)

@@ -75,7 +75,10 @@ def mme_synth(
     ),
     seed: int = typer.Option(0, "--seed", help="Same seed, same images."),
     categories: str | None = typer.Option(
-        None, "--categories", help="Comma-separated subset of the synthesisable categories."
+        None,
+        "--categories",
+        help="Comma-separated subset of: existence, count, position, color, OCR, "
+        "numerical_calculation (default: all).",
     ),
     parquet: Path | None = typer.Option(
         None, "--parquet", help="Also write the set as one lmms-lab style parquet file."

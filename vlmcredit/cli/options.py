@@ -10,7 +10,23 @@ from __future__ import annotations
 import typer
 
 # -- the checkpoint -----------------------------------------------------------------------------
-CKPT = typer.Option(..., "--ckpt", help="Checkpoint folder or cached hub id.")
+CKPT = typer.Option(
+    None,
+    "--ckpt",
+    help="Checkpoint folder, cached hub id or builtin:NAME (default: builtin:tiny-qwen2.5-vl).",
+)
+
+
+def ckpt_or_builtin(ckpt: str | None) -> str:
+    """`ckpt`, or the built-in demo model with a one-line note on stderr when it is omitted."""
+    if ckpt:
+        return ckpt
+    from vlmcredit.models.builtin import DEFAULT_CKPT, NOTE
+
+    typer.echo(NOTE, err=True)
+    return DEFAULT_CKPT
+
+
 DTYPE = typer.Option("auto", "--dtype", help="auto, bf16, fp16 or fp32.")
 DEVICE = typer.Option(None, "--device", help="e.g. cuda:0 (default: cpu).")
 DEVICE_MAP = typer.Option(None, "--device-map", help="e.g. auto (multi-GPU).")

@@ -16,7 +16,7 @@ SHOWN = 20  # configurations listed in the summary (largest drops first)
 
 @user_errors
 def probe_heads(
-    ckpt: str = options.CKPT,
+    ckpt: str | None = options.CKPT,
     mme: Path = typer.Option(..., "--mme", help="MME: lmms-lab parquet(s) or MME folder."),
     out: Path = options.OUT,
     categories: str | None = typer.Option(
@@ -78,7 +78,7 @@ def probe_heads(
     from vlmcredit.pipelines.probe_heads import ProbeHeadsConfig, run_probe_heads
 
     cfg = ProbeHeadsConfig(
-        ckpt=ckpt,
+        ckpt=options.ckpt_or_builtin(ckpt),
         mme=mme,
         out=out,
         categories=categories,

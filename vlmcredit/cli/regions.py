@@ -12,10 +12,14 @@ from vlmcredit.cli.common import progress_bar, user_errors
 
 @user_errors
 def regions(
-    ckpt: str = options.CKPT,
+    ckpt: str | None = options.CKPT,
     out: Path = options.OUT,
-    data: Path | None = typer.Option(None, "--data", help="Rollouts whose images to label."),
-    images: Path | None = typer.Option(None, "--images", help="A folder of images to label."),
+    data: Path | None = typer.Option(
+        None, "--data", help="Rollouts whose images to label (or --images; one of the two)."
+    ),
+    images: Path | None = typer.Option(
+        None, "--images", help="A folder of images to label (or --data; one of the two)."
+    ),
     preview: int = typer.Option(
         8, "--preview", help="Write overlay PNGs (key cells tinted) for the first N inputs."
     ),
@@ -40,7 +44,7 @@ def regions(
 
     cfg = RegionsRunConfig(
         out=out,
-        ckpt=ckpt,
+        ckpt=options.ckpt_or_builtin(ckpt),
         data=data,
         images=images,
         sguf=sguf_config(SgufConfig(), parse_params(param)),

@@ -46,9 +46,13 @@ def weights(
     method: str = typer.Option(
         "anchors", "--method", help="Method name(s), comma-separated (see --list)."
     ),
-    ckpt: str | None = typer.Option(None, "--ckpt", help="Checkpoint folder or cached hub id."),
-    data: Path | None = typer.Option(None, "--data", help="Rollouts (.jsonl / .parquet)."),
-    out: Path | None = typer.Option(None, "--out", help="Run folder to write (or resume)."),
+    ckpt: str | None = options.CKPT,
+    data: Path | None = typer.Option(
+        None, "--data", help="Rollouts: .jsonl, .parquet or VERL parquet (required unless --list)."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", help="Run folder to write or resume (required unless --list)."
+    ),
     param: list[str] = typer.Option(
         [],
         "--param",
@@ -56,8 +60,12 @@ def weights(
         help="A method parameter NAME=VALUE (repeatable; METHOD.NAME=VALUE with several "
         "methods; nested groups with dots, e.g. cluster.seed=3).",
     ),
-    layers: str = typer.Option("all", "--layers", help="Decoder layers whose attention to use."),
-    heads: str = typer.Option("all", "--heads", help="Query heads whose attention to use."),
+    layers: str = typer.Option(
+        "all", "--layers", help="Decoder layers whose attention to use: all, 0,4,8-11, -1."
+    ),
+    heads: str = typer.Option(
+        "all", "--heads", help="Query heads whose attention to use: all or a list/range."
+    ),
     heads_json: Path | None = typer.Option(
         None, "--heads-json", help="Use only the vision-critical heads of a probe-heads run."
     ),
@@ -85,12 +93,12 @@ def weights(
     from vlmcredit.methods.registry import parse_params
     from vlmcredit.pipelines.weights import WeightsRunConfig, run_weights
 
-    missing = [n for n, v in (("--ckpt", ckpt), ("--data", data), ("--out", out)) if v is None]
+    missing = [n for n, v in (("--data", data), ("--out", out)) if v is None]
     if missing:
         raise VlmCreditError(f"weights: pass {', '.join(missing)} (or --list to see the methods)")
     cfg = WeightsRunConfig(
         out=out,  # type: ignore[arg-type]
-        ckpt=ckpt,  # type: ignore[arg-type]
+        ckpt=options.ckpt_or_builtin(ckpt),
         data=data,  # type: ignore[arg-type]
         method=method,
         params=parse_params(param),

@@ -11,6 +11,11 @@ Every synthetic question gets two kinds of answer, as real Qwen-VL models give t
   (colour, shape, position, number) can only be right by looking at the image, the template words
   ("The", "is", "So the answer") cannot.
 
+* Description: `DESCRIBE_PROMPT` -> "There are two shapes: a red circle at the top left and a
+  blue square at the bottom right." (shapes left to right, each with its image quadrant). Every
+  content word of it needs the image; it is the dense supervision that makes the vision tower
+  learn features at all (question-only styles leave most answer tokens copyable from the text).
+
 Only the shape categories (existence, count, position, color) are covered: the built-in model
 has no capacity to read rendered text, and its OCR / arithmetic answers would be guesses.
 """
@@ -20,11 +25,12 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vlmcredit.data.mme_synth import NUMBER_WORDS, SUFFIX, SynthItem, SynthShape
+from vlmcredit.data.mme_synth import IMAGE_SIZE, NUMBER_WORDS, SUFFIX, SynthItem, SynthShape
 
 DIALOG_CATEGORIES = ("existence", "count", "position", "color")
 REASON_SUFFIX = " Look at the image, then answer yes or no."
-STYLES = ("mme", "reason")
+DESCRIBE_PROMPT = "Describe the shapes in the image."
+STYLES = ("mme", "reason", "describe")
 
 
 @dataclass(frozen=True)
@@ -36,6 +42,10 @@ class Dialog:
     answer: str  # the full assistant text
     truth: str  # "Yes" / "No"
     style: str  # "mme" or "reason"
+
+
+def _a(word: str) -> str:
+    return f"{'an' if word[0] in 'aeiou' else 'a'} {word}"
 
 
 def _plural(kind: str, n: int) -> str:
@@ -58,9 +68,9 @@ def grounded_statement(item: SynthItem, question: str) -> str:
         asked = next(k for k in ("circle", "square", "triangle") if f" {k} " in question)
         found = [s for s in shapes if s.kind == asked]
         if found:
-            return f"There is a {found[0].color} {asked}."
+            return f"There is {_a(found[0].color)} {asked}."
         present = shapes[0]
-        return f"There is no {asked}, only a {present.color} {present.kind}."
+        return f"There is no {asked}, only {_a(present.color)} {present.kind}."
     if item.category == "count":
         kind = next(k for k in ("circle", "square", "triangle") if k in question)
         n = sum(s.kind == kind for s in shapes)
@@ -88,15 +98,33 @@ def named_shapes(item: SynthItem, question: str) -> list[SynthShape]:
     return named or list(item.shapes)  # "is there a triangle?" with none: every drawn shape
 
 
+def quadrant(shape: SynthShape, width: int = IMAGE_SIZE[0], height: int = IMAGE_SIZE[1]) -> str:
+    vertical = "top" if shape.cy < height / 2 else "bottom"
+    return f"{vertical} {'left' if shape.cx < width / 2 else 'right'}"
+
+
+def description(item: SynthItem) -> str:
+    """Every drawn shape, left to right, with its colour and image quadrant."""
+    shapes = sorted(item.shapes, key=lambda s: (s.cx, s.cy))
+    parts = [f"{_a(s.color)} {s.kind} at the {quadrant(s)}" for s in shapes]
+    listing = parts[0] if len(parts) == 1 else ", ".join(parts[:-1]) + " and " + parts[-1]
+    if len(parts) == 1:
+        return f"There is one shape: {listing}."
+    return f"There are {NUMBER_WORDS[len(parts)]} shapes: {listing}."
+
+
 def dialogs(item: SynthItem, styles: Sequence[str] = STYLES) -> list[Dialog]:
-    """Both questions of `item` in every style of `styles`."""
+    """Both questions of `item` in every question style of `styles`, plus its description
+    when "describe" is among them."""
     out = []
+    if "describe" in styles:
+        out.append(Dialog(item.category, DESCRIBE_PROMPT, description(item), "", "describe"))
     for question, truth in item.questions:
         base = question.removesuffix(SUFFIX)
         for style in styles:
             if style == "mme":
                 out.append(Dialog(item.category, question, truth, truth, style))
-            else:
+            elif style == "reason":
                 statement = grounded_statement(item, base)
                 answer = f"{statement}\n\nSo the answer is {truth.lower()}."
                 out.append(Dialog(item.category, base + REASON_SUFFIX, answer, truth, style))

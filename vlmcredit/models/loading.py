@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from vlmcredit.errors import VlmCreditError
+from vlmcredit.models.builtin import builtin_path, is_builtin
 from vlmcredit.models.families import FamilyAdapter, ModelGeometry, adapter_for
 
 DTYPES = ("auto", "bf16", "fp16", "fp32")
@@ -47,7 +48,10 @@ def resolve_checkpoint(ckpt: str | os.PathLike[str]) -> Path:
     """A local folder for `ckpt`: the folder itself, or a hub id's snapshot in the local cache.
 
     Never downloads: vlmcredit runs offline; a hub id must already be in the cache.
+    `builtin:NAME` names a checkpoint shipped in the package (`models.builtin`).
     """
+    if is_builtin(str(ckpt)):
+        return builtin_path(str(ckpt))
     path = Path(ckpt).expanduser()
     if path.exists():
         if not path.is_dir():

@@ -1,11 +1,11 @@
-"""The built-in demo: the user's whole path on a tiny offline checkpoint.
+"""The built-in demo: the user's whole path on the built-in model, offline.
 
-synthetic MME -> probe-heads -> sample rollouts -> anchors -> export -> report, each step run
-through the same pipeline functions the commands call (the demo drives the library, not the
-CLI module). The checkpoint is the tiny random-weight one `make-tiny` builds, with its yes/no
-lm_head rows fitted to the synthetic MME set (`probes/tiny_answerer.py`) so that its answers
-depend on the image and ablating a head moves the score. A trained demo model will replace it: the
-numbers show the mechanics, not findings about a real model.
+synthetic MME -> probe-heads (with controls) -> the model's own rollouts -> anchors -> every
+weight method -> compare -> export -> report, each step run through the same pipeline functions
+the commands call (the demo drives the library, not the CLI module). The model is
+`builtin:tiny-qwen2.5-vl`, a small Qwen2.5-VL trained from scratch on synthetic shape images
+(docs/builtin-model.md): it answers the shape questions well above chance, so its heads and
+anchors are findings about a model that sees, at toy scale.
 """
 
 from __future__ import annotations
@@ -13,63 +13,54 @@ from __future__ import annotations
 import json
 import shutil
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 
 from vlmcredit.errors import VlmCreditError
 
-DEMO_FAMILY = "qwen2.5-vl"
-DEMO_SEED = 0
-MME_IMAGES_PER_CATEGORY = 4
+DEMO_CKPT = "builtin:tiny-qwen2.5-vl"
+DEMO_SEED = 0  # synthetic images for the demo; the training streams never produce these
 # The paper's threshold (a drop of more than 100 in the MME total) is meant for all 14 subtasks;
-# the demo scores 6 synthetic ones, so probe-heads' default for a partial MME applies: the
-# documented relative rule (docs/methods.md), drop > 0.5 x (baseline - gray-image control).
+# the demo scores the 4 shape subtasks the model was trained on, so probe-heads' default for a
+# partial MME applies: the documented relative rule (docs/methods.md), drop > 0.5 x (baseline -
+# gray-image control).
 
 
-def ensure_tiny_checkpoint(out: Path) -> Path:
-    from vlmcredit.models.tiny import make_tiny
-
-    ckpt = out / f"tiny-{DEMO_FAMILY}"
-    if not (ckpt / "config.json").is_file():
-        make_tiny(DEMO_FAMILY, ckpt, seed=DEMO_SEED)
-    return ckpt
+@dataclass(frozen=True)
+class DemoSize:
+    mme_images: int  # per category
+    rollout_images: int  # per category; one greedy response each
 
 
-def answerer_checkpoint(out: Path, tiny: Path, mme: Path) -> Path:
-    """The tiny checkpoint with yes/no rows fitted to the synthetic MME set (fresh each run)."""
-    from vlmcredit.probes.tiny_answerer import yes_no_checkpoint
-
-    target = out / f"tiny-{DEMO_FAMILY}-answerer"
-    shutil.rmtree(target, ignore_errors=True)
-    return yes_no_checkpoint(tiny, target, mme)
+FULL = DemoSize(mme_images=12, rollout_images=4)
+QUICK = DemoSize(mme_images=3, rollout_images=2)
+# every weight method besides anchors (which has its own run, with the critical heads)
+WEIGHT_METHODS = "kawhi,tor,vppo,entropy,sayo"
 
 
-def describe_shapes(item) -> str:  # item: vlmcredit.data.mme_synth.SynthItem
-    """A faithful one-paragraph answer about a synthetic image (what was drawn)."""
-    if item.text:
-        return f'The image shows the text "{item.text}" written in dark letters.'
-    parts = [f"a {s.color} {s.kind} near ({s.cx}, {s.cy})" for s in item.shapes]
-    listing = ", ".join(parts[:-1]) + (" and " if len(parts) > 1 else "") + parts[-1]
-    return f"There are {len(parts)} shapes in the picture: {listing}. The background is plain."
-
-
-def write_demo_rollouts(folder: Path, seed: int = DEMO_SEED) -> Path:
-    """A JSONL rollout file over rendered images, as users hand one in."""
+def write_demo_rollouts(folder: Path, ck: object, per_category: int, seed: int = DEMO_SEED) -> Path:
+    """A JSONL rollout file of the model's own greedy answers to reasoning-style questions."""
     from vlmcredit.data.mme_synth import synth_items
+    from vlmcredit.data.sample import Sample
+    from vlmcredit.data.synth_dialogs import DIALOG_CATEGORIES, dialogs, named_shapes
+    from vlmcredit.probes.generate import generate_responses
 
     folder.mkdir(parents=True, exist_ok=True)
-    rows = []
-    for category in ("color", "position", "count", "OCR"):
-        for item in synth_items(category, 2, seed + 1):
+    rows, samples = [], []
+    for category in DIALOG_CATEGORIES:
+        for k, item in enumerate(synth_items(category, per_category, seed + 1)):
             name = f"{category}-{item.name}"
             item.image.save(folder / name)
-            rows.append(
-                {
-                    "id": f"{category}-{item.name.split('.')[0]}",
-                    "images": [name],
-                    "prompt": "Describe what you see in the image.",
-                    "response": describe_shapes(item),
-                }
-            )
+            question = dialogs(item, ("reason",))[k % 2]  # alternate Yes and No questions
+            rid = f"{category}-{item.name.split('.')[0]}"
+            rows.append({"id": rid, "images": [name], "prompt": question.question})
+            rows[-1]["truth"] = question.truth
+            # SAYO's target boxes: the shapes the question names, in image pixels
+            rows[-1]["boxes"] = [list(sh.box) for sh in named_shapes(item, question.question)]
+            samples.append(Sample([item.image], question.question, id=rid))
+    tokenizer = ck.tokenizer  # type: ignore[attr-defined]
+    for row, ids in zip(rows, generate_responses(ck, samples), strict=True):
+        row["response"] = tokenizer.decode(ids)
     path = folder / "rollouts.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     return path
@@ -77,7 +68,15 @@ def write_demo_rollouts(folder: Path, seed: int = DEMO_SEED) -> Path:
 
 DEMO_MARKER = ".vlmcredit-demo"
 # What a demo run writes inside --out; only these are replaced when the demo runs again.
-DEMO_OUTPUTS = ("mme", "data", "runs", "export-verl", "export-trl", "report.html", "report-figures")
+DEMO_OUTPUTS = (
+    "mme",
+    "data",
+    "runs",
+    "export-verl",
+    "export-trl",
+    "report.html",
+    "report-figures",
+)
 
 
 def prepare_out(out: Path) -> None:
@@ -100,39 +99,45 @@ def prepare_out(out: Path) -> None:
             target.unlink()
 
 
-def run_demo(out: Path, echo: Callable[[str], None] = print) -> Path:
+def run_demo(out: Path, echo: Callable[[str], None] = print, quick: bool = False) -> Path:
     """Run the whole path into `out` through the library; returns the report's path."""
     from transformers.utils import logging as hf_logging
 
     from vlmcredit.data.mme_synth import write_synthetic_mme
+    from vlmcredit.data.synth_dialogs import DIALOG_CATEGORIES
     from vlmcredit.export.formats import export_run
     from vlmcredit.formats.heads import read_heads
     from vlmcredit.models.describe import describe_checkpoint
+    from vlmcredit.models.loading import load_checkpoint
     from vlmcredit.pipelines.anchors import AnchorsRunConfig, run_anchors
+    from vlmcredit.pipelines.compare import run_compare
     from vlmcredit.pipelines.probe_heads import ProbeHeadsConfig, run_probe_heads
+    from vlmcredit.pipelines.weights import WeightsRunConfig, run_weights
     from vlmcredit.reports.report import build_report, default_png_dir, write_report
     from vlmcredit.reports.sections import ReportOptions
 
-    hf_logging.disable_progress_bar()  # weight-loading bars of a sub-MB model are noise
+    size = QUICK if quick else FULL
+    hf_logging.disable_progress_bar()  # weight-loading bars of a 5 MB model are noise
     prepare_out(out)
-    echo("vlmcredit demo: synthetic MME -> probe-heads -> rollouts -> anchors -> export -> report")
-    echo(f"on a tiny random-weight {DEMO_FAMILY} checkpoint (mechanics, not findings).\n")
-    tiny = ensure_tiny_checkpoint(out)
+    echo(
+        "vlmcredit demo: synthetic MME -> probe-heads -> rollouts -> anchors -> weights -> "
+        "compare -> export -> report"
+    )
+    echo(f"on the built-in model {DEMO_CKPT}{' (--quick: fewer images)' if quick else ''}.\n")
     runs = out / "runs"
 
-    echo("[1/7] the checkpoint")
-    facts = describe_checkpoint(str(tiny))
+    echo("[1/9] the checkpoint")
+    facts = describe_checkpoint(DEMO_CKPT)
     echo("      " + ", ".join(f"{k} {facts[k]}" for k in list(facts)[:6]))
-    echo("\n[2/7] a synthetic MME set (real rendered images, one Yes and one No per image)")
-    mme = out / "mme"
-    counts = write_synthetic_mme(mme, MME_IMAGES_PER_CATEGORY, 0, None)
-    echo(f"      {sum(counts.values())} images in {len(counts)} categories: {mme}")
-    ckpt = answerer_checkpoint(out, tiny, mme)
-    echo(f"      yes/no lm_head rows fitted on it by a ridge probe: {ckpt}")
 
-    echo("\n[3/7] vision-critical heads: ablate each head index in every layer, score MME")
+    echo("\n[2/9] a synthetic MME set (rendered shapes, one Yes and one No question per image)")
+    mme = out / "mme"
+    counts = write_synthetic_mme(mme, size.mme_images, DEMO_SEED, DIALOG_CATEGORIES)
+    echo(f"      {sum(counts.values())} images in {len(counts)} categories: {mme}")
+
+    echo("\n[3/9] vision-critical heads: ablate each head index in every layer, score MME")
     heads = run_probe_heads(
-        ProbeHeadsConfig(ckpt=str(ckpt), mme=mme, out=runs / "heads", dtype="fp32")
+        ProbeHeadsConfig(ckpt=DEMO_CKPT, mme=mme, out=runs / "heads", dtype="fp32")
     ).path
     report = read_heads(heads)
     metric, controls, rule = report["metric"], report["controls"], report["threshold_rule"]
@@ -155,19 +160,22 @@ def run_demo(out: Path, echo: Callable[[str], None] = print) -> Path:
         f"{', '.join(map(str, report['critical_heads'])) or 'none'}"
     )
 
-    echo("\n[4/7] rollouts to analyse (rendered images + responses)")
-    data = write_demo_rollouts(out / "data")
-    echo(f"      {data}")
-    echo("\n[5/7] anchor tokens: token-image graph + Leiden, ~15% of response tokens")
+    echo("\n[4/9] rollouts: the model's own greedy answers to reasoning-style questions")
+    ck = load_checkpoint(DEMO_CKPT, dtype="fp32")
+    data = write_demo_rollouts(out / "data", ck, size.rollout_images)
+    del ck
+    rows = [json.loads(line) for line in data.read_text().splitlines()]
+    right = sum(r["response"].rstrip(".").endswith(f"answer is {r['truth'].lower()}") for r in rows)
+    echo(f"      {len(rows)} responses, {right} end in the right verdict: {data}")
+    echo(f"      e.g. {rows[0]['prompt']!r} -> {rows[0]['response']!r}")
+
+    echo("\n[5/9] anchor tokens: token-image graph + Leiden, ~15% of response tokens")
     if not report["critical"]:
         echo("      (no head passed the threshold: averaging every head)")
+    heads_json = heads / "heads.json" if report["critical"] else None
     anchors = run_anchors(
         AnchorsRunConfig(
-            out=runs / "anchors",
-            ckpt=str(ckpt),
-            data=data,
-            heads_json=heads / "heads.json" if report["critical"] else None,
-            dtype="fp32",
+            out=runs / "anchors", ckpt=DEMO_CKPT, data=data, heads_json=heads_json, dtype="fp32"
         )
     )
     s = anchors.manifest["anchors"]
@@ -176,14 +184,40 @@ def run_demo(out: Path, echo: Callable[[str], None] = print) -> Path:
         f"({100 * s['ratio_achieved']:.1f}%) in {s['num_samples']} samples: {anchors.path}"
     )
 
-    echo("\n[6/7] export for the trainers")
+    echo(f"\n[6/9] the other credit signals: {WEIGHT_METHODS.replace(',', ', ')}")
+    weights = run_weights(
+        WeightsRunConfig(
+            out=runs / "weights",
+            ckpt=DEMO_CKPT,
+            data=data,
+            method=WEIGHT_METHODS,
+            heads_json=heads_json,
+            # KAWHI needs heads; without critical ones, the paper's all-heads ablation
+            params={} if heads_json else {"kawhi.heads": "all"},
+            dtype="fp32",
+        )
+    )
+    echo(f"      one signals table per method: {weights.path}")
+
+    echo("\n[7/9] do the methods pick the same tokens?")
+    compared = run_compare([anchors.path, weights.path], runs / "compare")
+    for pair in compared["pairs"]:
+        if "anchors" in (pair["a"], pair["b"]):
+            jac = pair.get("jaccard")
+            echo(
+                f"      {pair['a']} vs {pair['b']}: Jaccard "
+                f"{'-' if jac is None else f'{jac:.2f}'} over {pair['tokens']} tokens"
+            )
+    echo(f"      all pairs: {runs / 'compare' / 'compare.json'}")
+
+    echo("\n[8/9] export for the trainers")
     for fmt in ("verl", "trl"):
         result = export_run(anchors.path, fmt, out / f"export-{fmt}", heads / "heads.json")
         echo(f"      {fmt}: {result.out} ({', '.join(result.files)})")
 
-    echo("\n[7/7] the report")
+    echo("\n[9/9] the report")
     page = out / "report.html"
-    built = build_report([heads, anchors.path], ReportOptions())
+    built = build_report([heads, anchors.path, weights.path, runs / "compare"], ReportOptions())
     write_report(built, page, default_png_dir(page))
     echo(f"      {len(built.sections)} sections, {len(built.figures)} figures")
     echo(f"\ndemo done. Open the report: {page}")

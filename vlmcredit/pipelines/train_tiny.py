@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from vlmcredit.data.mme_synth import SynthItem, render_item, synth_items
-from vlmcredit.data.synth_dialogs import DIALOG_CATEGORIES, Dialog, dialogs
+from vlmcredit.data.synth_dialogs import DIALOG_CATEGORIES, STYLES, Dialog, dialogs
 from vlmcredit.errors import VlmCreditError
 
 FAMILY = "qwen2_5_vl"
@@ -58,7 +58,8 @@ IMAGE_MAX_TOKENS = 36  # merged 28-px cells: a 336x280 image becomes 6x5 = 30 to
 DIALOG_CORPUS = (
     " There There is are no only So the answer is yes. no. Look at image, then answer yes or no. "
     "on the left on the right at the top at the bottom circles squares triangles exactly Are "
-    "Is this zero one two three four five six seven eight of above below "
+    "Is this zero one two three four five six seven eight of above below Describe shapes shape: "
+    "in image. top left, bottom right and a an "
 )
 SYSTEM = "<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n"
 EVAL_SEED = 7  # held-out questions: synth_items(category, n, EVAL_SEED), never a training stream
@@ -79,17 +80,23 @@ class TrainConfig:
     category_weights: dict[str, float] = field(
         default_factory=lambda: {"existence": 1.0, "count": 1.0, "position": 1.6, "color": 0.8}
     )
-    reason_share: float = 0.5  # share of reasoning-style answers; the rest are MME style
+    # answer styles (data.synth_dialogs): descriptions are the dense visual supervision; without
+    # them a first run (1,700 steps) learned to copy the question and never looked at the image
+    style_weights: dict[str, float] = field(
+        default_factory=lambda: {"describe": 0.3, "reason": 0.35, "mme": 0.35}
+    )
     keep: tuple[float, ...] = (0.1, 0.25, 0.5)  # intermediate checkpoints, as fractions of steps
     eval_every: int = 250
     eval_images: int = 24  # held-out images per category for the running accuracy
     save_every: int = 250
+    # continue from the weights of an earlier run's checkpoint (fresh optimizer and schedule)
+    init_from: str | None = None
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise VlmCreditError("--steps and --batch-size must be >= 1")
-        if not 0.0 <= self.reason_share <= 1.0:
-            raise VlmCreditError(f"--reason-share must be in [0, 1], got {self.reason_share}")
+        if set(self.style_weights) - set(STYLES) or min(self.style_weights.values()) < 0:
+            raise VlmCreditError(f"style weights must be >= 0 over {STYLES}")
         unknown = set(self.category_weights) - set(DIALOG_CATEGORIES)
         if unknown:
             raise VlmCreditError(f"unknown categories {sorted(unknown)}")
@@ -168,17 +175,36 @@ class Pixels:
             raise RuntimeError("vectorised pixels differ from the image processor's")
 
 
+def init_weights(model: Any, folder: Path) -> None:
+    """Copy a train-tiny checkpoint's weights into `model` (safetensors through transformers'
+    own loader, so its key mapping applies); names and shapes must match."""
+    from transformers import AutoModelForImageTextToText
+
+    if not (folder / "model.safetensors").is_file():
+        raise VlmCreditError(f"--init-from {folder}: no model.safetensors; pass a checkpoint")
+    loaded = AutoModelForImageTextToText.from_pretrained(folder, dtype="float32").state_dict()
+    own = model.state_dict()
+    if set(loaded) != set(own) or any(loaded[k].shape != own[k].shape for k in own):
+        raise VlmCreditError(
+            f"--init-from {folder}: not a checkpoint of the built-in architecture; pass a "
+            "train-tiny checkpoint"
+        )
+    model.load_state_dict(loaded)
+
+
 # -- batches --------------------------------------------------------------------------------------
 def step_dialogs(cfg: TrainConfig, step: int) -> list[tuple[SynthItem, Dialog]]:
     """The batch of training step `step`: a pure function of (seed, step)."""
     rng = random.Random(f"vlmcredit-train:{cfg.seed}:{step}")
     cats = list(cfg.category_weights)
     weights = [cfg.category_weights[c] for c in cats]
+    styles = list(cfg.style_weights)
+    style_weights = [cfg.style_weights[s] for s in styles]
     out = []
     for i in range(cfg.batch_size):
         category = rng.choices(cats, weights)[0]
         item = render_item(category, rng, f"{step}-{i}.png")
-        style = "reason" if rng.random() < cfg.reason_share else "mme"
+        style = rng.choices(styles, style_weights)[0]
         out.append((item, rng.choice(dialogs(item, (style,)))))
     return out
 
@@ -367,6 +393,8 @@ def train_tiny(
         torch.set_num_threads(threads)
 
     tokenizer, model, processor = build_parts(cfg.seed)
+    if cfg.init_from:
+        init_weights(model, Path(cfg.init_from))
     IMAGE_ID[0] = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     # the untrained weights, kept for checkpoint comparison; its processor (loaded the way every
     # command loads one) is the reference the vectorised pixels and the prompt ids are checked on
