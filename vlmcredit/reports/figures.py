@@ -352,3 +352,57 @@ def pair_matrices(
             fig.colorbar(image, ax=ax, shrink=0.8)
         fig.suptitle(title, **PLAIN)
         return _render(fig, name, title, dpi, svg=True)
+
+
+def checkpoint_trends(
+    labels: Sequence[str],
+    series: dict[str, Sequence[float | None]],
+    drops: np.ndarray | None,
+    critical: np.ndarray | None,
+    head_labels: Sequence[str],
+    metric: str,
+    name: str,
+    title: str,
+    dpi: int = 100,
+) -> Figure:
+    """Left: connectivity figures per checkpoint (one line per series, None = not measured).
+    Right (when `drops` is given): configuration x checkpoint heat map of the ablation drop,
+    critical cells outlined."""
+    import matplotlib
+    from matplotlib.patches import Rectangle
+
+    n = len(labels)
+    panels = 1 + (drops is not None)
+    with matplotlib.rc_context(_RC):
+        rows = 0 if drops is None else drops.shape[0]
+        fig = _new(max(6.0, 4.5 * panels + 0.4 * n), max(3.2, min(12.0, 0.22 * rows + 1.6)))
+        ax = fig.add_subplot(1, panels, 1)
+        x = np.arange(n)
+        for key, values in series.items():
+            y = np.array([np.nan if v is None else float(v) for v in values], dtype=float)
+            ax.plot(x, y, marker="o", label=key)
+        ax.set_xticks(x, labels, rotation=30, ha="right", **PLAIN)
+        ax.set_xlabel("checkpoint")
+        ax.legend(fontsize=7)
+        ax.set_title("connectivity and anchors", **PLAIN)
+        if drops is not None:
+            ax = fig.add_subplot(1, panels, 2)
+            finite = drops[np.isfinite(drops)]
+            span = float(np.abs(finite).max()) if finite.size else 0.0
+            span = span if span > 0 else 1.0  # all zero: a readable scale, not 1e-9
+            image = ax.imshow(
+                np.ma.masked_invalid(drops), cmap="RdBu_r", vmin=-span, vmax=span, aspect="auto",
+                interpolation="nearest",
+            )  # fmt: skip
+            if critical is not None:
+                for i, j in zip(*np.nonzero(critical), strict=True):
+                    ax.add_patch(
+                        Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="#111", lw=1.6)
+                    )
+            ax.set_xticks(x, labels, rotation=30, ha="right", **PLAIN)
+            if rows <= 48:
+                ax.set_yticks(np.arange(rows), head_labels, fontsize=7, **PLAIN)
+            ax.set_title(f"drop in MME {metric} per ablated head", **PLAIN)
+            fig.colorbar(image, ax=ax, shrink=0.9)
+        fig.suptitle(title, **PLAIN)
+        return _render(fig, name, title, dpi, svg=True)

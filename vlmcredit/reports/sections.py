@@ -55,6 +55,7 @@ _BUILTIN_MODULES = (
     "vlmcredit.reports.section_signals",
     "vlmcredit.reports.section_kawhi",
     "vlmcredit.reports.section_compare",
+    "vlmcredit.reports.section_checkpoints",
 )
 _extra: list[SectionBuilder] = []
 
