@@ -45,7 +45,7 @@ format: $(STAMP)
 # on console errors, network requests or broken images; writes docs/report.png.
 browser-test: $(STAMP)
 	@test -d demo-out/runs/anchors || $(VENV)/bin/vlmcredit demo --out demo-out
-	$(PY) scripts/browser_check.py demo-out/report.html --height 2000 --screenshot docs/report.png
+	$(PY) scripts/browser_check.py demo-out/report.html --height 2000 --screenshot docs/img/demo-report.png
 
 bench: $(STAMP)
 	$(PY) benchmarks/capture.py

@@ -34,7 +34,9 @@ def test_demo_runs_the_whole_path(tmp_path) -> None:
     assert "controls: gray image" in result.stdout
     manifest = json.loads((tmp_path / "runs" / "anchors" / "manifest.json").read_text())
     assert manifest["attention"]["heads"] == (heads["critical_heads"] or "all")
-    rollouts = [json.loads(x) for x in (tmp_path / "data" / "rollouts.jsonl").read_text().split()]
+    rollouts = [
+        json.loads(x) for x in (tmp_path / "data" / "rollouts.jsonl").read_text().splitlines()
+    ]
     anchors = pd.read_parquet(tmp_path / "runs" / "anchors" / "anchors.parquet")
     assert anchors.sample_id.nunique() == len(rollouts) == 8 and anchors.anchor.any()
     for method in ("kawhi", "tor", "vppo", "entropy", "sayo"):  # every other weight method

@@ -215,4 +215,4 @@ def test_bad_input_is_one_line_and_writes_nothing(tiny_ckpt, rollouts, tmp_path)
         assert len(result.output.strip().splitlines()) == 1
         assert not out.exists()
     missing = _run("weights", "--method", "anchors")
-    assert missing.exit_code == 2 and "pass --ckpt, --data, --out" in missing.output
+    assert missing.exit_code == 2 and "pass --data, --out" in missing.output
