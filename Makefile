@@ -42,7 +42,7 @@ format: $(STAMP)
 	$(PY) -m ruff format .
 
 # Renders the demo report in headless Chromium (needs `apt-get install -y chromium`) and fails
-# on console errors, network requests or broken images; writes docs/report.png.
+# on console errors, network requests or broken images; writes docs/img/demo-report.png.
 browser-test: $(STAMP)
 	@test -d demo-out/runs/anchors || $(VENV)/bin/vlmcredit demo --out demo-out
 	$(PY) scripts/browser_check.py demo-out/report.html --height 2000 --screenshot docs/img/demo-report.png
