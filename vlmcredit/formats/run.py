@@ -6,6 +6,10 @@ Layout of a run (DESIGN.md):
     RUN/samples.parquet    one row per sample: id, the trainer's sample_id and completion_index,
                            source row, image refs, spans, shard, status
     RUN/shard-NNNNN.safetensors   tensors keyed "<sample id>/<name>"
+    RUN/rank-R/                   a data-parallel run's rank R > 0 (docs/scale-out.md): its
+                                  shard-NNNNN.safetensors, and its samples.parquet until rank 0
+                                  merges it into RUN/samples.parquet (the shards stay, and the
+                                  merged rows name them as rank-R/shard-NNNNN.safetensors)
 
 Every file is written to a temporary name and renamed, so a killed run leaves either the old or
 the new file, never half of one. A shard is written before the table that points at it; on
@@ -16,7 +20,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -41,10 +45,12 @@ FAILED_RUN_LEFTOVERS = (
     "*.parquet",
     "*.json",
     ".*.*",
+    "rank-*",
 )
 # Runs opened in this process, so that a pipeline that raises can mark its run failed.
 OPENED: list[Run] = []
 SAMPLES = "samples.parquet"
+RANK_DIR = "rank-{rank}"  # where a data-parallel run's rank > 0 writes (rank 0 writes RUN/)
 SAMPLE_COLUMNS = [
     "id",
     "sample_id",  # the trainer's id (shared by a GRPO group); None in older runs = id
@@ -63,11 +69,20 @@ SAMPLE_COLUMNS = [
 
 @dataclass
 class Run:
-    """A run directory being written (or resumed)."""
+    """A run directory being written (or resumed).
+
+    In a data-parallel run (`pipelines/distributed.py`) every rank holds one: rank 0 writes the
+    manifest and RUN/samples.parquet; rank R > 0 writes only into RUN/rank-R/ (its shards and its
+    own rows table). `rows` is every row this process knows of: on rank R > 0 the first `base`
+    rows are RUN/samples.parquet as it was when the rank joined, the rest its own commits.
+    """
 
     path: Path
     manifest: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    rank: int = 0
+    base: int = 0
+    world: int = 1  # how many ranks share the batches (set when the run is opened for them)
 
     # -- creation / resume ----------------------------------------------------------------------
     @classmethod
@@ -105,6 +120,7 @@ class Run:
                     "or choose a new folder"
                 )
             run = cls(path, old, _read_rows(path))
+            run.merge_ranks()
             run._drop_orphan_shards()
             run.manifest.pop("error", None)
             run.manifest["status"] = "running"
@@ -132,6 +148,16 @@ class Run:
         return run
 
     @classmethod
+    def join(cls, path: Path, rank: int, world: int) -> Run:
+        """Rank `rank` > 0 of a data-parallel run that rank 0 has just opened: reads the manifest
+        and the rows so far, writes only into RUN/rank-R/ (never the manifest)."""
+        if rank < 1:
+            raise ValueError("Run.join is for ranks > 0; rank 0 opens the run")
+        path = Path(path)
+        rows = _read_rows(path)
+        return cls(path, read_manifest(path), rows, rank=rank, base=len(rows), world=world)
+
+    @classmethod
     def load(cls, path: Path) -> Run:
         """Open a finished (or partial) run for reading."""
         path = Path(path)
@@ -141,9 +167,18 @@ class Run:
     def done_ids(self) -> set[str]:
         return {r["id"] for r in self.rows if r["status"] in ("done", "bad")}
 
+    @property
+    def folder(self) -> str:
+        """Where this process writes its shards and rows, relative to the run: "" (rank 0) or
+        "rank-R/"."""
+        return "" if self.rank == 0 else RANK_DIR.format(rank=self.rank) + "/"
+
     def next_shard_name(self) -> str:
-        used = [int(p.stem.split("-")[1]) for p in self.path.glob("shard-*.safetensors")]
-        return f"shard-{(max(used) + 1) if used else 0:05d}.safetensors"
+        """The next free shard name of this rank, relative to the run folder."""
+        used = [
+            int(p.stem.split("-")[1]) for p in (self.path / self.folder).glob("shard-*.safetensors")
+        ]
+        return f"{self.folder}shard-{(max(used) + 1) if used else 0:05d}.safetensors"
 
     def commit(self, rows: Iterable[dict[str, Any]], tensors: dict[str, Any] | None = None) -> None:
         """Write a shard (if any tensors) and then the table that records its rows as done."""
@@ -158,18 +193,48 @@ class Run:
         self.write_rows()
 
     def write_rows(self) -> None:
-        import pandas as pd
-
-        frame = pd.DataFrame(
-            [{c: _cell(r.get(c)) for c in SAMPLE_COLUMNS} for r in self.rows],
-            columns=SAMPLE_COLUMNS,
-        )
-        # nullable ints: an all-None or partly-None column would otherwise become float or object
-        frame["completion_index"] = frame["completion_index"].astype("Int64")
-        atomic_write_parquet(self.path / SAMPLES, frame)
+        """This process's rows table: RUN/samples.parquet, or RUN/rank-R/samples.parquet."""
+        _write_table(self.path / self.folder / SAMPLES, self.rows[self.base :])
 
     def write_manifest(self) -> None:
-        atomic_write_json(self.path / MANIFEST, self.manifest)
+        """Rank 0 (or the only process) writes the manifest; other ranks never do."""
+        if self.rank == 0:
+            atomic_write_json(self.path / MANIFEST, self.manifest)
+
+    def merge_ranks(self) -> None:
+        """Rank 0: fold the rows tables of ranks > 0 (RUN/rank-R/samples.parquet) into
+        RUN/samples.parquet and remove them; their shards stay where the rows point.
+
+        Only while no other rank writes (at open, and after the ranks' final barrier). The
+        merged table is written before the rank tables go, so a kill in between leaves rows
+        twice, and the next merge keeps the first of each id.
+        """
+        if self.rank != 0:
+            raise ValueError("only rank 0 merges the ranks' tables")
+        tables = sorted(self.path.glob(f"{RANK_DIR.format(rank='*')}/{SAMPLES}"))
+        if not tables:
+            return
+        seen = {r["id"] for r in self.rows}
+        for table in tables:
+            for row in _read_rows(table.parent):
+                if row["id"] not in seen:
+                    seen.add(row["id"])
+                    self.rows.append(row)
+        self.write_rows()
+        for table in tables:
+            table.unlink()
+
+    def order_rows(self, ids: Sequence[str]) -> None:
+        """Rank 0: rows of `ids` in that order, after every row not among them (rows recorded
+        before the batches, e.g. bad input rows), and rewrite the table if the order changed.
+        A run whose batches were shared among ranks gets the table an unsplit run writes."""
+        if self.rank != 0:
+            raise ValueError("only rank 0 orders the run's table")
+        position = {key: i for i, key in enumerate(ids)}
+        ordered = sorted(self.rows, key=lambda r: (r["id"] in position, position.get(r["id"], 0)))
+        if [r["id"] for r in ordered] != [r["id"] for r in self.rows]:
+            self.rows = ordered
+            self.write_rows()
 
     def finish(self, **summary: Any) -> None:
         self.manifest.update(summary)
@@ -185,12 +250,15 @@ class Run:
         self.write_manifest()
 
     def _drop_orphan_shards(self) -> None:
-        referenced = {r["shard"] for r in self.rows if r.get("shard")}
-        for shard in self.path.glob("shard-*.safetensors"):
-            if shard.name not in referenced:
-                shard.unlink()
-        for tmp in self.path.glob(".*.*"):
-            tmp.unlink()
+        referenced = {r["shard"] for r in self.rows if isinstance(r.get("shard"), str)}
+        ranks = RANK_DIR.format(rank="*")
+        for pattern in ("shard-*.safetensors", f"{ranks}/shard-*.safetensors"):
+            for shard in self.path.glob(pattern):
+                if shard.relative_to(self.path).as_posix() not in referenced:
+                    shard.unlink()
+        for pattern in (".*.*", f"{ranks}/.*.*"):
+            for tmp in self.path.glob(pattern):
+                tmp.unlink()
 
     # -- reading --------------------------------------------------------------------------------
     def shard_of(self, sample_id: str) -> str | None:
@@ -245,6 +313,18 @@ def read_manifest(path: Path) -> dict[str, Any]:
     if not isinstance(manifest, dict):
         raise VlmCreditError(f"{file}: not a JSON object; rerun the command")
     return manifest
+
+
+def _write_table(file: Path, rows: Sequence[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    frame = pd.DataFrame(
+        [{c: _cell(r.get(c)) for c in SAMPLE_COLUMNS} for r in rows],
+        columns=SAMPLE_COLUMNS,
+    )
+    # nullable ints: an all-None or partly-None column would otherwise become float or object
+    frame["completion_index"] = frame["completion_index"].astype("Int64")
+    atomic_write_parquet(file, frame)
 
 
 def _read_rows(path: Path) -> list[dict[str, Any]]:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,8 +37,16 @@ from vlmcredit.pipelines.anchors_source import (
     sample_tensors,
 )
 from vlmcredit.pipelines.anchors_tables import write_tables
+from vlmcredit.pipelines.distributed import rank_device
 from vlmcredit.pipelines.heads_choice import HeadChoice, choose_heads, pair_indices
-from vlmcredit.pipelines.skeleton import batched, drive, marks_failure, refuse_taken
+from vlmcredit.pipelines.skeleton import (
+    batched,
+    conclude,
+    drive,
+    marks_failure,
+    open_run,
+    refuse_taken,
+)
 
 
 @dataclass
@@ -224,7 +232,8 @@ def run_anchors(
     from vlmcredit.probes.capture import CaptureSpec
 
     cfg.check()
-    refuse_taken(cfg.out, cfg.resume)
+    refuse_taken(cfg.out, cfg.resume, parallel=True)
+    cfg = replace(cfg, device=rank_device(cfg.device, cfg.device_map))
     total_start = time.perf_counter()
     src = _capture_now(cfg) if cfg.from_run is None else _from_capture_run(cfg)
     geo = src.geometry
@@ -246,9 +255,7 @@ def run_anchors(
             "normalisation": "softmax over all keys of the row; image columns kept",
         },
     }
-    run = Run.open(Path(cfg.out), "anchors", cfg.parameters(), cfg.resume, extra)
-    if not run.rows and src.bad_rows:
-        run.commit(src.bad_rows)
+    run = open_run(Path(cfg.out), "anchors", cfg.parameters(), cfg.resume, extra, src.bad_rows)
     if src.capture is None:
         spec = CaptureSpec(layers=choice.layers, heads=choice.heads, reduce=choice.reduce)
 
@@ -295,11 +302,12 @@ def run_anchors(
         return rows, tensors
 
     drive(run, batched(src.units, cfg.batch_size), key, work, progress, log)
-    summary = write_tables(
-        run, src.processor, cfg.analysis, time.perf_counter() - total_start, ANCHORS
-    )
-    run.finish(anchors=summary)
-    return run
+
+    def finish() -> None:
+        seconds = time.perf_counter() - total_start
+        run.finish(anchors=write_tables(run, src.processor, cfg.analysis, seconds, ANCHORS))
+
+    return conclude(run, finish)
 
 
 def _processor_for(where: str, checkpoint: dict[str, Any], capture: Run) -> Any:

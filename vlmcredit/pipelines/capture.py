@@ -18,11 +18,14 @@ from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.provenance import file_sha1
 from vlmcredit.formats.run import Run
 from vlmcredit.models.selection import parse_indices
+from vlmcredit.pipelines.distributed import rank_device
 from vlmcredit.pipelines.skeleton import (
     batched,
     checkpoint_record,
+    conclude,
     drive,
     marks_failure,
+    open_run,
     refuse_taken,
 )
 from vlmcredit.probes.capture import REDUCTIONS, CaptureSpec
@@ -158,7 +161,8 @@ def run_capture(
     cfg.check()
     if not Path(cfg.data).is_file():
         raise VlmCreditError(f"--data {cfg.data}: no such file")
-    refuse_taken(cfg.out, cfg.resume)
+    refuse_taken(cfg.out, cfg.resume, parallel=True)
+    cfg = replace(cfg, device=rank_device(cfg.device, cfg.device_map))
     rollouts = read_rollouts(
         cfg.data,
         skip_bad=cfg.skip_bad,
@@ -194,9 +198,8 @@ def run_capture(
             "normalisation": "softmax over all keys of the row; image columns kept",
         },
     }
-    run = Run.open(Path(cfg.out), "capture", cfg.parameters(), cfg.resume, extra)
-    if not run.rows and (rollouts.bad_rows or screened_out):
-        run.commit([*(b.record() for b in rollouts.bad_rows), *screened_out])
+    bad = [*(b.record() for b in rollouts.bad_rows), *screened_out]
+    run = open_run(Path(cfg.out), "capture", cfg.parameters(), cfg.resume, extra, bad)
 
     def work(batch: Sequence[Sample]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         if cfg.generate:
@@ -209,8 +212,10 @@ def run_capture(
         return [sample_row(item) for item in items], tensors
 
     drive(run, batched(samples, cfg.batch_size), lambda s: s.id, work, progress, log)
-    run.finish(
-        samples_done=sum(r["status"] == "done" for r in run.rows),
-        samples_bad=sum(r["status"] == "bad" for r in run.rows),
+    return conclude(
+        run,
+        lambda: run.finish(
+            samples_done=sum(r["status"] == "done" for r in run.rows),
+            samples_bad=sum(r["status"] == "bad" for r in run.rows),
+        ),
     )
-    return run

@@ -50,7 +50,15 @@ from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.files import atomic_write_parquet
 from vlmcredit.formats.heads import write_heads
 from vlmcredit.formats.run import Run
-from vlmcredit.pipelines.skeleton import KillSwitch, marks_failure, refuse_taken
+from vlmcredit.pipelines.distributed import from_lead, gather, rank_device
+from vlmcredit.pipelines.skeleton import (
+    conclude,
+    drive,
+    marks_failure,
+    open_run,
+    refuse_taken,
+    shares,
+)
 
 BASELINE = "baseline"
 GRAY = "gray-image"
@@ -268,7 +276,8 @@ def run_probe_heads(
         if cfg.categories
         else None
     )
-    refuse_taken(cfg.out, cfg.resume)
+    refuse_taken(cfg.out, cfg.resume, parallel=True)
+    device = rank_device(cfg.device, cfg.device_map)
     try:
         mme = read_mme(cfg.mme, wanted, skip_bad=cfg.skip_bad)
     except VlmCreditError as exc:
@@ -284,7 +293,7 @@ def run_probe_heads(
         cfg.threshold_rule, cfg.threshold, cfg.relative_share, categories, full_mme
     )
 
-    ck = load_checkpoint(cfg.ckpt, cfg.dtype, cfg.device, cfg.device_map, cfg.trust_remote_code)
+    ck = load_checkpoint(cfg.ckpt, cfg.dtype, device, cfg.device_map, cfg.trust_remote_code)
     geo = ck.geometry
     plan = ablation_plan(cfg.mode, geo.num_layers, geo.num_heads, cfg.layers, cfg.heads)
     units = [BASELINE, GRAY, *(a.name for a in plan[1:])]  # what gets a predictions file
@@ -348,7 +357,8 @@ def run_probe_heads(
         },
         "timing": {"configurations": {}},
     }
-    run = Run.open(Path(cfg.out), "probe-heads", params, cfg.resume, extra)
+    bad = [{"id": f"bad:{w}", "status": "bad", "error": e} for w, e in mme.bad]
+    run = open_run(Path(cfg.out), "probe-heads", params, cfg.resume, extra, bad)
     run.manifest["selection"] = {
         "metric": cfg.metric,
         "threshold": cfg.threshold,
@@ -356,136 +366,154 @@ def run_probe_heads(
         "relative_share": cfg.relative_share,
     }
     run.write_manifest()
-    if not run.rows and mme.bad:
-        run.commit({"id": f"bad:{w}", "status": "bad", "error": e} for w, e in mme.bad)
+    lead = run.rank == 0
+    if not lead:  # rank 0 alone reports; the others work quietly
+        progress, log = None, lambda _msg: None
     done = run.done_ids()
-    todo = [a for a in plan if a.name not in done]
-    gray_todo = GRAY not in done
-    ablating = any(a.head is not None for a in todo)
+    # One unit per configuration, in this order (the relative threshold needs baseline and
+    # gray first); with several ranks each answers its share of the units not yet done.
+    unit_heads = {BASELINE: [], GRAY: [], **{a.name: [(a.layer, a.head)] for a in plan[1:]}}
+    one_each = [[name] for name in units]
+    mine = [units[i] for i in shares(run, one_each, lambda name: name)]
+    left = [name for name in units if name not in done]
+    ablating = any(unit_heads[name] for name in left)
     need_means = cfg.ablation == "mean" and MEANS not in done and ablating
     n = len(questions)
-    prepare = (1 if todo else 0) + (1 if gray_todo else 0)  # encoding passes over the questions
-    total = n * (len(units) + prepare + (1 if need_means else 0))
-    state = {"done": n * (len(units) - len(todo) - gray_todo)}
+    on_bank = any(name != GRAY for name in mine) or (need_means and lead)
+    prepare = (1 if on_bank else 0) + (1 if GRAY in mine else 0)  # encoding passes
+    means_pass = 1 if need_means and lead else 0
+    total = n * (len(units) - len(left) + len(mine) + prepare + means_pass)
+    state = {"done": n * (len(units) - len(left))}
 
     def advance(count: int) -> None:
         state["done"] += count
         if progress:
             progress(state["done"], total)
 
+    share = f"; rank 0 of {run.world} takes {len(mine)}" if run.world > 1 else ""
     log(
         f"{n} questions, {len(units)} configurations incl. the gray-image control "
-        f"({len(units) - len(todo) - gray_todo} already done)"
+        f"({len(units) - len(left)} already done{share})"
     )
     advance(0)
     cache = ImageFeatureCache(int(cfg.feature_cache_mb * 2**20))
     bank = MMEInputs(ck, questions, cache)
     timing = run.manifest.setdefault("timing", {"configurations": {}})
-    if todo:
+    if on_bank:
         t0 = time.perf_counter()
         bank.prepare(advance)
         timing["prepare"] = time.perf_counter() - t0
-    batches = bank.batches(cfg.batch_size) if todo else []
+    batches = bank.batches(cfg.batch_size) if on_bank else []
+
+    def compute_means() -> Any:
+        t0 = time.perf_counter()
+        values = head_means(ck, (bank.inputs(b) for b in batches), advance)
+        run.commit([{"id": MEANS, "status": "done"}], {f"{MEANS}/value": values})
+        timing["means"] = time.perf_counter() - t0
+        return values
 
     means = None
     if cfg.ablation == "mean" and ablating:
-        if MEANS in done:
-            means = run.tensors(MEANS)["value"]
-        else:
-            t0 = time.perf_counter()
-            means = head_means(ck, (bank.inputs(b) for b in batches), advance)
-            run.commit([{"id": MEANS, "status": "done"}], {f"{MEANS}/value": means})
-            timing["means"] = time.perf_counter() - t0
+        # computed once (by rank 0) and handed to every rank, so all ablate with the same values
+        means = run.tensors(MEANS)["value"] if MEANS in done else from_lead(compute_means)
 
-    kill = KillSwitch()
     (Path(cfg.out) / PREDICTIONS_DIR).mkdir(exist_ok=True)
 
-    def answer_unit(name: str, heads: list[tuple[int | None, int]], unit_bank: MMEInputs) -> None:
+    def answer_unit(unit: Sequence[str]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        (name,) = unit
+        unit_bank, unit_batches = bank, batches
+        if name == GRAY:
+            t0 = time.perf_counter()
+            unit_bank = MMEInputs(ck, questions, cache, image_transform=gray_image)
+            unit_bank.prepare(advance)
+            timing["prepare_gray"] = time.perf_counter() - t0
+            unit_batches = unit_bank.batches(cfg.batch_size)
         t0 = time.perf_counter()
-        unit_batches = batches if unit_bank is bank else unit_bank.batches(cfg.batch_size)
-        with ablate_heads(ck, heads, cfg.ablation, means):
+        heads = unit_heads[name]  # none for baseline and gray: no means needed for them
+        with ablate_heads(ck, heads, cfg.ablation if heads else "zero", means):
             answers = answer_questions(
                 unit_bank, unit_batches, answering, tokens, advance, cfg.share_prefix
             )
         frame = predictions_frame(questions, [answers[i] for i in range(n)], tokens)
         atomic_write_parquet(_predictions_path(run.path, name), frame)
         timing["configurations"][name] = time.perf_counter() - t0
-        run.commit([{"id": name, "status": "done"}])
         run.write_manifest()
-        kill.committed()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
+        return [{"id": name, "status": "done"}], {}
 
-    if todo and todo[0].head is None:
-        answer_unit(BASELINE, [], bank)
-    if gray_todo:  # right after the baseline: the relative threshold needs both
-        t0 = time.perf_counter()
-        gray = MMEInputs(ck, questions, cache, image_transform=gray_image)
-        gray.prepare(advance)
-        timing["prepare_gray"] = time.perf_counter() - t0
-        answer_unit(GRAY, [], gray)
-    for ablation in todo:
-        if ablation.head is not None:
-            answer_unit(ablation.name, [(ablation.layer, ablation.head)], bank)
+    drive(run, one_each, lambda name: name, answer_unit)
+    if run.world > 1:  # every rank's timing in the one manifest rank 0 writes
+        ranks_timing = gather(timing)
+        for other in ranks_timing:
+            timing["configurations"].update(other["configurations"])
+        timing["ranks"] = [
+            {k: v for k, v in t.items() if k not in ("configurations", "ranks")}
+            for t in ranks_timing
+        ]
 
-    baseline = _scores(_predictions_path(run.path, BASELINE))
-    gray_scores = _scores(_predictions_path(run.path, GRAY))
-    controls = {
-        "constant_yes": constant_scores(questions, "Yes"),
-        "constant_no": constant_scores(questions, "No"),
-        "gray_image": gray_scores,
-    }
-    rule = threshold_rule(
-        rule_name,
-        rule_reason,
-        cfg.metric,
-        baseline,
-        gray_scores,
-        threshold=cfg.threshold,
-        share=cfg.relative_share,
-    )
-    if rule["rule"] == "absolute":
-        check_threshold(rule["threshold"], cfg.metric, categories)
-    if rule["warning"]:
-        log(f"warning: {rule['warning']}")
-    log(f"threshold rule: {rule['rule']} ({rule['reason']}): {rule['formula']}")
-    answers = {name: _answers(_predictions_path(run.path, name)) for name in units}
-    undecided = [name for name in units if answers[name]["undecided"]]
-    if undecided:  # the logit path's one approximation, counted where it happened
-        worst = max(undecided, key=lambda name: answers[name]["undecided"])
-        log(
-            f"warning: in {len(undecided)} of {len(units)} configurations some logit answers "
-            "start with a token too short to fix the official label (read as other; up to "
-            f"{100 * answers[worst]['undecided']:.0f}% in {worst}); --generate decodes them"
+    def select() -> None:  # on rank 0 alone, once every unit is done
+        baseline = _scores(_predictions_path(run.path, BASELINE))
+        gray_scores = _scores(_predictions_path(run.path, GRAY))
+        controls = {
+            "constant_yes": constant_scores(questions, "Yes"),
+            "constant_no": constant_scores(questions, "No"),
+            "gray_image": gray_scores,
+        }
+        rule = threshold_rule(
+            rule_name,
+            rule_reason,
+            cfg.metric,
+            baseline,
+            gray_scores,
+            threshold=cfg.threshold,
+            share=cfg.relative_share,
         )
-    results = [(a.layer, a.head, _scores(_predictions_path(run.path, a.name))) for a in plan[1:]]
-    report = build_heads_report(
-        checkpoint=checkpoint,
-        mode=cfg.mode,
-        ablation=cfg.ablation,
-        answering=answering,
-        metric=cfg.metric,
-        threshold=rule["threshold"],
-        num_questions=n,
-        categories=categories,
-        baseline=baseline,
-        results=results,
-        rule=rule,
-        controls={**controls, "gray_image": {**gray_scores, "answers": answers[GRAY]}},
-        answers=answers[BASELINE],
-        head_answers=[answers[a.name] for a in plan[1:]],
-    )
-    write_heads(run.path, report)
-    seconds = sum(timing["configurations"].values())
-    run.finish(
-        num_configurations=len(units),
-        critical=report["critical"],
-        critical_heads=report["critical_heads"],
-        baseline_total=baseline["total"],
-        feature_cache=cache.stats(),
-        questions_per_second=(n * len(units) / seconds) if seconds else None,
-    )
-    return run
+        if rule["rule"] == "absolute":
+            check_threshold(rule["threshold"], cfg.metric, categories)
+        if rule["warning"]:
+            log(f"warning: {rule['warning']}")
+        log(f"threshold rule: {rule['rule']} ({rule['reason']}): {rule['formula']}")
+        answers = {name: _answers(_predictions_path(run.path, name)) for name in units}
+        undecided = [name for name in units if answers[name]["undecided"]]
+        if undecided:  # the logit path's one approximation, counted where it happened
+            worst = max(undecided, key=lambda name: answers[name]["undecided"])
+            log(
+                f"warning: in {len(undecided)} of {len(units)} configurations some logit answers "
+                "start with a token too short to fix the official label (read as other; up to "
+                f"{100 * answers[worst]['undecided']:.0f}% in {worst}); --generate decodes them"
+            )
+        results = [
+            (a.layer, a.head, _scores(_predictions_path(run.path, a.name))) for a in plan[1:]
+        ]
+        report = build_heads_report(
+            checkpoint=checkpoint,
+            mode=cfg.mode,
+            ablation=cfg.ablation,
+            answering=answering,
+            metric=cfg.metric,
+            threshold=rule["threshold"],
+            num_questions=n,
+            categories=categories,
+            baseline=baseline,
+            results=results,
+            rule=rule,
+            controls={**controls, "gray_image": {**gray_scores, "answers": answers[GRAY]}},
+            answers=answers[BASELINE],
+            head_answers=[answers[a.name] for a in plan[1:]],
+        )
+        write_heads(run.path, report)
+        seconds = sum(timing["configurations"].values())
+        run.finish(
+            num_configurations=len(units),
+            critical=report["critical"],
+            critical_heads=report["critical_heads"],
+            baseline_total=baseline["total"],
+            feature_cache=cache.stats(),
+            questions_per_second=(n * len(units) / seconds) if seconds else None,
+        )
+
+    return conclude(run, select)
 
 
 def _predictions_path(run_dir: Path, name: str) -> Path:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +29,7 @@ from vlmcredit.methods.registry import (
     config_dict,
     parse_methods,
 )
+from vlmcredit.pipelines.distributed import rank_device
 from vlmcredit.pipelines.heads_choice import choose_heads, chosen_pairs, pair_indices
 from vlmcredit.pipelines.method_signals import signal_row, write_method_signals
 from vlmcredit.pipelines.passes import run_passes
@@ -36,8 +37,10 @@ from vlmcredit.pipelines.regions import write_paragraph_tables
 from vlmcredit.pipelines.skeleton import (
     batched,
     checkpoint_record,
+    conclude,
     drive,
     marks_failure,
+    open_run,
     refuse_taken,
 )
 
@@ -168,7 +171,8 @@ def run_weights(
     methods = parse_methods(cfg.method)
     configs = method_configs(methods, cfg.params)
     needs = combined_needs(methods, configs)
-    refuse_taken(cfg.out, cfg.resume)
+    refuse_taken(cfg.out, cfg.resume, parallel=True)
+    cfg = replace(cfg, device=rank_device(cfg.device, cfg.device_map))
     start = time.perf_counter()
     rollouts = read_rollouts(
         cfg.data, skip_bad=cfg.skip_bad, max_samples=cfg.max_samples, keys=rollout_keys(cfg)
@@ -206,9 +210,8 @@ def run_weights(
     pass_options = {"logprobs": collect_pass_options(configs.values())}
     if needs.logprobs:
         extra["logprobs"] = {"variants": list(needs.logprobs), **pass_options["logprobs"]}
-    run = Run.open(Path(cfg.out), "weights", cfg.parameters(configs), cfg.resume, extra)
-    if not run.rows and (rollouts.bad_rows or screened_out):
-        run.commit([*(b.record() for b in rollouts.bad_rows), *screened_out])
+    bad = [*(b.record() for b in rollouts.bad_rows), *screened_out]
+    run = open_run(Path(cfg.out), "weights", cfg.parameters(configs), cfg.resume, extra, bad)
 
     def work(batch: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         import torch
@@ -225,10 +228,13 @@ def run_weights(
         return [sample_row(item) for item in captured], tensors
 
     drive(run, batched(samples, cfg.batch_size), lambda s: s.id, work, progress, log)
-    summary = write_signal_tables(run, methods, configs)
-    write_paragraph_tables(run, methods, ck.tokenizer)
-    run.finish(weights=summary, seconds=time.perf_counter() - start)
-    return run
+
+    def finish() -> None:
+        summary = write_signal_tables(run, methods, configs)
+        write_paragraph_tables(run, methods, ck.tokenizer)
+        run.finish(weights=summary, seconds=time.perf_counter() - start)
+
+    return conclude(run, finish)
 
 
 def write_signal_tables(
