@@ -24,6 +24,7 @@ exits ends the others at once anyway.
 from __future__ import annotations
 
 import atexit
+import contextlib
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -118,10 +119,19 @@ def join() -> Ranks:
 
 
 def _leave() -> None:
+    """Leave together: rank 0 merges the tables after the last collective, and a peer that
+    destroys its gloo group and exits meanwhile makes rank 0's own teardown abort (SIGABRT,
+    "terminate called without an active exception"). A last barrier (bounded by the same
+    timeout) keeps every rank until all are done."""
+    from datetime import timedelta
+
     import torch.distributed as dist
 
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    if not dist.is_initialized():
+        return
+    with contextlib.suppress(RuntimeError):  # a peer is gone: nothing left to wait for
+        dist.monitored_barrier(timeout=timedelta(seconds=timeout_s()))
+    dist.destroy_process_group()
 
 
 def rank_device(device: str | None, device_map: str | None) -> str | None:
