@@ -24,6 +24,7 @@ from tests.helpers import noise_image
 from vlmcredit.cli.main import app
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.run import Run
+from vlmcredit.pipelines.distributed import FAIL_AT_START_ENV
 from vlmcredit.pipelines.skeleton import CRASH_ENV, FAIL_RANK_ENV
 
 pytestmark = pytest.mark.slow
@@ -59,12 +60,13 @@ def _env(**extra: str) -> dict[str, str]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
     env.pop(CRASH_ENV, None)
     env.pop(FAIL_RANK_ENV, None)
+    env.pop(FAIL_AT_START_ENV, None)
     env.setdefault("VLMCREDIT_DIST_TIMEOUT", "300")
     return {**env, **extra}
 
 
 def _vlmcredit(
-    procs: int, *args: str, env: dict[str, str] | None = None
+    procs: int, *args: str, env: dict[str, str] | None = None, timeout: float = 900
 ) -> subprocess.CompletedProcess[str]:
     """`python -m vlmcredit ARGS` (procs 1) or `torchrun --nproc-per-node N -m vlmcredit ARGS`."""
     if procs == 1:
@@ -73,7 +75,7 @@ def _vlmcredit(
         cmd = [str(TORCHRUN), "--standalone", f"--nproc-per-node={procs}", "-m", "vlmcredit",
                *args]  # fmt: skip
     return subprocess.run(
-        cmd, env=env or _env(), capture_output=True, text=True, timeout=900, check=False
+        cmd, env=env or _env(), capture_output=True, text=True, timeout=timeout, check=False
     )
 
 
@@ -216,6 +218,20 @@ def test_a_failing_rank_fails_the_run_naming_it(tiny_ckpt, rollouts, tmp_path):
     run = Run.load(tmp_path / "run")
     assert run.manifest["status"] == "finished"
     assert [r["id"] for r in run.rows] == [f"r{i}" for i in range(5)]
+
+
+def test_a_rank_failing_on_its_own_ends_the_run_without_waiting(tiny_ckpt, rollouts, tmp_path):
+    """Rank 1 fails before the run is opened while rank 0 waits for it in an exchange: rank 1
+    exits at once (no farewell barrier) and torchrun ends rank 0, naming rank 1; nobody sits
+    out the 20-minute timeout (the subprocess limit is 10 minutes)."""
+    env = _env(**{FAIL_AT_START_ENV: "1", "VLMCREDIT_DIST_TIMEOUT": "1200"})
+    args = ["capture", "--ckpt", str(tiny_ckpt(FAMILY)), "--data", str(rollouts), "--quiet",
+            "--out", str(tmp_path / "run")]  # fmt: skip
+    result = _vlmcredit(2, *args, env=env, timeout=600)
+    assert result.returncode != 0
+    assert "rank 1 fails on purpose" in result.stderr
+    root_cause = result.stderr.split("Root Cause")[-1]
+    assert "rank      : 1" in root_cause, result.stderr[-2000:]
 
 
 def test_a_rank_whose_peers_never_come_fails_within_the_timeout(tiny_ckpt, rollouts, tmp_path):

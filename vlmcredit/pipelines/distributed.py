@@ -36,6 +36,8 @@ from vlmcredit.errors import VlmCreditError
 TIMEOUT_ENV = "VLMCREDIT_DIST_TIMEOUT"
 DEFAULT_TIMEOUT_S = 1800.0
 FAILED_FLAG = ".rank-{rank}.failed"  # matches the ".*.*" leftovers a resume removes
+# Tests make this rank fail on its own before the run is opened (the others wait for it there).
+FAIL_AT_START_ENV = "VLMCREDIT_TEST_FAIL_RANK_AT_START"
 
 T = TypeVar("T")
 
@@ -118,19 +120,33 @@ def join() -> Ranks:
     return me
 
 
+# Set where every rank is known to leave from the same point: the run concluded, or an error
+# every rank learnt at the same exchange. Only then do the ranks wait for each other at exit.
+_TOGETHER: list[bool] = []
+
+
+def leaving_together() -> None:
+    _TOGETHER.append(True)
+
+
 def _leave() -> None:
     """Leave together: rank 0 merges the tables after the last collective, and a peer that
     destroys its gloo group and exits meanwhile makes rank 0's own teardown abort (SIGABRT,
     "terminate called without an active exception"). A last barrier (bounded by the same
-    timeout) keeps every rank until all are done."""
+    timeout) keeps every rank until all are done.
+
+    Not after a rank failed on its own (outside the exchanges, e.g. loading its model): the
+    others then wait in an exchange that is not this barrier, so it would only hold this rank
+    for the whole timeout; it exits at once, and torchrun ends the others naming it."""
     from datetime import timedelta
 
     import torch.distributed as dist
 
     if not dist.is_initialized():
         return
-    with contextlib.suppress(RuntimeError):  # a peer is gone: nothing left to wait for
-        dist.monitored_barrier(timeout=timedelta(seconds=timeout_s()))
+    if _TOGETHER:
+        with contextlib.suppress(RuntimeError):  # a peer is gone: nothing left to wait for
+            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s()))
     dist.destroy_process_group()
 
 
@@ -140,6 +156,8 @@ def rank_device(device: str | None, device_map: str | None) -> str | None:
     me = ranks()
     if not me.parallel:
         return device
+    if os.environ.get(FAIL_AT_START_ENV, "") == str(me.rank):  # tests: a rank failing alone
+        raise VlmCreditError(f"rank {me.rank} fails on purpose ({FAIL_AT_START_ENV})")
     if device_map:
         raise VlmCreditError(
             f"--device-map {device_map} under torchrun ({me.world} processes): every rank would "
@@ -200,6 +218,8 @@ def from_lead(make: Callable[[], T]) -> T:
     message = None if error is None else (str(error) or type(error).__name__)
     user_error = isinstance(error, VlmCreditError)
     told = _broadcast((message, user_error, value if error is None else None))
+    if told[0] is not None:
+        leaving_together()  # every rank raises here
     if error is not None:
         raise error
     if told[0] is not None:  # a user error reads the same on every rank
@@ -215,9 +235,10 @@ def _broadcast(obj: Any) -> Any:
     try:
         dist.broadcast_object_list(box, src=0)
     except RuntimeError as exc:
+        whom = "the other ranks" if me.lead else "rank 0"
         raise VlmCreditError(
-            f"{me.label()}: lost rank 0 while waiting for it ({_first_line(exc)}); it died or "
-            f"took longer than {TIMEOUT_ENV}={timeout_s():g} s"
+            f"{me.label()}: lost {whom} while waiting for them ({_first_line(exc)}); a rank "
+            f"died or took longer than {TIMEOUT_ENV}={timeout_s():g} s"
         ) from None
     return box[0]
 
@@ -248,6 +269,8 @@ def settle(run_dir: Path, error: BaseException | None) -> None:
     if error is not None:
         mine = str(error) or type(error).__name__
     reports = gather(mine)
+    if any(m is not None for m in reports):
+        leaving_together()  # every rank raises here
     if error is not None and not isinstance(error, PeerFailed):
         raise error
     failed = [(r, m) for r, m in enumerate(reports) if m is not None and not m.startswith(_PEER)]

@@ -163,6 +163,7 @@ def conclude(run: Run, finish: Callable[[], None]) -> Run:
         finish()
         return run
     distributed.from_lead(finish)
+    distributed.leaving_together()
     return run if run.rank == 0 else Run.load(run.path)
 
 
