@@ -1,16 +1,22 @@
-"""Online weights in a TRL GRPO step: step time with `weights_fn=online.weights` vs plain TRL.
+"""Online weights in a TRL GRPO step: step time with AT-RL anchor weights vs plain TRL.
 
     python benchmarks/online_overhead.py                # CPU, mid-size config
     python benchmarks/online_overhead.py --rounds 5 --completion-length 32
 
-The extra-forward path: `VlmCreditGRPOTrainer(weights_fn=vlmcredit.online.weights)` runs one
-more no-grad forward of the policy over prompt + completion with capture, then AT-RL anchors.
-(Capturing inside TRL's own old-log-prob forward instead is not built.) Model: the tiny
-Qwen2.5-VL checkpoint's tokenizer, processor and ids with a mid-size text model (hidden 512,
-8 layers, 8 heads / 2 kv heads), random weights. Each round builds a fresh trainer per mode
-(untimed) and runs one GRPO step; the time is TRL's own `step_time` metric (generation,
-scoring, weights, loss and backward). Rounds interleave the modes (order alternating), after
-one warm-up round; prints min / median / max per mode and the ratio of medians.
+Modes, all with the same `--num-iterations` (default 2: TRL then runs its own no-grad
+old-log-prob forward over prompt + completion):
+- plain:     `trl.GRPOTrainer`;
+- extra:     `VlmCreditGRPOTrainer(weights_fn=online.weights_fn("anchors"), piggyback=False)`:
+             one more no-grad forward with capture, then AT-RL anchors per row;
+- piggyback: the same weights_fn, capturing inside TRL's old-log-prob forward (no extra
+             forward; `--num-iterations 1` has no such forward, and piggyback falls back to
+             the extra forward, counted).
+Model: the tiny Qwen2.5-VL checkpoint's tokenizer, processor and ids with a mid-size text model
+(hidden 512, 8 layers, 8 heads / 2 kv heads), random weights. Each round builds a fresh trainer
+per mode (untimed) and runs one GRPO step; the time is TRL's own `step_time` metric
+(generation, scoring, old log-probs, weights, loss and backward). Every round runs every mode in
+a shuffled order; round 0 warms every mode up and is discarded; prints min / median / max per
+mode and the ratios of medians.
 """
 
 from __future__ import annotations
@@ -54,6 +60,7 @@ def one_step(mode: str, ckpt: Path, processor, dataset, args, root: Path) -> flo
         per_device_train_batch_size=args.prompts * args.group,
         num_generations=args.group,
         max_completion_length=args.completion_length,
+        num_iterations=args.num_iterations,
         max_steps=1,
         report_to="none",
         logging_steps=1,
@@ -72,9 +79,13 @@ def one_step(mode: str, ckpt: Path, processor, dataset, args, root: Path) -> flo
     if mode == "plain":
         trainer = GRPOTrainer(**common)
     else:
-        trainer = VlmCreditGRPOTrainer(**common, weights_fn=online.weights)
+        fn = online.weights_fn("anchors")
+        trainer = VlmCreditGRPOTrainer(**common, weights_fn=fn, piggyback=mode == "piggyback")
     torch.set_num_threads(args.threads)
     trainer.train()
+    if mode != "plain":
+        captured = trainer.piggyback_steps["captured"] == 1
+        assert captured == (mode == "piggyback" and args.num_iterations > 1), mode
     return float(trainer.state.log_history[0]["step_time"])
 
 
@@ -86,6 +97,8 @@ def main() -> None:
     parser.add_argument("--completion-length", type=int, default=32)
     parser.add_argument("--image", type=int, default=224, help="image side in pixels")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--num-iterations", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the round orders")
     args = parser.parse_args()
 
     import warnings
@@ -118,9 +131,13 @@ def main() -> None:
         rows.append({"prompt": prompt, "image": Image.fromarray(pixels.numpy().astype("uint8"))})
     dataset = Dataset.from_list(rows)
 
-    times: dict[str, list[float]] = {"plain": [], "online": []}
+    import random
+
+    shuffle = random.Random(args.seed)
+    times: dict[str, list[float]] = {"plain": [], "extra": [], "piggyback": []}
     for r in range(args.rounds + 1):
-        order = ("plain", "online") if r % 2 == 0 else ("online", "plain")
+        order = list(times)
+        shuffle.shuffle(order)
         for mode in order:
             t = one_step(mode, ckpt, processor, dataset, args, root)
             if r > 0:  # round 0 warms up
@@ -131,13 +148,14 @@ def main() -> None:
     )
     print(
         f"{args.prompts} prompts x {args.group} completions, {args.completion_length} tokens, "
-        f"{args.image}px images, {args.rounds} rounds after 1 warm-up"
+        f"{args.image}px images, num_iterations {args.num_iterations}, {args.rounds} rounds "
+        "after 1 warm-up"
     )
-    print(f"{'mode':8} {'min s':>8} {'median s':>9} {'max s':>8}")
+    print(f"{'mode':10} {'min s':>8} {'median s':>9} {'max s':>8} {'/ plain':>8}")
+    base = statistics.median(times["plain"])
     for mode, values in times.items():
-        print(f"{mode:8} {min(values):8.3f} {statistics.median(values):9.3f} {max(values):8.3f}")
-    ratio = statistics.median(times["online"]) / statistics.median(times["plain"])
-    print(f"online / plain (median): {ratio:.3f}x")
+        med = statistics.median(values)
+        print(f"{mode:10} {min(values):8.3f} {med:9.3f} {max(values):8.3f} {med / base:8.3f}x")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from vlmcredit.analysis.connectivity import aggregate_attention
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.models.inputs import encode_samples
+from vlmcredit.models.layout import prompt_mm_token_type_ids
 from vlmcredit.probes.capture import CaptureSpec
 from vlmcredit.probes.response_attention import capture_batch_attention, capture_samples
 
@@ -232,3 +233,62 @@ def test_special_vision_ids_sampled_in_a_response_are_text(loaded, method) -> No
     after = capture_batch_attention(ck.model, odd)
     torch.testing.assert_close(after[0][:, :, :1], before[0][:, :, :1], rtol=0, atol=1e-6)
     assert after[1].shape == before[1].shape  # same image columns: the odd id is text
+
+
+@pytest.mark.parametrize("chunk", [3, 2])
+def test_piggyback_capture_in_someone_elses_forwards(loaded, samples, chunk) -> None:
+    """`weights_fn(...).piggyback` captures inside forwards the caller runs (a trainer's own
+    log-prob forward, here in chunks of rows, text-only row included): the same weights as the
+    extra-forward path, the text-only row at weight 1, and the model back as it was."""
+    ck = loaded(FAMILY)
+    text_only = Sample([], "Tell me a short story.", "Once upon a time there was noise.", "t")
+    batch = trainer_batch(ck, [samples[0], text_only, samples[1]])
+    fn = online.weights_fn("anchors")
+    reference = fn(ck.model, batch)
+    width = batch["response_mask"].shape[1]
+    grids = batch["image_grid_thw"]
+    image_rows = [0, 2]  # the rows holding an image, in order
+    implementation = ck.model.config.text_config._attn_implementation
+    types = prompt_mm_token_type_ids(
+        batch["input_ids"], ck.geometry, batch["input_ids"].shape[1] - width
+    )
+    with torch.no_grad(), fn.piggyback(ck.model, width) as capture:
+        for lo in range(0, 3, chunk):
+            hi = min(3, lo + chunk)
+            imgs = [i for i, r in enumerate(image_rows) if lo <= r < hi]
+            cells = [int(grids[i].prod()) for i in range(len(image_rows))]
+            start = sum(cells[: imgs[0]]) if imgs else 0
+            inputs = {
+                "input_ids": batch["input_ids"][lo:hi],
+                "attention_mask": batch["attention_mask"][lo:hi],
+                "mm_token_type_ids": types[lo:hi],
+            }
+            if imgs:
+                inputs["pixel_values"] = batch["pixel_values"][
+                    start : start + sum(cells[i] for i in imgs)
+                ]
+                inputs["image_grid_thw"] = grids[imgs]
+            ck.model(**inputs)
+    assert capture.forwards == len(range(0, 3, chunk))
+    assert capture.rows[1] is None
+    weights = fn.from_capture(ck.model, batch, capture)
+    assert torch.equal(weights, reference)
+    assert torch.all(weights[1] == 1.0) and fn.last.text_only_rows == [1]
+    assert ck.model.config.text_config._attn_implementation == implementation
+    assert not ck.model._forward_pre_hooks and not ck.model._forward_hooks
+    # A capture that missed rows (the forward covered only part of the batch) is refused.
+    with torch.no_grad(), fn.piggyback(ck.model, width) as partial:
+        ck.model(input_ids=batch["input_ids"][1:2], attention_mask=batch["attention_mask"][1:2])
+    with pytest.raises(VlmCreditError, match="1 rows captured in 1 forward"):
+        fn.from_capture(ck.model, batch, partial)
+    # A forward without (or with shifted) type ids would place the image wrongly: refused.
+    no_types = pytest.raises(VlmCreditError, match="gets no mm_token_type_ids")
+    with no_types, torch.no_grad(), fn.piggyback(ck.model, width):
+        ck.model(
+            **{
+                k: batch[k]
+                for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+            }
+        )
+    assert ck.model.config.text_config._attn_implementation == implementation
+    assert not ck.model._forward_pre_hooks and not ck.model._forward_hooks

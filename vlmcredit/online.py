@@ -41,6 +41,9 @@ class OnlineWeights:
 
     weights: torch.Tensor
     text_only_rows: list[int] = field(default_factory=list)
+    # Per batch row, the method's own output (e.g. connectivity and the anchor mask), or None
+    # for a text-only row of an attention method.
+    outputs: list[Any] = field(default_factory=list)
 
 
 def methods() -> list[str]:
@@ -85,10 +88,19 @@ def compute(
     layers: Sequence[int] | None = None,
     heads: Sequence[int] | None = None,
     processor: Any = None,
+    attention: Sequence[torch.Tensor | None] | None = None,
     **params: Any,
 ) -> OnlineWeights:
-    """`weights`, with the rows that kept weight 1 for having no image tokens."""
+    """`weights`, with the rows that kept weight 1 for having no image tokens and each row's
+    method output. `attention`: per row the (L, 1, T, N) head-mean attention already captured
+    in a forward over this batch (see `weights_fn(...).piggyback`); then no forward runs for it."""
     m = registry.get(method)
+    for name, value in (("heads", heads), ("layers", layers)):
+        if isinstance(value, str):
+            raise VlmCreditError(
+                f"online: {name}={value!r}: {name} takes a list of indices; method options go "
+                "in config= (e.g. config=KawhiConfig(heads='all'))"
+            )
     for key in ("input_ids", "attention_mask", "response_mask"):
         if key not in batch:
             raise VlmCreditError(f"batch: missing {key!r} (see vlmcredit.online for the layout)")
@@ -102,14 +114,16 @@ def compute(
         config.check()
     needs = m.needs(config)
     options = {"logprobs": collect_pass_options([config])}
-    passes = batch_passes(model, batch, needs, layers, heads, processor, options)
+    passes = batch_passes(model, batch, needs, layers, heads, processor, options, attention)
     mask = batch["response_mask"]
     out = torch.ones(mask.shape, dtype=torch.float32)
     # A row with no image has no connectivity to measure: it keeps weight 1 (plain GRPO).
     text_only = [b for b, p in enumerate(passes) if needs.attention and p.attention is None]
     rows = [b for b in range(len(passes)) if b not in set(text_only)]
     results = m.run([passes[b] for b in rows], config) if rows else []
+    outputs: list[Any] = [None] * len(passes)
     for b, result in zip(rows, results, strict=True):
+        outputs[b] = result
         n = len(passes[b].token_ids)
         if n == 0:
             continue
@@ -117,7 +131,7 @@ def compute(
         if result.sample_weight is not None:
             w = w * np.float32(result.sample_weight)
         out[b, :n] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
-    return OnlineWeights(out.to(mask.device), text_only)
+    return OnlineWeights(out.to(mask.device), text_only, outputs)
 
 
 def batch_passes(
@@ -128,13 +142,17 @@ def batch_passes(
     heads: Sequence[int] | None,
     processor: Any = None,
     options: Mapping[str, Any] | None = None,
+    attention: Sequence[torch.Tensor | None] | None = None,
 ) -> list[registry.SamplePasses]:
-    """Run the passes `needs` names on a trainer batch (attention: one forward; Q/K: one;
-    logprobs: one per input variant). `options["logprobs"]` as `logprob_options.collect`."""
+    """Run the passes `needs` names on a trainer batch (attention: one forward, unless
+    `attention` was captured already; Q/K: one; logprobs: one per input variant).
+    `options["logprobs"]` as `logprob_options.collect`."""
     from vlmcredit.probes.response_attention import capture_batch_attention, response_rows
 
     unsupported = [
-        n for n in needs.names() if n not in ("attention", "qk", "images", "text", "logprobs")
+        n
+        for n in needs.names()
+        if n not in ("attention", "qk", "qk_states", "images", "text", "logprobs")
     ]
     if unsupported:
         raise VlmCreditError(
@@ -148,7 +166,12 @@ def batch_passes(
     input_ids = batch["input_ids"]
     start = input_ids.shape[1] - batch["response_mask"].shape[1]
     lengths = response_rows(batch["response_mask"])
-    attention = capture_batch_attention(model, batch, layers, heads) if needs.attention else None
+    if attention is not None and len(attention) != input_ids.shape[0]:
+        raise VlmCreditError(
+            f"online: {len(attention)} captured attention rows for a batch of {input_ids.shape[0]}"
+        )
+    if needs.attention and attention is None:
+        attention = capture_batch_attention(model, batch, layers, heads)
     passes = []
     for b, n in enumerate(lengths):
         ids = input_ids[b, start : start + n].detach().cpu().numpy().astype(np.int64)
@@ -160,7 +183,7 @@ def batch_passes(
                 attention=None if row_attention is None else row_attention.numpy(),
             )
         )
-    if needs.qk_layers or needs.images or needs.text:
+    if needs.qk_layers or needs.qk_states or needs.images or needs.text:
         _fill_qk_image_text(model, batch, needs, passes, lengths, layers, heads, processor)
     if needs.logprobs or needs.attention:
         _fill_logprobs_layers(model, batch, needs, passes, lengths, layers, processor, options)
@@ -261,6 +284,11 @@ def _fill_qk_image_text(
         spans,
     )
     captures = capture_batch_qk(model, batch, needs.qk_layers, lengths) if needs.qk_layers else []
+    states = []
+    if needs.qk_states:  # KAWHI's alignment ablations (probes.qk_states)
+        from vlmcredit.probes.qk_states import batch_states
+
+        states = batch_states(model, batch, needs.qk_states, lengths)
     images: list[Any] = []
     if needs.images and batch.get("pixel_values") is not None:
         ip = processor.image_processor
@@ -286,5 +314,102 @@ def _fill_qk_image_text(
         if captures:
             p.queries = {k: v.numpy() for k, v in captures[b].queries.items()}
             p.keys = {k: v.numpy() for k, v in captures[b].keys.items()}
+        if states:
+            p.qk_states = {key: (q.numpy(), k.numpy()) for key, (q, k) in states[b].items()}
         if needs.text:
             p.response_text, p.token_spans = response_text_spans(processor.tokenizer, p.token_ids)
+
+
+class OnlineWeightsFn:
+    """A trainer's `weights_fn` for one method, able to capture inside the trainer's forward.
+
+        fn = online.weights_fn("anchors")            # or ("kawhi", config=..., processor=...)
+        VlmCreditGRPOTrainer(..., weights_fn=fn)
+
+    Called as `fn(model, batch)` it is `online.weights` (one extra no-grad forward). When the
+    method reads only the head-mean attention (`can_piggyback`; AT-RL anchors) a trainer that
+    already runs a no-grad forward over prompt + completion (TRL's old log-probs when
+    `num_iterations > 1`) arms `fn.piggyback(model, width)` around that forward and then calls
+    `fn.from_capture(model, batch, capture)`: the same weights, without the extra forward.
+    """
+
+    def __init__(
+        self,
+        method: str = "anchors",
+        config: Any = None,
+        layers: Sequence[int] | None = None,
+        heads: Sequence[int] | None = None,
+        processor: Any = None,
+        **params: Any,
+    ) -> None:
+        m = registry.get(method)
+        if config is None:
+            config = m.make_config(params)
+        elif params:
+            raise VlmCreditError(f"method {method}: pass either config= or parameters, not both")
+        elif hasattr(config, "check"):
+            config.check()
+        self.method, self.config = method, config
+        self.layers, self.heads, self.processor = layers, heads, processor
+        self.needs = m.needs(config)
+        self.loss_denominator = m.denominator_for(config)
+        self.last: OnlineWeights | None = None
+
+    @property
+    def can_piggyback(self) -> bool:
+        """True when the attention of the trainer's own forward is all the method reads."""
+        return set(self.needs.names()) == {"attention"}
+
+    def __call__(self, model: Any, batch: Mapping[str, torch.Tensor]) -> torch.Tensor:
+        return self._finish(
+            compute(model, batch, self.method, self.config, self.layers, self.heads, self.processor)
+        )
+
+    def piggyback(self, model: Any, response_width: int) -> Any:
+        """Context manager: capture in the forwards `model` runs inside it (a trainer's own)."""
+        from vlmcredit.probes.piggyback import forward_capture
+
+        if not self.can_piggyback:
+            raise VlmCreditError(
+                f"method {self.method} reads {', '.join(self.needs.names())}: only a method that "
+                "reads the attention alone can capture in the trainer's forward"
+            )
+        return forward_capture(model, response_width, self.layers, self.heads)
+
+    def from_capture(
+        self, model: Any, batch: Mapping[str, torch.Tensor], capture: Any
+    ) -> torch.Tensor:
+        """The weights from the rows a `piggyback` block captured over this same batch."""
+        rows = capture.rows
+        if len(rows) != batch["input_ids"].shape[0]:
+            raise VlmCreditError(
+                f"piggyback capture: {len(rows)} rows captured in {capture.forwards} forward(s) "
+                f"for a batch of {batch['input_ids'].shape[0]}; the trainer's forward did not "
+                "cover the batch"
+            )
+        result = compute(
+            model, batch, self.method, self.config, self.layers, self.heads, self.processor, rows
+        )
+        return self._finish(result)
+
+    def _finish(self, result: OnlineWeights) -> torch.Tensor:
+        self.last = result
+        if result.text_only_rows:
+            log.info(
+                "vlmcredit.online: %d of %d batch rows have no image tokens and keep weight 1",
+                len(result.text_only_rows),
+                result.weights.shape[0],
+            )
+        return result.weights
+
+
+def weights_fn(
+    method: str = "anchors",
+    config: Any = None,
+    layers: Sequence[int] | None = None,
+    heads: Sequence[int] | None = None,
+    processor: Any = None,
+    **params: Any,
+) -> OnlineWeightsFn:
+    """A `weights_fn` for `VlmCreditGRPOTrainer` (see `OnlineWeightsFn`)."""
+    return OnlineWeightsFn(method, config, layers, heads, processor, **params)

@@ -63,6 +63,7 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
         loss_denominator: str | None = None,
         on_miss: str = "error",
         record_rollouts: str | os.PathLike[str] | None = None,
+        piggyback: bool = True,
         **kwargs: Any,
     ) -> None:
         if signals is not None and weights_fn is not None:
@@ -112,7 +113,9 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
                     "the signals were exported with (or pass sample_id_column=...)"
                 )
         denominator = loss_denominator or (
-            self.signals.loss_denominator if self.signals is not None else "all_tokens"
+            self.signals.loss_denominator
+            if self.signals is not None
+            else getattr(weights_fn, "loss_denominator", None) or "all_tokens"
         )
         if denominator not in LOSS_DENOMINATORS:
             raise VlmCreditError(
@@ -127,6 +130,13 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
         self.loss_denominator = denominator
         self.signal_misses = {"rows": 0, "tokens": 0}
         self.rows_text_only = 0
+        # Capture in TRL's own no-grad old-log-prob forward when it runs one and the weights_fn
+        # can (`online.weights_fn(...)` of an attention-only method); counted per step.
+        self.piggyback = bool(piggyback) and bool(getattr(weights_fn, "can_piggyback", False))
+        self.piggyback_steps = {"captured": 0, "extra_forward": 0}
+        self.type_ids_fixed = 0
+        self._armed = False
+        self._capture: Any = None
         self.recorder: RolloutRecorder | None = None
         if record_rollouts is not None:
             recorder = RolloutRecorder(record_rollouts, sample_id_column)
@@ -134,7 +144,11 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
 
     # The one TRL method we extend: it returns the batch the loss consumes.
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
-        output = super()._generate_and_score_completions(inputs)
+        self._armed, self._capture = self.piggyback, None
+        try:
+            output = super()._generate_and_score_completions(inputs)
+        finally:
+            self._armed = False
         if self.recorder is not None:
             self.recorder.record(self, inputs, output)
         if not self.weighting:
@@ -194,6 +208,57 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
         device = completion_ids.device
         return found.weights.to(device), found.selected.to(device)
 
+    def _get_per_token_logps_and_entropies(
+        self,
+        model: Any,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        logits_to_keep: int,
+        *args: Any,
+        **kwargs: Any,
+    ) -> Any:
+        kwargs = self._rebuilt_type_ids(input_ids, logits_to_keep, kwargs)
+        if not (self._armed and not torch.is_grad_enabled()):
+            return super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        # TRL's old-log-prob forward over this batch's prompt + completion: capture in it.
+        self._armed = False
+        assert self.weights_fn is not None
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        with self.weights_fn.piggyback(unwrapped, logits_to_keep) as capture:  # type: ignore[attr-defined]
+            out = super()._get_per_token_logps_and_entropies(
+                model, input_ids, attention_mask, logits_to_keep, *args, **kwargs
+            )
+        self._capture = capture
+        return out
+
+    def _rebuilt_type_ids(
+        self, input_ids: torch.Tensor, completion_width: int, kwargs: dict[str, Any]
+    ) -> dict[str, Any]:
+        """`mm_token_type_ids` rebuilt from the ids. TRL takes them from the processor, which
+        pads on its own side, while it pads the prompt ids on the left: with a right-padding
+        processor they are shifted on the padded rows and M-RoPE gets wrong image positions.
+        Applied to every forward of the trainer (old log-probs and the loss alike), and counted
+        (`vlmcredit/type_ids_fixed`), only when weighting and images are present."""
+        given = kwargs.get("mm_token_type_ids")
+        image_id = getattr(self, "_image_pad_token_id", None)
+        if not self.weighting or given is None or image_id is None:
+            return kwargs
+        if kwargs.get("pixel_values") is None:  # TRL dropped the images (truncation)
+            return kwargs
+        prompt = input_ids[:, : input_ids.shape[1] - completion_width]
+        rebuilt = torch.zeros_like(input_ids, dtype=given.dtype)
+        rebuilt[:, : prompt.shape[1]][prompt == image_id] = 1
+        video_id = getattr(self, "_video_pad_token_id", None)
+        if video_id is not None:
+            rebuilt[:, : prompt.shape[1]][prompt == video_id] = 2
+        if rebuilt.shape == given.shape and torch.equal(rebuilt, given.to(rebuilt.device)):
+            return kwargs
+        if torch.is_grad_enabled():  # count each batch once (its loss forward)
+            self.type_ids_fixed += int((rebuilt != given.to(rebuilt.device)).any(dim=1).sum())
+        return {**kwargs, "mm_token_type_ids": rebuilt}
+
     def _online_weights(self, output: Mapping[str, Any]) -> torch.Tensor:
         assert self.weights_fn is not None
         batch = {
@@ -203,6 +268,7 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
         }
         batch.update({k: output[k] for k in _FORWARD_KEYS if k in output})
         model = self.accelerator.unwrap_model(self.model)
+        mode = "train" if self.model.training else "eval"
         # Rows without image tokens (text-only prompts of a mixed dataset): online.weights
         # leaves them at weight 1; counted here whatever the weights_fn.
         image_token_id = getattr(model.config, "image_token_id", None)
@@ -210,10 +276,15 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
             text_only = (~(output["prompt_ids"] == image_token_id).any(dim=1)).sum()
             text_only = self.accelerator.gather(text_only.reshape(1)).sum().item()
             self.rows_text_only += int(text_only)
-            mode = "train" if self.model.training else "eval"
             self._metrics[mode]["vlmcredit/rows_text_only"].append(float(text_only))
+        capture, self._capture = self._capture, None
+        self.piggyback_steps["captured" if capture is not None else "extra_forward"] += 1
+        self._metrics[mode]["vlmcredit/piggyback"].append(float(capture is not None))
         with torch.no_grad():
-            weights = self.weights_fn(model, batch)
+            if capture is not None:
+                weights = self.weights_fn.from_capture(model, batch, capture)  # type: ignore[attr-defined]
+            else:
+                weights = self.weights_fn(model, batch)
         expected = tuple(output["completion_ids"].shape)
         if tuple(weights.shape) != expected:
             raise VlmCreditError(

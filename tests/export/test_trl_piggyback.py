@@ -1,0 +1,197 @@
+"""Online weights captured inside TRL's own old-log-prob forward (piggyback), in real GRPO steps.
+
+With `num_iterations > 1` TRL runs a no-grad forward of the policy over prompt + completion to
+score the old log-probabilities. `online.weights_fn("anchors")` captures the attention in that
+forward instead of running one more. Checked here, on a tiny Qwen2.5-VL, prompts of different
+lengths (so the prompt block is padded) and processors padding on either side:
+- the step captured in TRL's forward (no extra forward ran) and says so in its metrics;
+- the attention captured there equals the extra-forward path's (which rebuilds image positions
+  from the ids), and so do the weights, whichever side the processor pads;
+- each token's gradient is its weight times the plain GRPO gradient of the same step;
+- without the old-log-prob forward (num_iterations 1) the extra forward runs, counted.
+(A text-only row and a trainer that scores in chunks: tests/test_online.py.)
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.export.test_trl import verifiable_reward
+from vlmcredit.errors import VlmCreditError
+
+COMPLETION_LENGTH = 6
+
+
+@pytest.fixture(scope="module")
+def setup(tiny_ckpt, tmp_path_factory):
+    from datasets import Dataset
+
+    from tests.helpers import noise_image
+
+    ckpt = tiny_ckpt("qwen2.5-vl")
+    questions = ["What color is the circle?", "Is there a red square in the top left corner?"]
+    rows = [
+        {
+            "sample_id": f"img-{i}",
+            "prompt": [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": q}]}
+            ],
+            "image": noise_image(56 + 28 * i, 56, i),
+            "answer": a,
+        }
+        for i, (q, a) in enumerate(zip(questions, ["red", "yes"], strict=True))
+    ]
+    return {"ckpt": ckpt, "dataset": Dataset.from_list(rows), "root": tmp_path_factory.mktemp("pb")}
+
+
+def processor(ckpt, side: str):
+    from vlmcredit.models.families import adapter_for
+    from vlmcredit.models.loading import load_processor
+
+    proc = load_processor(ckpt, adapter_for("qwen2_5_vl", "test"))
+    proc.tokenizer.padding_side = side
+    return proc
+
+
+class Recording:
+    """An `online.weights_fn` that also computes the extra-forward weights of the same batch
+    at the same moment (the reference) and keeps both."""
+
+    def __init__(self, inner) -> None:
+        self.inner = inner
+        self.can_piggyback = inner.can_piggyback
+        self.loss_denominator = inner.loss_denominator
+        self.seen: list[dict] = []
+
+    def piggyback(self, model, width):
+        return self.inner.piggyback(model, width)
+
+    def from_capture(self, model, batch, capture):
+        from vlmcredit.probes.response_attention import capture_batch_attention
+
+        w = self.inner.from_capture(model, batch, capture)
+        self.seen.append(
+            {
+                "mode": "piggyback",
+                "weights": w.clone(),
+                "reference": self.inner(model, batch).clone(),
+                "rows": capture.rows,
+                "reference_rows": capture_batch_attention(model, batch),
+                "completions": batch["input_ids"][:, -batch["response_mask"].shape[1] :].clone(),
+            }
+        )
+        return w
+
+    def __call__(self, model, batch):
+        w = self.inner(model, batch)
+        self.seen.append({"mode": "extra", "weights": w.clone()})
+        return w
+
+
+def run_step(setup, side: str, trainer_cls, name: str, num_iterations: int, **extra) -> dict:
+    from transformers import AutoModelForImageTextToText
+    from trl import GRPOConfig
+
+    model = AutoModelForImageTextToText.from_pretrained(
+        setup["ckpt"], dtype=torch.float32, attn_implementation="sdpa"
+    )
+    record: dict = {"grads": [], "input_ids": []}
+
+    def on_forward(_module, _args, kwargs, output):
+        if torch.is_grad_enabled() and getattr(output, "log_probs", None) is not None:
+            record["input_ids"].append(kwargs["input_ids"].detach().clone())
+            output.log_probs.register_hook(lambda g: record["grads"].append(g.detach().clone()))
+
+    model.register_forward_hook(on_forward, with_kwargs=True)
+    args = GRPOConfig(
+        output_dir=str(setup["root"] / f"{name}-{side}"),
+        per_device_train_batch_size=4,
+        num_generations=2,
+        num_iterations=num_iterations,
+        max_completion_length=COMPLETION_LENGTH,
+        max_steps=1,
+        learning_rate=1e-2,
+        report_to="none",
+        logging_steps=1,
+        save_strategy="no",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    trainer = trainer_cls(
+        model=model,
+        reward_funcs=verifiable_reward,
+        args=args,
+        train_dataset=setup["dataset"],
+        processing_class=processor(setup["ckpt"], side),
+        **extra,
+    )
+    trainer.train()
+    (grads,) = record["grads"]
+    (input_ids,) = record["input_ids"]
+    return {
+        "grad_logp": grads[:, -COMPLETION_LENGTH:],
+        "loss_completions": input_ids[:, -COMPLETION_LENGTH:],
+        "logs": trainer.state.log_history[0],
+        "trainer": trainer,
+    }
+
+
+@pytest.mark.parametrize("side", ["left", "right"])
+def test_piggyback_capture_equals_the_extra_forward_and_scales_gradients(setup, side) -> None:
+    from trl import GRPOTrainer
+
+    from vlmcredit import online
+    from vlmcredit.export.trl import VlmCreditGRPOTrainer
+
+    fn = Recording(online.weights_fn("anchors"))
+    assert fn.loss_denominator == "selected_tokens"  # AT-RL: train on the anchors only
+    # all_tokens here, so that each token's gradient is exactly w x the plain one (the
+    # selected-token denominator is tested in test_trl.py).
+    run = run_step(
+        setup, side, VlmCreditGRPOTrainer, "pb", 2, weights_fn=fn, loss_denominator="all_tokens"
+    )
+    trainer = run["trainer"]
+    assert trainer.piggyback_steps == {"captured": 1, "extra_forward": 0}
+    assert run["logs"]["vlmcredit/piggyback"] == 1.0
+    ((seen,),) = [[s for s in fn.seen if s["mode"] == "piggyback"]]
+    assert not [s for s in fn.seen if s["mode"] == "extra"]
+    # The prompt block is padded (different prompt lengths), and a right-padding processor's
+    # type ids were rebuilt in TRL's forwards; then the captured attention is the reference's.
+    assert (trainer.type_ids_fixed > 0) == (side == "right")
+    for got, ref in zip(seen["rows"], seen["reference_rows"], strict=True):
+        assert got is not None and ref is not None
+        torch.testing.assert_close(got, ref, rtol=1e-5, atol=1e-6)
+    w = seen["weights"]
+    assert torch.equal(w, seen["reference"])
+    assert set(w.unique().tolist()) == {0.0, 1.0}
+    # Each token's gradient = its weight x the plain GRPO gradient of the same step.
+    plain = run_step(setup, side, GRPOTrainer, "plain", 2)
+    by_tokens = {tuple(c.tolist()): row for c, row in zip(seen["completions"], w, strict=True)}
+    w_loss = torch.stack([by_tokens[tuple(c.tolist())] for c in run["loss_completions"]])
+    assert torch.equal(run["loss_completions"], plain["loss_completions"])
+    assert torch.equal(run["grad_logp"], w_loss * plain["grad_logp"])
+
+
+def test_without_trl_forward_the_extra_forward_runs_and_is_counted(setup) -> None:
+    from vlmcredit import online
+    from vlmcredit.export.trl import VlmCreditGRPOTrainer
+
+    fn = Recording(online.weights_fn("anchors"))
+    run = run_step(setup, "left", VlmCreditGRPOTrainer, "extra", 1, weights_fn=fn)
+    assert run["trainer"].piggyback_steps == {"captured": 0, "extra_forward": 1}
+    assert run["logs"]["vlmcredit/piggyback"] == 0.0
+    assert [s["mode"] for s in fn.seen] == ["extra"]
+
+
+def test_methods_that_read_more_than_attention_cannot_piggyback() -> None:
+    from vlmcredit import online
+
+    assert online.weights_fn("anchors").can_piggyback
+    assert not online.weights_fn("entropy").can_piggyback
+    with pytest.raises(VlmCreditError, match="reads"):
+        online.weights_fn("entropy").piggyback(object(), 4)
+    with pytest.raises(VlmCreditError, match="config="):
+        online.weights(object(), {}, method="kawhi", heads="all")
+
