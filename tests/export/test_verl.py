@@ -288,3 +288,27 @@ def test_weighting_from_trainer_config(tmp_path: Path, monkeypatch, tiny_ckpt) -
     monkeypatch.setenv("VLMCREDIT_SIGNALS", str(other))
     with pytest.raises(VlmCreditError, match="written for tokenizer 000000000000"):
         _weighting_from_config(OmegaConf.create({"trainer": {}}), processor)
+
+
+def test_rows_selecting_nothing_are_said_once_per_batch(caplog) -> None:
+    """A row that selects no token is fine inside a mini-batch that selects some (VERL divides
+    by the mini-batch's count); a mini-batch of only such rows gets 0 / 0 in VERL's own
+    aggregation (shown here with verl's `agg_loss`), which VERL's non-finite grad-norm check
+    turns into a skipped update. vlmcredit says how many such rows each batch has."""
+    advantages = torch.ones(3, 4)
+    mask = torch.ones(3, 4, dtype=torch.bool)
+    weights = torch.tensor([[1.0, 0, 0, 1], [0, 0, 0, 0], [0, 1, 0, 0]])
+    with caplog.at_level("WARNING", logger="vlmcredit.verl"):
+        weighted, narrowed = weight_advantages(advantages, mask, weights, None, "selected_tokens")
+    assert "1 of 3 rows select no token" in caplog.text
+    assert torch.equal(narrowed, weights != 0) and torch.equal(weighted, weights)
+    # Mini-batch {row 0, row 1}: its own selected count (2) divides, row 1 adds nothing.
+    loss = core_algos.agg_loss(weighted[:2], narrowed[:2], "token-mean", batch_num_tokens=2)
+    assert float(loss) == 1.0
+    # Mini-batch {row 1} alone: VERL's count is 0 and its token mean is 0 / 0.
+    lone = core_algos.agg_loss(weighted[1:2], narrowed[1:2], "token-mean", batch_num_tokens=0)
+    assert torch.isnan(lone)
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="vlmcredit.verl"):
+        weight_advantages(advantages, mask, torch.ones(3, 4), None, "selected_tokens")
+    assert "select no token" not in caplog.text

@@ -30,6 +30,7 @@ from vlmcredit.formats.signals import (
 )
 
 FORMATS = ("parquet", "jsonl", "verl", "trl")
+BUILDING = ".vlmcredit-export-building"  # marks a scratch folder still being written
 
 
 @dataclass
@@ -70,9 +71,12 @@ def export_run(run: Path, fmt: str, out: Path, heads: Path | None = None) -> Exp
     signals = read_signals(run)  # validates before anything is written
 
     out.parent.mkdir(parents=True, exist_ok=True)
+    _drop_killed_exports(out)
     tmp = make_temp_dir(out.parent, f".{out.name}.")
     try:
+        (tmp / BUILDING).touch()  # ours, unfinished: a later export may remove it if killed
         files = _write_folder(tmp, fmt, signals, run, run_manifest, heads_bytes, out)
+        (tmp / BUILDING).unlink()
         if out.exists():
             out.rmdir()  # empty (checked above)
         tmp.rename(out)
@@ -80,6 +84,14 @@ def export_run(run: Path, fmt: str, out: Path, heads: Path | None = None) -> Exp
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return ExportResult(out, fmt, len(signals.frame), str(signals.meta["method"]), files)
+
+
+def _drop_killed_exports(out: Path) -> None:
+    """Remove the scratch folders of earlier exports to `out` that were killed before their
+    rename (kill -9 runs no cleanup); only folders holding our BUILDING mark, nothing else."""
+    for folder in out.parent.glob(f".{out.name}.*"):
+        if folder.is_dir() and (folder / BUILDING).is_file():
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def _write_folder(
@@ -200,8 +212,10 @@ completion not in the file stops training with an error naming it and the batch'
 `on_miss="keep"` trains it at weight 1, `on_miss="drop"` at weight 0. Every step logs
 `vlmcredit/match_rate`, `vlmcredit/rows_found`, `vlmcredit/rows_missed`,
 `vlmcredit/tokens_missed`. For fresh rollouts compute the weights online instead:
-`VlmCreditGRPOTrainer(..., weights_fn=vlmcredit.online.weights)` (rows without an image keep
-weight 1, logged as `vlmcredit/rows_text_only`).
+`VlmCreditGRPOTrainer(..., weights_fn=vlmcredit.online.weights_fn("anchors"))` (rows without
+an image keep weight 1, logged as `vlmcredit/rows_text_only`); it captures the attention inside
+TRL's own old-log-prob forward when TRL runs one (`num_iterations > 1`; logged as
+`vlmcredit/piggyback`), else it runs one extra no-grad forward.
 A `selected_tokens` denominator averages the loss over the selected tokens (loss types grpo,
 bnpo, dapo, cispo, sapo, vespo); `loss_denominator="all_tokens"` overrides it.
 

@@ -87,6 +87,20 @@ def weight_advantages(
             "selected_tokens denominator: no response token of this batch is selected; use "
             "loss_denominator=all_tokens for signals that can select nothing"
         )
+    chosen = keep & response_mask.bool()
+    empty = int((response_mask.bool().any(dim=-1) & ~chosen.any(dim=-1)).sum())
+    if empty:
+        # Within a step that selects something, a PPO mini-batch made only of such rows gets
+        # batch_num_tokens 0 in VERL's engine: its loss is 0 / 0 and VERL's own non-finite
+        # grad-norm check skips that optimizer step ("WARN: grad_norm is not finite"), which is
+        # the update those rows ask for (none). Said here, once per batch, not left to surprise.
+        log.warning(
+            "vlmcredit: %d of %d rows select no token (selected_tokens denominator); a PPO "
+            "mini-batch of only such rows has a 0/0 loss in VERL, whose non-finite grad-norm "
+            "check then skips its update",
+            empty,
+            int(response_mask.shape[0]),
+        )
     if response_mask.dtype == keep.dtype:
         return weighted, response_mask & keep
     return weighted, response_mask * keep.to(response_mask.dtype)
