@@ -166,6 +166,9 @@ def test_piggyback_capture_equals_the_extra_forward_and_scales_gradients(setup, 
     w = seen["weights"]
     assert torch.equal(w, seen["reference"])
     assert set(w.unique().tolist()) == {0.0, 1.0}
+    # Logged: the share of completion tokens selected and their mean weight (0/1: equal).
+    share = run["logs"]["vlmcredit/selected_share"]
+    assert 0.0 < share < 1.0 and run["logs"]["vlmcredit/mean_weight"] == pytest.approx(share)
     # Each token's gradient = its weight x the plain GRPO gradient of the same step.
     plain = run_step(setup, side, GRPOTrainer, "plain", 2)
     by_tokens = {tuple(c.tolist()): row for c, row in zip(seen["completions"], w, strict=True)}

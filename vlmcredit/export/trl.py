@@ -160,6 +160,24 @@ class VlmCreditGRPOTrainer(GRPOTrainer):
         else:
             weights = self._online_weights(output)
             selected = weights != 0
+        # How much of the batch the weights keep: the share of completion tokens selected and
+        # their mean weight (a weighting that quietly selects nothing shows here first).
+        real = completion_mask.bool()
+        counts = torch.stack(
+            [
+                real.sum(),
+                (selected.to(real.device) & real).sum(),
+                (weights.to(real.device).float() * real).sum(),
+            ]
+        ).float()
+        total, chosen, weight_sum = self.accelerator.gather(counts.view(1, 3)).view(-1, 3).sum(0)
+        mode = "train" if self.model.training else "eval"
+        self._metrics[mode]["vlmcredit/selected_share"].append(
+            (chosen / total).item() if total else 0.0
+        )
+        self._metrics[mode]["vlmcredit/mean_weight"].append(
+            (weight_sum / total).item() if total else 0.0
+        )
         advantages = output["advantages"]
         if advantages.dim() == 1:
             advantages = advantages.unsqueeze(1)
