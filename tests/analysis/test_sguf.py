@@ -13,8 +13,10 @@ from vlmcredit.analysis.sguf import (
     components,
     gaussian_kernel,
     gradients,
+    grid_components,
     lab_luminance,
     merge_edges,
+    merge_masks,
     sguf,
 )
 from vlmcredit.errors import VlmCreditError
@@ -85,6 +87,19 @@ def test_components_equal_a_plain_union_find_of_the_merge_rule(seed: int) -> Non
     # numbered by first appearance
     firsts = [int(np.flatnonzero(labels == k)[0]) for k in range(labels.max() + 1)]
     assert firsts == sorted(firsts)
+    # the grid labelling sguf uses gives the very same labels
+    assert np.array_equal(grid_components(*merge_masks(l_max, l_min, lum, 0.5, 30.0)), labels)
+
+
+@pytest.mark.parametrize("shape", [(1, 7), (6, 1), (1, 1), (2, 2)])
+def test_grid_components_on_single_row_and_column_grids(shape: tuple[int, int]) -> None:
+    rng = np.random.default_rng(sum(shape))
+    l_max = rng.choice([0.0, 1.0, 5.0], size=shape)
+    lum = rng.choice([10.0, 90.0], size=shape)
+    right, down = merge_masks(l_max, np.zeros(shape), lum, 0.5, 30.0)
+    first, second = merge_edges(l_max, np.zeros(shape), lum, 0.5, 30.0)
+    expected = components(l_max.size, first, second)
+    assert np.array_equal(grid_components(right, down), expected)
 
 
 def test_dual_threshold_is_strict_at_its_boundary_values() -> None:
@@ -165,3 +180,109 @@ def test_bad_inputs_are_one_line_errors() -> None:
         SgufConfig(r_skip=1.5).check()
     with pytest.raises(VlmCreditError, match="selection"):
         SgufConfig(selection="best").check()
+
+
+def _whole_image_features(rgb: np.ndarray, cell: int) -> tuple[np.ndarray, ...]:
+    """The whole-image way: `gradients` over the full image, then per-cell means."""
+    from vlmcredit.analysis.sguf import _cell_means
+
+    rows, cols = rgb.shape[0] // cell, rgb.shape[1] // cell
+    blurred, gx, gy = gradients(lab_luminance(rgb), 1.0)
+    a, b, c, lum = (_cell_means(x, rows, cols, cell) for x in (gx * gx, gx * gy, gy * gy, blurred))
+    half_trace = 0.5 * (a + c)
+    root = np.sqrt(0.25 * (a - c) ** 2 + b * b)
+    return half_trace + root, np.maximum(half_trace - root, 0.0), lum
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "cell"),
+    [
+        (700, 1120, 28),
+        (96, 160, 32),
+        (28, 28, 28),
+        (840, 56, 28),
+        (40, 20, 2),
+        (4, 4, 2),
+        (2, 6, 1),
+    ],
+)
+@pytest.mark.parametrize("band_pixels", [None, 1])
+def test_banded_cell_features_equal_the_whole_image_computation_bit_for_bit(
+    height: int, width: int, cell: int, band_pixels: int | None, monkeypatch
+) -> None:
+    # the band loop (halo rows, rows carried between bands, reflected borders, tiny images
+    # padded by repeated reflection) must reproduce the full-image float32 arithmetic
+    # exactly, RGB and grey; band_pixels=1 forces one cell row per band
+    from vlmcredit.analysis import sguf as module
+
+    if band_pixels is not None:
+        monkeypatch.setattr(module, "_BAND_PIXELS", band_pixels)
+    rng = np.random.default_rng(height * width)
+    for rgb in (
+        rng.integers(0, 256, size=(height, width, 3), dtype=np.uint8),
+        rng.integers(0, 256, size=(height, width), dtype=np.uint8),
+    ):
+        got = cell_features(rgb, cell)
+        want = _whole_image_features(rgb, cell)
+        for g, w in zip(got, want, strict=True):
+            assert g.dtype == np.float32 and np.array_equal(g, w)
+
+
+def _reference_sguf(rgb: np.ndarray, cell: int, cfg: SgufConfig) -> tuple[np.ndarray, ...]:
+    """Independent SGUF: float64 CIE L, scipy blur + Sobel, per-cell eigvalsh, a plain
+    union-find over the Eq. 8 pairs; returns (labels, key)."""
+    c = rgb / 255.0
+    linear = np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
+    y = linear @ np.array([0.2126729, 0.7151522, 0.0721750])
+    f = np.where(y > (6 / 29) ** 3, np.cbrt(y), y / (3 * (6 / 29) ** 2) + 4 / 29)
+    k = gaussian_kernel(cfg.sigma).astype(np.float64)
+    blurred = ndimage.correlate1d(116 * f - 16, k, axis=1, mode="mirror")
+    blurred = ndimage.correlate1d(blurred, k, axis=0, mode="mirror")
+    gx = ndimage.sobel(blurred, axis=1, mode="mirror")
+    gy = ndimage.sobel(blurred, axis=0, mode="mirror")
+    rows, cols = rgb.shape[0] // cell, rgb.shape[1] // cell
+    l_max, l_min, lum = np.zeros((3, rows * cols))
+    for i in range(rows * cols):
+        sl = np.s_[
+            i // cols * cell : (i // cols + 1) * cell, i % cols * cell : (i % cols + 1) * cell
+        ]
+        x, z = gx[sl], gy[sl]
+        lo, hi = np.linalg.eigvalsh(
+            [[np.mean(x * x), np.mean(x * z)], [np.mean(x * z), np.mean(z * z)]]
+        )
+        l_max[i], l_min[i], lum[i] = hi, max(lo, 0.0), blurred[sl].mean()
+    pairs = []
+    for i in range(rows * cols):
+        for j in (i + 1, i + cols):
+            if (j == i + 1 and j % cols == 0) or j >= rows * cols:
+                continue
+            num = np.hypot(l_max[i] - l_max[j], l_min[i] - l_min[j])
+            den = max(l_max[i], l_max[j], l_min[i], l_min[j], cfg.eps)
+            if num / den < cfg.delta_s and abs(lum[i] - lum[j]) < cfg.delta_l:
+                pairs.append((i, j))
+    labels = _union_find(rows * cols, pairs)
+    _, dense = np.unique(labels, return_inverse=True)
+    energy = np.bincount(dense, l_max + l_min) / np.bincount(dense)
+    return labels, (energy > cfg.beta * np.median(energy))[dense]
+
+
+@pytest.mark.parametrize("seed", range(4))
+def test_sguf_equals_an_independent_float64_reference_on_random_images(seed: int) -> None:
+    # random blocky images (flat patches, textured patches, lines) so that the partition has
+    # several components of different energy, at both cell sizes
+    rng = np.random.default_rng(seed)
+    cell = (28, 32)[seed % 2]
+    rows, cols = 6 + seed, 9 - seed
+    # flat patches of 3 x 3 cells in a few colours: their inner cells have zero energy
+    palette = rng.integers(0, 256, (4, 3))[rng.integers(0, 4, (rows // 3 + 1, cols // 3 + 1))]
+    rgb = np.repeat(np.repeat(palette, 3 * cell, 0), 3 * cell, 1)[: rows * cell, : cols * cell]
+    noisy = rng.random((rows, cols)) < 0.2
+    noise = rng.integers(-60, 60, rgb.shape)
+    rgb = np.where(np.repeat(np.repeat(noisy, cell, 0), cell, 1)[..., None], rgb + noise, rgb)
+    rgb[rng.integers(0, rows * cell), :] = 0  # a line through several cells
+    rgb = np.clip(rgb, 0, 255).astype(np.uint8)
+    result = sguf(rgb, cell, SgufConfig())
+    labels, key = _reference_sguf(rgb, cell, SgufConfig())
+    assert _same_partition(result.component, labels)
+    assert np.array_equal(result.key, key)
+    assert 1 < result.energy.size < rows * cols and 0 < key.sum() < key.size

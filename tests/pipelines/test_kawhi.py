@@ -201,3 +201,77 @@ def test_online_kawhi_weights_in_a_trl_step(trl_setup) -> None:  # noqa: F811
         _, passes = run_passes(ck, [sample], needs, spec, None, head_choice=[(last, 0), (last, 3)])
         (out,) = KAWHI.run(passes, cfg)
         assert np.allclose(out.weight, w[b, : int(n)].numpy(), atol=1e-4)
+
+
+def test_weights_kawhi_pre_rope_ablation_end_to_end(tiny_ckpt, loaded, charts, tmp_path) -> None:
+    """`-p alignment=pre-rope` through the CLI: the recomputed-states pass alone (no capture),
+    the same alpha as the library path on each sample, and not the paper's alpha."""
+    from PIL import Image
+
+    from tests.methods.test_kawhi import reference_states
+    from vlmcredit.data.sample import Sample
+    from vlmcredit.methods.kawhi import KAWHI
+    from vlmcredit.pipelines.passes import run_passes
+
+    heads = tmp_path / "heads.json"
+    heads.write_text(json.dumps({"critical_heads": [0, 3]}))
+    ckpt = str(tiny_ckpt(FAMILY))
+    common = ["--ckpt", ckpt, "--data", str(charts), "--heads-json", str(heads)]
+    out = tmp_path / "pre"
+    result = _run(
+        "weights", "--method", "kawhi", "-p", "alignment=pre-rope", *common, "--out", str(out)
+    )
+    assert result.exit_code == 0, result.output
+    paper = _run("weights", "--method", "kawhi", *common, "--out", str(tmp_path / "paper"))
+    assert paper.exit_code == 0, paper.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["passes"] == ["qk_states", "images", "text"]
+    assert manifest["qk_heads"]["pairs"][-2:] == [[2, 0], [2, 3]]
+    table = read_signals(out).frame.set_index("sample_id")
+    paper_alpha = read_signals(tmp_path / "paper").frame.set_index("sample_id")["alpha"]
+    ck = loaded(FAMILY)
+    cfg = KAWHI.make_config({"alignment": "pre-rope"})
+    last = ck.geometry.num_layers - 1
+    for i, response in enumerate(RESPONSES):
+        image = Image.open(charts.parent / f"chart-{i}.png").convert("RGB")
+        sample = Sample([image], "Which bar is tallest?", response, f"c{i}")
+        _, passes = run_passes(
+            ck, [sample], KAWHI.needs(cfg), None, None, head_choice=[(last, 0), (last, 3)]
+        )
+        (direct,) = KAWHI.run(passes, cfg)
+        alpha = np.asarray(table.loc[f"c{i}", "alpha"])
+        assert np.allclose(alpha, direct.columns["alpha"], atol=1e-5)
+        assert not np.allclose(alpha, np.asarray(paper_alpha.loc[f"c{i}"]), atol=1e-3)
+        # the states behind it are the pre-RoPE ones of an independent recomputation
+        resp, _ = reference_states(ck, sample)["pre-rope"]
+        assert np.allclose(passes[0].qk_states[("pre-rope", last)][0], resp.numpy(), atol=1e-5)
+
+
+def test_online_kawhi_key_key_equals_the_file_based_path(loaded, charts) -> None:
+    """`online.weights(..., config=KawhiConfig(alignment="key-key"))` on a trainer batch (prompt
+    left padded, response right padded) gives the weights of the file-based passes."""
+    from PIL import Image
+
+    from tests.test_online import trainer_batch
+    from vlmcredit import online
+    from vlmcredit.data.sample import Sample
+    from vlmcredit.methods.kawhi import KAWHI, KawhiConfig
+    from vlmcredit.pipelines.passes import run_passes
+
+    ck = loaded(FAMILY)
+    images = [Image.open(charts.parent / f"chart-{i}.png").convert("RGB") for i in range(2)]
+    # online rows are named by their batch index: the same ids give the same SGUF sampling
+    samples = [
+        Sample([im], "Which bar is tallest?", r, str(i))
+        for i, (im, r) in enumerate(zip(images, RESPONSES[:2], strict=True))
+    ]
+    batch = trainer_batch(ck, samples)
+    # token granularity: every token's weight follows its own alpha
+    cfg = KawhiConfig(alignment="key-key", heads="all", granularity="token")
+    weights = online.weights(ck.model, batch, method="kawhi", config=cfg, processor=ck.processor)
+    _, passes = run_passes(ck, samples, KAWHI.needs(cfg), None, None)
+    for b, (sample, out) in enumerate(zip(passes, KAWHI.run(passes, cfg), strict=True)):
+        n = len(sample.token_ids)
+        assert np.allclose(weights[b, :n].numpy(), out.weight, atol=1e-5)
+        assert np.unique(out.weight).size > 2
+        assert torch.all(weights[b, n:] == 1.0)

@@ -9,6 +9,12 @@ Per response (paper Sec. 3.2-3.4, Alg. 2):
 3. paragraphs (split on "\\n\\n", a token belongs where its first character lies), abar_j =
    mean alpha (Eq. 14), w_j by Eq. 15; every token of paragraph j gets w_j.
 
+Alignment ablations (paper Table 3, `-p alignment=`): "key-key" compares the response tokens'
+post-RoPE *keys* with the image keys, "pre-rope" uses queries and keys taken before the rotary
+embedding. They read `Needs.qk_states` (states recomputed from the layer's input by a hook in
+the same forward, `vlmcredit.probes.qk_states`); the default "query-key" reads the captured Q/K
+and costs nothing more.
+
 The critical heads are the run's head choice (`--heads-json RUN/heads.json`, or `--heads`;
 online: `heads=[...]`), carried in `SamplePasses.head_choice`; `heads="all"` is the paper's
 "w/o critical head" ablation. Extra signal columns: `alpha` per token, and the core
@@ -36,7 +42,8 @@ from vlmcredit.errors import VlmCreditError
 from vlmcredit.methods.registry import Method, MethodOutput, Needs, SamplePasses, register
 
 HEAD_SOURCES = ("critical", "all")
-ALIGNMENTS = ("query-key",)  # key-key / pre-RoPE (Table 3 ablations) need passes not yet built
+# the paper's query-key, then the Table 3 "Reward Metric" and "Positional Encoding" ablations
+ALIGNMENTS = ("query-key", "key-key", "pre-rope")
 
 
 @dataclass
@@ -50,6 +57,11 @@ class KawhiConfig:
     granularity: paragraph (the paper), sentence or token (ablations).
     heads: "critical" = the run's chosen heads (needs --heads-json or --heads), "all" = every
     head (ablation). layer: the decoder layer of Q/K (-1 = final, the paper's).
+    alignment: what alpha compares with the selected image tokens' keys (Eq. 12), all at
+    `layer`, GQA-expanded: "query-key" = the response tokens' post-RoPE queries vs post-RoPE
+    keys (the paper); "key-key" = the response tokens' post-RoPE keys vs post-RoPE keys (Table
+    3, Reward Metric ablation); "pre-rope" = queries vs keys before the rotary embedding, after
+    Qwen3-VL's q/k norm (Table 3, Positional Encoding ablation).
     """
 
     tau: float = 0.1
@@ -81,8 +93,7 @@ class KawhiConfig:
             raise VlmCreditError(f"kawhi layer={self.layer}: use a layer index, or -1 for the last")
         if self.alignment not in ALIGNMENTS:
             raise VlmCreditError(
-                f"kawhi alignment={self.alignment!r}: only query-key is available (the key-key "
-                "and pre-RoPE ablations need captures vlmcredit does not make yet)"
+                f"kawhi alignment={self.alignment!r}: choose one of {', '.join(ALIGNMENTS)}"
             )
 
 
@@ -101,7 +112,9 @@ class KawhiDetail:
 
 
 def needs(cfg: KawhiConfig) -> Needs:
-    return Needs(qk_layers=(cfg.layer,), images=True, text=True)
+    if cfg.alignment == "query-key":  # the captured post-RoPE Q/K
+        return Needs(qk_layers=(cfg.layer,), images=True, text=True)
+    return Needs(qk_states=((cfg.alignment, cfg.layer),), images=True, text=True)
 
 
 def image_key(sample_id: str, image: int) -> int:
@@ -176,11 +189,31 @@ def _qk_layer(sample: SamplePasses, layer: int) -> int:
     return max(sample.queries) if layer == -1 else layer
 
 
+def response_and_image_states(
+    sample: SamplePasses, cfg: KawhiConfig
+) -> tuple[int, np.ndarray, np.ndarray]:
+    """(absolute layer, (H, T, D) response states, (H, N, D) image keys) of the alignment."""
+    if cfg.alignment == "query-key":
+        layer = _qk_layer(sample, cfg.layer)
+        if layer not in sample.queries or layer not in sample.keys:
+            raise VlmCreditError(f"sample {sample.sample_id}: no Q/K captured for layer {layer}")
+        return layer, sample.queries[layer], sample.keys[layer]
+    found = [layer for kind, layer in sample.qk_states if kind == cfg.alignment]
+    if not found:
+        raise VlmCreditError(
+            f"sample {sample.sample_id}: the {cfg.alignment} Q/K states pass did not run"
+        )
+    layer = max(found) if cfg.layer == -1 else cfg.layer
+    if (cfg.alignment, layer) not in sample.qk_states:
+        raise VlmCreditError(
+            f"sample {sample.sample_id}: no {cfg.alignment} Q/K states for layer {layer}"
+        )
+    response, image = sample.qk_states[(cfg.alignment, layer)]
+    return layer, response, image
+
+
 def compute_one(sample: SamplePasses, cfg: KawhiConfig) -> MethodOutput:
-    layer = _qk_layer(sample, cfg.layer)
-    if layer not in sample.queries or layer not in sample.keys:
-        raise VlmCreditError(f"sample {sample.sample_id}: no Q/K captured for layer {layer}")
-    queries, keys = sample.queries[layer], sample.keys[layer]
+    layer, queries, keys = response_and_image_states(sample, cfg)
     regions, selected = sample_regions(sample, cfg.sguf)
     if not selected.any():
         raise VlmCreditError(

@@ -31,7 +31,7 @@ COLUMN_DTYPES = ("float32", "int32", "int64", "bool")
 CORE_COLUMNS = {"cluster_id": "int32", "paragraph_id": "int32"}
 
 
-PASS_NAMES = ("attention", "qk", "logprobs", "images", "text")
+PASS_NAMES = ("attention", "qk", "qk_states", "logprobs", "images", "text")
 LOGPROB_VARIANTS = ("image", "no_image", "perturbed")
 
 
@@ -44,6 +44,9 @@ class Needs:
     attention: bool = False
     # post-RoPE queries of response tokens and keys of image tokens, for these layers (-1 = last)
     qk_layers: tuple[int, ...] = ()
+    # (kind, layer) pairs of Q/K states recomputed from that layer's input in a forward (KAWHI's
+    # Table 3 alignment ablations; kinds in probes.qk_states: "key-key", "pre-rope", ...)
+    qk_states: tuple[tuple[str, int], ...] = ()
     # teacher-forced log p of the taken token and next-token entropy per response token, for
     # these input variants ("image", "no_image" = re-templated without the image, "perturbed")
     logprobs: tuple[str, ...] = ()
@@ -59,6 +62,8 @@ class Needs:
             out.append("attention")
         if self.qk_layers:
             out.append("qk")
+        if self.qk_states:
+            out.append("qk_states")
         if self.logprobs:
             out.append("logprobs")
         if self.images:
@@ -71,6 +76,7 @@ class Needs:
         return Needs(
             attention=self.attention or other.attention,
             qk_layers=tuple(sorted(set(self.qk_layers) | set(other.qk_layers))),
+            qk_states=tuple(sorted(set(self.qk_states) | set(other.qk_states))),
             logprobs=tuple(v for v in LOGPROB_VARIANTS if v in (*self.logprobs, *other.logprobs)),
             images=self.images or other.images,
             text=self.text or other.text,
@@ -91,6 +97,8 @@ class SamplePasses:
     pairs: list[tuple[int, int]] | None = None
     queries: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (H, T, D)
     keys: dict[int, np.ndarray] = field(default_factory=dict)  # layer -> (H, N, D)
+    # Needs.qk_states: (kind, absolute layer) -> ((H, T, D) response states, (H, N, D) image keys)
+    qk_states: dict[tuple[str, int], tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)
     image_boxes: np.ndarray | None = None  # (N, 4) pixel boxes of the image tokens
     image_cells: np.ndarray | None = None  # (N, 3) (t, row, col) merged-grid cell per token
     image_owner: np.ndarray | None = None  # (N,) image index per image token

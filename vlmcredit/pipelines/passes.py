@@ -104,7 +104,14 @@ def run_passes(
 
     # with no forward needed (no attention, no Q/K), the token layout alone gives the ids
     forward = needs.attention or bool(needs.qk_layers)
-    items = capture_samples(ck, samples, spec) if forward else encoded_samples(ck, samples)
+    states: list[Any] = []
+    if needs.qk_states:
+        # recomputed Q/K (KAWHI ablations): hooked into the capture forward when one runs
+        from vlmcredit.probes.qk_states import sample_states
+
+        items, states = sample_states(ck, samples, needs.qk_states, spec if forward else None)
+    else:
+        items = capture_samples(ck, samples, spec) if forward else encoded_samples(ck, samples)
     passes = [
         SamplePasses(
             sample_id=item.sample.id,
@@ -124,9 +131,11 @@ def run_passes(
         )
         for item in items
     ]
+    for p, found in zip(passes, states, strict=False):  # empty unless needs.qk_states
+        p.qk_states = {key: (a.numpy(), b.numpy()) for key, (a, b) in found.items()}
     ctx = PassContext(ck, samples, items, needs, dict(options or {}))
     for name in needs.names():
-        if name in ("attention", "qk"):
+        if name in ("attention", "qk", "qk_states"):
             continue
         if name not in FILLERS:
             raise VlmCreditError(f"the {name!r} pass is not available in `vlmcredit weights` yet")

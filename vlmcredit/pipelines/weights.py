@@ -204,7 +204,9 @@ def run_weights(
         if needs.attention
         else None,
         # the heads whose Q/K a method averages (KAWHI's critical heads), when Q/K is read
-        "qk_heads": {"pairs": head_choice, "source": choice.source} if needs.qk_layers else None,
+        "qk_heads": {"pairs": head_choice, "source": choice.source}
+        if needs.qk_layers or needs.qk_states
+        else None,
     }
     # what the logprobs pass scores (temperatures, top-p, perturbation), from the configs
     pass_options = {"logprobs": collect_pass_options(configs.values())}
