@@ -208,3 +208,34 @@ def test_pair_figures_equal_a_direct_computation() -> None:
     xb = np.concatenate([score_b[k] for k in keys])
     assert pair["spearman"] == pytest.approx(spearmanr(xa, xb).statistic)
     assert spearman(np.ones(4), np.arange(4.0)) is None  # constant side: undefined
+
+
+def test_tor_entropy_is_the_sorted_nucleus_of_the_full_logits(
+    tiny_ckpt, loaded, rollouts, tmp_path
+) -> None:
+    """The exported ToR entropy (top-p 0.95, found by the histogram search) equals the nucleus
+    entropy by a full sort of the model's full-sequence logits, sample by sample."""
+    from vlmcredit.models.families import adapter_of
+
+    ck = loaded(FAMILY)
+    _weights(tiny_ckpt(FAMILY), rollouts, tmp_path / "tor", "tor")
+    frame = read_signals(tmp_path / "tor").frame
+    assert len(frame) == len(RESPONSES)
+    for i, row in enumerate(frame.itertuples()):
+        sample = Sample([_image(i)], "Describe the image.", RESPONSES[i])
+        enc = encode_samples(ck.processor, ck.geometry, [sample])
+        start, end = enc.layouts[0].response_span
+        inputs = adapter_of(ck.model).with_positions(ck.model, enc.inputs)
+        with torch.no_grad():
+            logits = ck.model(**inputs).logits[0, start - 1 : end - 1].double()
+        lp = torch.log_softmax(logits, -1)
+        full = -(lp.exp() * lp).sum(-1)
+        probs = lp.exp().sort(-1, descending=True).values
+        kept = torch.where(probs.cumsum(-1) - probs < 0.95, probs, 0.0)
+        q = kept / kept.sum(-1, keepdim=True)
+        want = -(q * q.log()).nan_to_num(0.0).sum(-1)
+        got = np.asarray(row.entropy, np.float64)
+        assert got.shape == (end - start,)
+        # batched with another response (padding) vs alone: float32 noise only
+        np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
+        assert (full - want).min() > 1e-3  # the nucleus cuts tokens: top_p is not ignored

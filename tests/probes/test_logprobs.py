@@ -171,17 +171,112 @@ def test_trainer_batch_scores_equal_the_rollout_scores(loaded) -> None:
             np.testing.assert_allclose(got[(1.0, 1.0)][1], want[(1.0, 1.0)][1], atol=1e-4)
 
 
-def test_top_p_entropy_takes_the_same_nucleus_on_flat_and_peaked_rows() -> None:
-    # a flat row's nucleus does not fit in the partial top-k (full sort); a peaked row's does
-    rng = np.random.default_rng(0)
-    flat = rng.random(4096) + 1.0
-    peaked = np.exp(rng.normal(0, 4, 4096))
-    rows = np.stack([flat / flat.sum(), peaked / peaked.sum()])
-    got = L.entropy_from_logprobs(torch.from_numpy(np.log(rows)), 0.95).numpy()
-    for row, value in zip(rows, got, strict=True):
-        order = np.sort(row)[::-1]
-        keep = order[(np.cumsum(order) - order) < 0.95]
-        q = keep / keep.sum()
-        assert value == pytest.approx(-(q * np.log(q)).sum(), rel=1e-9)
-    top_mass = [np.sort(r)[::-1][: L.NUCLEUS_K].sum() for r in rows]
-    assert top_mass[0] < 0.95 <= top_mass[1]  # both paths ran
+def _sorted_nucleus_entropy(logprobs: torch.Tensor, top_p: float) -> torch.Tensor:
+    """The definition by a full sort (the implementation before the histogram search)."""
+    probs = logprobs.exp()
+    if top_p >= 1.0:
+        return -(probs * logprobs).nan_to_num_(0.0).sum(-1)
+    s = probs.sort(dim=-1, descending=True).values
+    before = s.cumsum(-1) - s  # mass of the strictly more probable tokens
+    kept = torch.where(before < top_p, s, 0.0)
+    q = kept / kept.sum(-1, keepdim=True)
+    return -(q * q.log()).nan_to_num_(0.0).sum(-1)
+
+
+def _rows(vocab: int, seed: int) -> torch.Tensor:
+    """float64 log-probability rows: flat, peaked, gaussian logits, heavy ties, uniform, one-hot,
+    and rows with masked (-inf) tokens."""
+    rng = np.random.default_rng(seed)
+    logits = [
+        np.log(rng.random(vocab) + 1.0),  # flat: the nucleus holds most of the vocabulary
+        rng.normal(0, 4, vocab),  # peaked
+        rng.normal(0, 0.5, vocab),  # a random model's row
+        rng.normal(0, 3, vocab),
+        rng.integers(0, 6, vocab).astype(np.float64),  # six values: ties at every cut
+        np.zeros(vocab),  # uniform: one bin holds every token
+        np.where(np.arange(vocab) == 7, 0.0, -np.inf),  # one-hot
+        np.where(rng.random(vocab) < 0.5, -np.inf, rng.normal(0, 1, vocab)),  # masked tokens
+    ]
+    return torch.log_softmax(torch.from_numpy(np.stack(logits)), -1)
+
+
+@pytest.mark.parametrize("vocab", [50, 4096, 65536])
+def test_nucleus_entropy_equals_the_sort_on_random_rows(monkeypatch, vocab) -> None:
+    # three rows per block: blocks split the rows, and the last block is short
+    monkeypatch.setattr(L, "BLOCK", 3 * vocab)
+    lp = _rows(vocab, vocab)
+    rng = np.random.default_rng(1)
+    for top_p in [0.05, 0.3, 0.5, 0.9, 0.95, 0.999, float(rng.random()), 1.0]:
+        want = _sorted_nucleus_entropy(lp, top_p)
+        got = L.entropy_from_logprobs(lp, top_p)
+        assert got.dtype == torch.float64
+        torch.testing.assert_close(got, want, atol=1e-9, rtol=0)
+        # float32: as close to the float64 value as the float32 sort is, within an ulp or two;
+        # not the uniform row, whose mass reaches 0.3 / 0.5 / 0.9 exactly at a token boundary
+        # in real numbers, so rounding decides one token either way (in the sort too)
+        rows = [0, 1, 2, 3, 4, 6, 7]
+        got32 = L.entropy_from_logprobs(lp.float(), top_p).double()[rows]
+        err32 = (_sorted_nucleus_entropy(lp.float(), top_p).double() - want).abs()[rows]
+        assert ((got32 - want[rows]).abs() <= err32 + 4e-6).all()
+    assert L.entropy_from_logprobs(lp, 0.9)[6].item() == 0.0  # one-hot
+    # a NaN row (NaN logits) gives NaN, loud, where the sort's nan_to_num printed a number;
+    # the other rows are untouched
+    broken = lp.clone()
+    broken[2, 5] = float("nan")
+    got = L.entropy_from_logprobs(broken, 0.95)
+    assert torch.isnan(got[2]) and torch.isnan(L.entropy_from_logprobs(broken, 1.0)[2])
+    torch.testing.assert_close(got[3:], L.entropy_from_logprobs(lp, 0.95)[3:])
+
+
+def test_nucleus_boundaries_and_ties_follow_the_sort_exactly() -> None:
+    # dyadic probabilities whose log round-trips exactly: every partial sum is exact, so top_p
+    # can sit exactly on a token boundary
+    p = [1 / 4, 1 / 32, 1 / 4, 1 / 16, 1 / 32, 1 / 4, 1 / 16, 1 / 32, 1 / 32]
+    padded = p + [0.0] * 40  # zero-probability tokens (log p = -inf) share the last bin
+    for dtype in (torch.float64, torch.float32):
+        lp = torch.tensor([p, p[::-1]], dtype=dtype).log()
+        assert torch.equal(lp.exp(), torch.tensor([p, p[::-1]], dtype=dtype))
+        wide = torch.tensor([padded], dtype=dtype).log()
+        # sorted: 1/4 x3, 1/16 x2, 1/32 x4; cumulative .25 .5 .75 .8125 .875 .90625 .9375 ...
+        cases = {
+            0.25: 1,  # the first 1/4 reaches 0.25: one of the three tied
+            0.5: 2,  # two of the tied 1/4s
+            0.5 + 2**-20: 3,
+            0.75: 3,  # the three 1/4s reach 0.75 exactly: no 1/16
+            0.8: 4,
+            0.8125: 4,
+            0.85: 5,
+            0.875: 5,
+            0.9: 6,  # one of the four tied 1/32s
+            0.9375: 7,
+            0.95: 8,
+            0.96875: 8,
+            0.99: 9,
+        }
+        for top_p, n in cases.items():
+            kept = np.sort(p)[::-1][:n]
+            q = kept / kept.sum()
+            hand = float(-(q * np.log(q)).sum())
+            for rows in (lp, wide):
+                got = L.entropy_from_logprobs(rows, top_p)
+                want = _sorted_nucleus_entropy(rows, top_p)
+                torch.testing.assert_close(got, want, atol=1e-6, rtol=0)
+                np.testing.assert_allclose(got.double().numpy(), hand, atol=1e-6)
+
+
+@pytest.mark.parametrize("top_p", [0.95, 1.0])
+def test_scores_in_small_blocks_equal_whole_chunks(monkeypatch, loaded, top_p) -> None:
+    # LM-head chunks of 3 positions, blocks of 2 rows: every split of a response is exercised
+    ck = loaded("qwen2.5-vl")
+    samples = _samples()
+    scores = [(1.0, top_p), (0.7, top_p)]
+    want = L.score_samples(ck, samples, ["image"], scores)["image"]
+    vocab = ck.model.config.text_config.vocab_size
+    monkeypatch.setattr(L, "CHUNK", 3)
+    monkeypatch.setattr(L, "BLOCK", 2 * vocab)
+    got = L.score_samples(ck, samples, ["image"], scores)["image"]
+    for g, w in zip(got, want, strict=True):
+        for s in scores:
+            # a 3-row LM head rounds its float32 logits differently: an ulp or two of 5.6 nats
+            np.testing.assert_allclose(g[s][0], w[s][0], atol=1e-5)
+            np.testing.assert_allclose(g[s][1], w[s][1], atol=1e-5)

@@ -4,8 +4,8 @@ Methods that read log p / entropy (ToR, VPPO, entropy, SAYO) share one pass per 
 Each config names the distribution it scores (`temperature`, `top_p`); VPPO's also names the
 image perturbation (`perturb`). `collect` merges them into the pass options the pipelines and
 `vlmcredit.online` hand to the probe: every distinct (temperature, top_p) is scored in the same
-forward (the logits are computed once; each extra setting only costs a softmax, plus a vocabulary
-sort when top_p < 1), and `score_key` names where a method finds its arrays in
+forward (the logits are computed once; each extra temperature costs a softmax, each top_p < 1 a
+nucleus search), and `score_key` names where a method finds its arrays in
 `SamplePasses.logprobs` / `SamplePasses.entropy`. No module here registers a method.
 """
 

@@ -7,11 +7,14 @@ Three input variants, each one forward of the decoder per batch:
   perturbed  the real prompt with patches of the image blacked out (VPPO); black is pixel value
              0 after the image processor's rescale and normalisation.
 
-Memory: the forward returns the decoder's last hidden states; the LM head runs on `CHUNK`
-response positions at a time, so no (T x vocab) tensor outlives its chunk. The log-softmax is
-taken in fp32 whatever the model dtype (a bf16 softmax over 150k entries loses the small
-probabilities the entropy sums). Every requested (temperature, top_p) is scored from the same
-logits.
+Memory and cost: the forward returns the decoder's last hidden states; the LM head runs on
+`CHUNK` response positions at a time (every response of the batch in one run of chunks), so no
+(T x vocab) tensor outlives its chunk. Each chunk is then processed in cache-sized row blocks
+(`BLOCK`) on buffers allocated once: the log-softmax in fp32 whatever the model dtype (a bf16
+softmax over 150k entries loses the small probabilities the entropy sums), the taken token's
+log p, the entropy from the same probabilities, and for top_p < 1 the nucleus by a histogram
+search instead of a sort (`_nucleus_entropy`). Every requested (temperature, top_p) is scored
+from the same logits; one log-softmax per temperature.
 """
 
 from __future__ import annotations
@@ -32,7 +35,12 @@ from vlmcredit.models.layout import prompt_mm_token_type_ids
 from vlmcredit.probes.response_attention import model_device
 
 CHUNK = 256  # response positions per LM-head chunk: 256 x 152k fp32 logits = 155 MB
-NUCLEUS_K = 1024  # candidates of the partial top-k that finds a peaked row's nucleus
+# logits per post-processing block (2 MB fp32): the softmax, entropy and nucleus passes over one
+# block run in cache on buffers allocated once per pass; a fresh chunk-sized tensor per op costs
+# more in page faults than the op itself (benchmarks/RESULTS.md, log-probability methods)
+BLOCK = 1 << 19
+NUCLEUS_BINS = 2048  # log-probability bins of the nucleus search (at most; ~32 tokens a bin)
+NUCLEUS_SPAN = 100.0  # nats below a row's top the bins cover; rarer tokens share the last bin
 VARIANTS = ("image", "no_image", "perturbed")
 
 Score = tuple[float, float]  # (temperature, top_p)
@@ -56,32 +64,90 @@ class Perturbation:
 
 
 # -- the scores ----------------------------------------------------------------------------------
+class _Workspace:
+    """(rows, vocab) buffers for one block of rows, allocated on first use, reused by each block."""
+
+    def __init__(self, vocab: int, dtype: torch.dtype, device: torch.device) -> None:
+        self.rows = max(1, BLOCK // max(vocab, 1))
+        self.vocab, self.dtype, self.device = vocab, dtype, device
+        self._buffers: dict[str, torch.Tensor] = {}
+
+    def get(self, name: str, n: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        buf = self._buffers.get(name)
+        if buf is None:
+            shape = (self.rows, self.vocab)
+            buf = torch.empty(shape, dtype=dtype or self.dtype, device=self.device)
+            self._buffers[name] = buf
+        return buf[:n]
+
+
 def entropy_from_logprobs(logprobs: torch.Tensor, top_p: float = 1.0) -> torch.Tensor:
-    """Entropy (nats) of each row of fp32 log-probabilities; with top_p < 1 of the nucleus:
-    the most probable tokens until their mass reaches top_p (the one crossing it included),
-    renormalised."""
-    probs = logprobs.exp()
-    if top_p >= 1.0:
-        return -(probs * logprobs).nan_to_num_(0.0).sum(-1)  # 0 * -inf -> 0
-    out = torch.empty(probs.shape[0], dtype=probs.dtype, device=probs.device)
-    # a peaked row's nucleus lies in its top NUCLEUS_K: a partial top-k is exact there and far
-    # cheaper than sorting the vocabulary; the other rows are sorted in full
-    k = min(NUCLEUS_K, probs.shape[-1])
-    top = probs.topk(k, dim=-1).values
-    fits = top.sum(-1) >= top_p
-    if fits.any():
-        out[fits] = _nucleus_entropy(top[fits], top_p)
-    if not fits.all():
-        rest = probs[~fits].sort(dim=-1, descending=True).values
-        out[~fits] = _nucleus_entropy(rest, top_p)
+    """Entropy (nats) of each row of log-probabilities, in their dtype; with top_p < 1 of the
+    nucleus: the most probable tokens until their mass reaches top_p (the one crossing it
+    included), renormalised. Exact for any distribution (see `_nucleus_entropy`)."""
+    rows, vocab = logprobs.shape
+    ws = _Workspace(vocab, logprobs.dtype, logprobs.device)
+    out = torch.empty(rows, dtype=logprobs.dtype, device=logprobs.device)
+    for start in range(0, rows, ws.rows):
+        lp = logprobs[start : start + ws.rows]
+        p = torch.exp(lp, out=ws.get("p", lp.shape[0]))
+        out[start : start + ws.rows] = _entropy(lp, p, top_p, ws)
     return out
 
 
-def _nucleus_entropy(sorted_p: torch.Tensor, top_p: float) -> torch.Tensor:
-    before = sorted_p.cumsum(-1) - sorted_p  # mass of the strictly more probable tokens
-    kept = torch.where(before < top_p, sorted_p, 0.0)
-    q = kept / kept.sum(-1, keepdim=True)
-    return -(q * q.log()).nan_to_num_(0.0).sum(-1)
+def _entropy(lp: torch.Tensor, p: torch.Tensor, top_p: float, ws: _Workspace) -> torch.Tensor:
+    if top_p < 1.0:
+        return _nucleus_entropy(lp, p, top_p, ws)
+    # log p = -inf (p = 0) counts 0; a NaN stays NaN
+    floor = torch.finfo(lp.dtype).min
+    plogp = torch.clamp(lp, min=floor, out=ws.get("tmp", lp.shape[0])).mul_(p)
+    return -plogp.sum(-1)
+
+
+def _nucleus_entropy(
+    lp: torch.Tensor, p: torch.Tensor, top_p: float, ws: _Workspace
+) -> torch.Tensor:
+    """The top-p entropy without sorting the vocabulary.
+
+    The kept tokens are those of the descending sort up to the first whose cumulative mass
+    reaches top_p. Bin each row's tokens by log p below its top (a monotone map, so bins follow
+    the sorted order): one histogram of the mass per bin finds the bin that crosses top_p; the
+    bins above are kept whole, the ones below dropped, and only the crossing bin's tokens are
+    sorted, so ties and boundaries resolve as a full sort would. Sums past the histogram are
+    float64.
+    """
+    n, nb = lp.shape[0], min(NUCLEUS_BINS, max(16, lp.shape[1] // 32))
+    top = lp.amax(-1, keepdim=True)
+    span = (top - lp.amin(-1, keepdim=True)).clamp_(min=1e-6, max=NUCLEUS_SPAN)
+    tmp = ws.get("tmp", n)
+    scaled = torch.sub(top, lp, out=tmp).mul_((nb - 1) / span).clamp_(max=nb - 1)  # -inf -> last
+    scaled.nan_to_num_(nan=0.0)  # a valid bin; a NaN row (NaN logits) still comes out NaN
+    bins = ws.get("bins", n, torch.long)
+    bins.copy_(scaled)  # truncation: bin 0 holds the most probable tokens
+    # float64 from here: a bin of ten thousand tied tokens summed in float32 moves the cut
+    p64 = p if p.dtype == torch.float64 else ws.get("p64", n, torch.float64).copy_(p)
+    plogp = torch.mul(p64, lp, out=ws.get("plogp64", n, torch.float64))
+    plogp.nan_to_num_(0.0)  # 0 * -inf -> 0
+    mass = p64.new_zeros(n, nb).scatter_add_(1, bins, p64)
+    mass_plogp = p64.new_zeros(n, nb).scatter_add_(1, bins, plogp)
+    cum = mass.cumsum(-1)
+    cross = (cum < top_p).sum(-1, keepdim=True).clamp_(max=nb - 1)  # first bin reaching top_p
+    above = (cum - mass).gather(1, cross)[:, 0]
+    above_plogp = (mass_plogp.cumsum(-1) - mass_plogp).gather(1, cross)[:, 0]
+    # the crossing bin's tokens, row by row in descending probability
+    r, c = torch.eq(bins, cross, out=ws.get("in_bin", n, torch.bool)).nonzero(as_tuple=True)
+    vals, vals_plogp = p64[r, c], plogp[r, c]
+    order = vals.argsort(descending=True, stable=True)
+    order = order[r[order].argsort(stable=True)]
+    r, vals, vals_plogp = r[order], vals[order], vals_plogp[order]
+    excl = vals.cumsum(0) - vals  # across rows; each row's offset is removed below
+    counts = torch.bincount(r, minlength=n)
+    first = (counts.cumsum(0) - counts)[r]
+    keep = above[r] + (excl - excl[first]) < top_p  # mass of the more probable tokens < top_p
+    kept = above.index_add(0, r, torch.where(keep, vals, 0.0))
+    kept_plogp = above_plogp.index_add(0, r, torch.where(keep, vals_plogp, 0.0))
+    # renormalised q = p / kept: -sum q log q = log kept - sum p log p / kept
+    return (kept.log() - kept_plogp / kept).to(lp.dtype)
 
 
 def score_hidden(
@@ -91,25 +157,49 @@ def score_hidden(
     scores: Sequence[Score],
     entropy: bool = True,
 ) -> RowScores:
-    """Scores of one response: `hidden` (T, D) are the states that predict `targets` (T,).
-    With entropy=False only log p is computed (the entropy arrays are empty)."""
-    out: dict[Score, tuple[list[torch.Tensor], list[torch.Tensor]]] = {s: ([], []) for s in scores}
-    for start in range(0, hidden.shape[0], CHUNK):
-        logits = head(hidden[start : start + CHUNK]).float()
-        taken = targets[start : start + CHUNK, None]
-        for temperature, top_p in scores:
-            lp = torch.log_softmax(logits / temperature, dim=-1)
-            out[(temperature, top_p)][0].append(lp.gather(-1, taken)[:, 0])
-            if entropy:
-                out[(temperature, top_p)][1].append(entropy_from_logprobs(lp, top_p))
+    """Scores of response positions: `hidden` (T, D) are the states that predict `targets`
+    (T,). With entropy=False only log p is computed (the entropy arrays are None).
+
+    Per LM-head chunk, per block of rows (BLOCK): one fp32 log-softmax per temperature, the
+    taken token's log p, and per requested top_p the entropy from the same probabilities."""
+    n = hidden.shape[0]
+    top_ps: dict[float, list[float]] = {}
+    for temperature, top_p in scores:
+        top_ps.setdefault(float(temperature), []).append(float(top_p))
+    dev = hidden.device
+    logp = {t: torch.empty(n, device=dev) for t in top_ps}
+    ents = {(t, p): torch.empty(n, device=dev) for t, ps in top_ps.items() for p in ps}
+    ws: _Workspace | None = None
+    for start in range(0, n, CHUNK):
+        logits = head(hidden[start : start + CHUNK])
+        if ws is None:
+            ws = _Workspace(logits.shape[-1], torch.float32, logits.device)
+        for s in range(0, logits.shape[0], ws.rows):
+            x = logits[s : s + ws.rows]
+            m, at = x.shape[0], start + s
+            taken = targets[at : at + m, None]
+            for temperature, ps in top_ps.items():
+                scaled = x
+                if x.dtype != torch.float32 or temperature != 1.0:
+                    scaled = ws.get("scaled", m).copy_(x)  # fp32 before dividing
+                    if temperature != 1.0:
+                        scaled.div_(temperature)
+                lp = torch.log_softmax(scaled, -1, out=ws.get("lp", m))
+                logp[temperature][at : at + m] = lp.gather(-1, taken)[:, 0]
+                if entropy:
+                    p = torch.exp(lp, out=ws.get("p", m))
+                    for top_p in ps:
+                        ents[(temperature, top_p)][at : at + m] = _entropy(lp, p, top_p, ws)
         del logits
-    return {s: (_cat(lps), _cat(ents) if entropy else None) for s, (lps, ents) in out.items()}
+    out: RowScores = {}
+    for score in scores:
+        t, p = float(score[0]), float(score[1])
+        out[score] = (_numpy(logp[t]), _numpy(ents[(t, p)]) if entropy else None)
+    return out
 
 
-def _cat(parts: list[torch.Tensor]) -> np.ndarray:
-    if not parts:
-        return np.zeros(0, dtype=np.float32)
-    return torch.cat(parts).to("cpu", torch.float32).numpy()
+def _numpy(values: torch.Tensor) -> np.ndarray:
+    return values.to("cpu", torch.float32).numpy()
 
 
 def score_inputs(
@@ -129,15 +219,24 @@ def score_inputs(
         hidden = adapter.base_model(model)(**batch, use_cache=False).last_hidden_state
         head = adapter.output_embedding(model)
         ids = batch["input_ids"]
-        rows = []
-        for b, (start, end) in enumerate(spans):
-            if end <= start:
-                empty = np.zeros(0, np.float32)
-                rows.append({s: (empty, empty if entropy else None) for s in scores})
-                continue
-            # the state at position p predicts the token at p + 1
-            states, targets = hidden[b, start - 1 : end - 1], ids[b, start:end]
-            rows.append(score_hidden(states, head, targets, scores, entropy))
+        # every response's positions in one run of LM-head chunks (short responses fill them);
+        # the state at position p predicts the token at p + 1
+        kept = [(b, s, e) for b, (s, e) in enumerate(spans) if e > s]
+        empty = np.zeros(0, np.float32)
+        rows: list[RowScores] = [
+            {s: (empty, empty if entropy else None) for s in scores} for _ in spans
+        ]
+        if not kept:
+            return rows
+        states = torch.cat([hidden[b, s - 1 : e - 1] for b, s, e in kept])
+        targets = torch.cat([ids[b, s:e] for b, s, e in kept])
+        scored = score_hidden(states, head, targets, scores, entropy)
+    offsets = np.cumsum([0] + [e - s for _, s, e in kept])
+    for (b, _, _), lo, hi in zip(kept, offsets[:-1], offsets[1:], strict=True):
+        rows[b] = {
+            score: (logp[lo:hi], None if ent is None else ent[lo:hi])
+            for score, (logp, ent) in scored.items()
+        }
     return rows
 
 
@@ -244,9 +343,10 @@ def perturb_pixel_values(
         grid = torch.from_numpy(mask).reshape(h // m, m, ps, w // m, m, ps)
         per_patch = grid.permute(0, 3, 1, 4, 2, 5).reshape(h * w, ps * ps).repeat(t, 1)
         rows = out[offset : offset + n].view(n, channels, tps, ps * ps)
-        fill = black.to(rows.dtype).to(rows.device).view(1, channels, 1, 1).expand_as(rows)
-        where = per_patch.to(rows.device).view(n, 1, 1, ps * ps).expand_as(rows)
-        rows[where] = fill[where]
+        fill = black.to(rows.dtype).to(rows.device).view(1, channels, 1, 1)
+        where = per_patch.to(rows.device).view(n, 1, 1, ps * ps)
+        # a broadcast select: a boolean-index assignment costs ten times as much
+        rows.copy_(torch.where(where, fill, rows))
         offset += n
     return out
 
@@ -261,8 +361,8 @@ def score_samples(
 ) -> dict[str, list[RowScores]]:
     """variant -> per-sample scores of a batch of rollout samples (one forward per variant).
 
-    Entropy is computed for `entropy_variants` only (None = all): a top-p entropy sorts the
-    vocabulary, so the passes a method reads log p from alone skip it."""
+    Entropy is computed for `entropy_variants` only (None = all): the passes a method reads
+    log p from alone skip its cost."""
     out: dict[str, list[RowScores]] = {}
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
