@@ -335,3 +335,19 @@ def test_graphml_export_matches_the_labels(tiny_ckpt, rollouts, tmp_path) -> Non
         assert [bool(d["anchor"]) for d in tokens] == part.anchor.tolist()
         assert [int(d["cluster"]) for d in tokens] == part.cluster.tolist()
         assert len(nodes) - len(tokens) == Run.load(out).tensors(sid)["attention"].shape[1]
+
+
+def test_from_a_bf16_capture_run(tiny_ckpt, rollouts, anchors_run, tmp_path) -> None:
+    """A capture stored in bf16 (`--store-dtype bf16`) feeds `anchors --from`: the connectivity
+    is the fp32 run's within bf16 rounding."""
+    cap = tmp_path / "cap16"
+    args = ["capture", "--ckpt", str(tiny_ckpt(FAMILY)), "--data", str(rollouts)]
+    args += ["--out", str(cap), "--no-qk", "--quiet", "--batch-size", "2"]
+    result = runner.invoke(app, [*args, "--reduce", "heads", "--store-dtype", "bf16"])
+    assert result.exit_code == 0, result.output
+    result = _anchors("--from", str(cap), "--out", str(tmp_path / "from16"))
+    assert result.exit_code == 0, result.output
+    a = pd.read_parquet(anchors_run / "anchors.parquet")
+    b = pd.read_parquet(tmp_path / "from16" / "anchors.parquet")
+    assert len(a) == len(b)
+    assert np.allclose(a.connectivity, b.connectivity, rtol=2e-2, atol=1e-4)

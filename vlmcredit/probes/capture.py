@@ -6,8 +6,18 @@ attention implementation in transformers' `AttentionInterface` (and `AttentionMa
 so padding masks are still built): it computes the layer output with SDPA, and, only while a
 capture session is active, recomputes the softmax rows of the chosen query positions (response
 tokens) over *all* keys, keeps the chosen key columns (image tokens), reduces them as asked and
-moves them to the CPU at once. Rows go in chunks so extra memory is O(chunk x S) per head;
-GQA is handled by grouping query heads per kv head, never by repeating keys.
+writes them into one preallocated result per sample. Rows go in cache-sized chunks written
+straight into that result (no per-chunk pieces, no concatenation), so the extra memory beyond
+the result is O(chunk); GQA is handled by grouping query heads per kv head, never by repeating
+keys. Scores are computed in fp32 from bf16/fp16 q and k, as fused attention kernels do.
+
+Where a fused kernel can return each row's log-sum-exp (the CPU flash kernel; on CUDA flash or
+memory-efficient attention) the layer output comes from it and only the image columns are
+scored: one fp32 product per row chunk with -logsumexp folded in. Elsewhere plain SDPA gives
+the output and the full rows are recomputed in chunks (the portable path: same numbers).
+On an accelerator the result stays on the device during the forward and is copied out into
+pinned host memory once per sample (one synchronisation), not once per chunk; so a per-head
+capture holds L x H x T x N values per batch row on the device (`store_dtype="bf16"` halves it).
 
 It works in teacher-forced forwards and inside `generate()` (query length 1 and a growing key
 cache): query position i of a call with Q queries over S keys is absolute position S - Q + i.
@@ -17,6 +27,7 @@ The vision tower keeps plain SDPA.
 from __future__ import annotations
 
 import contextvars
+import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -25,10 +36,18 @@ from typing import Any, Literal
 import torch
 
 from vlmcredit.models.families import adapter_of
+from vlmcredit.probes.capture_store import ResultStore
+from vlmcredit.probes.fused_lse import cpu_sdpa_with_lse, sdpa_with_lse
 
 CAPTURE_IMPLEMENTATION = "vlmcredit_capture"
 Reduce = Literal["heads", "mean", "sum"]
 REDUCTIONS = ("heads", "mean", "sum")
+StoreDtype = Literal["fp32", "bf16", "fp16"]
+STORE_DTYPES: dict[str, torch.dtype] = {
+    "fp32": torch.float32,
+    "bf16": torch.bfloat16,
+    "fp16": torch.float16,
+}
 
 _ACTIVE: contextvars.ContextVar[CaptureSession | None] = contextvars.ContextVar(
     "vlmcredit_capture_session", default=None
@@ -44,12 +63,18 @@ class CaptureSpec:
     reduce: Reduce = "heads"
     attention: bool = True
     qk_layers: Sequence[int] = ()  # layers whose post-RoPE Q (response) and K (image) to keep
-    # Upper bound on the elements of one chunk of recomputed scores (heads x rows x keys):
-    # 2^25 fp32 = 128 MiB. Rows per chunk = max(1, budget // (heads * keys)).
-    chunk_elements: int = 1 << 25
-    # Take each row's log-sum-exp from the fused CPU attention kernel when it applies (faster);
+    # Upper bound on the fp32 scores of one row chunk on the CPU (heads x rows x columns
+    # scored: image columns with the kernel's log-sum-exp, all keys otherwise). 2^18 = 1 MiB
+    # stays in cache, so each chunk is scored, exponentiated and written out while hot.
+    chunk_elements: int = 1 << 18
+    # The same bound on an accelerator, where big products are what keeps it busy (256 MiB).
+    device_chunk_elements: int = 1 << 26
+    # Take each row's log-sum-exp from a fused attention kernel when one applies (faster);
     # False always uses the portable path (plain SDPA + chunked recompute of the full rows).
     kernel_lse: bool = True
+    # dtype of the stored probabilities (computed in fp32 either way): bf16/fp16 halve a
+    # per-head result at ~0.4% / ~0.05% relative rounding.
+    store_dtype: StoreDtype = "fp32"
 
 
 @dataclass
@@ -111,8 +136,9 @@ def _mask_columns(
 class SampleCapture:
     """What one sample's capture holds, on the CPU.
 
-    `attention`: (layers, heads', T, N) float32 probabilities of response token t attending to
-    image token n, normalised over the full row; heads' = len(heads) for reduce="heads", else 1.
+    `attention`: (layers, heads', T, N) probabilities of response token t attending to image
+    token n, normalised over the full row; heads' = len(heads) for reduce="heads", else 1.
+    Computed in fp32, stored in the spec's `store_dtype` (fp32 unless asked otherwise).
     `queries[layer]`: (H, T, D) post-RoPE query states of response tokens;
     `keys[layer]`: (H, N, D) key states of image tokens, GQA-expanded to query heads.
     """
@@ -132,7 +158,7 @@ class SampleCapture:
 
 
 class CaptureSession:
-    """Collects captured blocks per (layer, batch row) during one or more forwards."""
+    """Writes captured rows per (layer, batch row) during one or more forwards."""
 
     def __init__(
         self,
@@ -147,6 +173,10 @@ class CaptureSession:
         and cannot be asked for."""
         if spec.reduce not in REDUCTIONS:
             raise ValueError(f"reduce must be one of {REDUCTIONS}, got {spec.reduce!r}")
+        if spec.store_dtype not in STORE_DTYPES:
+            raise ValueError(
+                f"store_dtype must be one of {tuple(STORE_DTYPES)}, got {spec.store_dtype!r}"
+            )
         self.spec = spec
         self.targets = list(targets)
         with_attn = range(num_layers) if attention_layers is None else sorted(attention_layers)
@@ -162,16 +192,18 @@ class CaptureSession:
             if not 0 <= head < num_heads:
                 raise ValueError(f"head {head} out of range (model has {num_heads})")
         self._all_heads = len(self.heads) == num_heads
-        self._attn: dict[tuple[int, int], list[torch.Tensor]] = {}
+        self._layer_index = {layer: i for i, layer in enumerate(self.attn_layers)}
+        self._stores: dict[int, ResultStore] = {}
         self._queries: dict[tuple[int, int], list[torch.Tensor]] = {}
         self._keys: dict[tuple[int, int], torch.Tensor] = {}
         self._wanted = set(self.attn_layers if spec.attention else []) | set(self.qk_layers)
         self._head_index: dict[torch.device, torch.Tensor] = {}
-        # Diagnostics: layer calls whose row log-sum-exp came from the fused CPU kernel, and
-        # those that fell back to plain SDPA + the chunked recompute (a torch upgrade that
-        # drops or changes the kernel shows up here, not as a silent slowdown).
+        # Diagnostics: layer calls whose row log-sum-exp came from a fused kernel, and those
+        # that fell back to plain SDPA + the chunked recompute (a torch upgrade that drops or
+        # changes a kernel shows up here, not as a silent slowdown).
         self.kernel_lse_calls = 0
         self.recomputed_lse_calls = 0
+        self.kernel_refusals: list[str] = []  # why a fused kernel raised (warned once)
 
     # -- called from the attention function ---------------------------------------------------
     def wants(self, layer: int) -> bool:
@@ -211,11 +243,26 @@ class CaptureSession:
             if want_qk:
                 self._queries.setdefault((layer, b), []).append(query[b, :, r0:r1].float().cpu())
             if want_attn:
+                t0 = lo - target.response_start  # row of the result
+                out = self._store(b).rows(self._layer_index[layer], t0, t0 + hi - lo, query.device)
                 rows = _RowBlock(b, r0, r1, q_offset, scale)
-                block = self._attention_rows(
-                    query[b], key[b], attention_mask, rows, runs, None if lse is None else lse[b]
-                )
-                self._attn.setdefault((layer, b), []).append(block)
+                row_lse = None if lse is None else lse[b]
+                self._attention_rows(query[b], key[b], attention_mask, rows, runs, row_lse, out)
+
+    def _store(self, b: int) -> ResultStore:
+        store = self._stores.get(b)
+        if store is None:
+            target = self.targets[b]
+            known = target.response_end
+            store = ResultStore(
+                len(self.attn_layers),
+                len(self.heads) if self.spec.reduce == "heads" else 1,
+                int(target.key_positions.numel()),
+                None if known is None else max(0, known - target.response_start),
+                STORE_DTYPES[self.spec.store_dtype],
+            )
+            self._stores[b] = store
+        return store
 
     def _attention_rows(
         self,
@@ -225,48 +272,58 @@ class CaptureSession:
         rows: _RowBlock,
         runs: list[tuple[int, int]],
         lse: torch.Tensor | None,
-    ) -> torch.Tensor:
-        """Probabilities of rows r0:r1 (one batch row) on the image columns, reduced.
+        out: torch.Tensor,
+    ) -> None:
+        """Probabilities of rows r0:r1 (one batch row) on the image columns, reduced and
+        written into `out` (H', r1 - r0, N).
 
         p = exp(score - logsumexp(row)), the same numbers as softmax over all keys. With the
-        kernel's log-sum-exp only the image columns are scored; otherwise the full row is
-        scored in chunks (O(chunk x S) memory) to get it.
+        kernel's log-sum-exp only the image columns are scored, as one product per chunk with
+        -lse folded in; otherwise the full row is scored in chunks to get it.
         """
         heads, _, head_dim = q.shape
         kv_heads, kv_len, _ = k.shape
         groups = heads // kv_heads
         # Scores in fp32 from bf16/fp16 q and k, as flash kernels compute them: scores rounded
         # to bf16 before the exp carry ~1% median error (up to ~9% at score magnitudes ~20-40).
-        k_img_t = _take_runs(k, runs, dim=1).transpose(-1, -2).float() if lse is not None else None
-        k_t = k.transpose(-1, -2)  # (Hkv, D, S): a view, no copy (upcast per chunk below)
-        if k_t.dtype != torch.float32:
-            k_t = k_t.float()
-        chunk = max(1, self.spec.chunk_elements // max(1, heads * kv_len))
-        pieces = []
+        if lse is not None:
+            k_t = _take_runs(k, runs, dim=1).transpose(-1, -2).float()  # (Hkv, D, N)
+        else:
+            k_t = k.transpose(-1, -2)  # (Hkv, D, S): a view, no copy when already fp32
+            if k_t.dtype != torch.float32:
+                k_t = k_t.float()
+        width = k_t.shape[-1]
+        budget = self.spec.chunk_elements if q.device.type == "cpu" else None
+        budget = budget or self.spec.device_chunk_elements
+        chunk = max(1, budget // max(1, heads * width))
+        direct = self.spec.reduce == "heads" and self._all_heads and out.dtype == torch.float32
         for c0 in range(rows.r0, rows.r1, chunk):
             c1 = min(rows.r1, c0 + chunk)
             n = c1 - c0
             # (H, n, D) -> (Hkv, G*n, D): query heads grouped under their kv head (no repeat).
             qc = (q[:, c0:c1].float() * rows.scale).reshape(kv_heads, groups * n, head_dim)
             if lse is not None:
-                image = torch.matmul(qc, k_img_t).view(heads, n, -1)
-                row_lse = lse[:, c0:c1, None].float()
+                neg_lse = lse[:, c0:c1].float().neg().reshape(kv_heads, groups * n, 1)
+                image = torch.baddbmm(neg_lse, qc, k_t).view(heads, n, width)
                 if mask is not None:
                     image = _mask_columns(image, mask[rows.b, 0, c0:c1], runs)
             else:
                 scores = torch.matmul(qc, k_t).view(heads, n, kv_len)
                 scores = self._mask_scores(scores, mask, rows, c0, c1)
                 row_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-                image = _take_runs(scores, runs, dim=-1)
-            image = image.sub_(row_lse).exp_()  # (H, n, N)
+                image = _take_runs(scores, runs, dim=-1).sub_(row_lse)
+            dst = out[:, c0 - rows.r0 : c1 - rows.r0]
+            if direct:  # exp written straight into the result: no extra pass
+                torch.exp(image, out=dst)
+                continue
+            image = image.exp_()  # (H, n, N)
             if not self._all_heads:
                 image = image.index_select(0, self._heads_on(image.device))
             if self.spec.reduce == "mean":
                 image = image.mean(0, keepdim=True)
             elif self.spec.reduce == "sum":
                 image = image.sum(0, keepdim=True)
-            pieces.append(image.cpu())
-        return torch.cat(pieces, dim=1)
+            dst.copy_(image)
 
     @staticmethod
     def _mask_scores(
@@ -296,26 +353,17 @@ class CaptureSession:
 
     # -- results ------------------------------------------------------------------------------
     def result(self, b: int, num_tokens: int | None = None) -> SampleCapture:
-        """Batch row b's capture; `num_tokens` trims generated rows (e.g. after EOS).
+        """Batch row b's capture on the CPU; `num_tokens` trims generated rows (e.g. after EOS).
 
-        Hands the collected blocks over (each is read once): chunks are copied into the result
-        and released layer by layer, so the peak is the result plus one layer, not twice it.
+        Hands the preallocated result over (read once): in teacher forcing it is the very
+        tensor the rows were written into, no copy; on an accelerator one copy-out per sample.
         """
-        n_img = int(self.targets[b].key_positions.numel())
         heads = self.heads if self.spec.reduce == "heads" else [-1]
         attention = None
         if self.spec.attention:
-            chunks_per_layer = [self._attn.pop((layer, b), []) for layer in self.attn_layers]
-            total = max((sum(c.shape[1] for c in chunks) for chunks in chunks_per_layer), default=0)
-            rows = total if num_tokens is None else min(total, num_tokens)
-            attention = torch.zeros(len(self.attn_layers), len(heads), rows, n_img)
-            for i, chunks in enumerate(chunks_per_layer):
-                start = 0
-                while chunks and start < rows:
-                    piece = chunks.pop(0)
-                    take = min(piece.shape[1], rows - start)
-                    attention[i, :, start : start + take] = piece[:, :take]
-                    start += take
+            store = self._stores.pop(b, None) or self._store(b)
+            self._stores.pop(b, None)
+            attention = store.take(num_tokens)
         queries = {
             layer: torch.cat(self._queries.pop((layer, b)), dim=1)[:, :num_tokens]
             for layer in self.qk_layers
@@ -352,7 +400,12 @@ def capture_attention_forward(
     # The direct kernel call records no autograd graph: with grad on (a capture inside a
     # training step) the layer output must come from plain SDPA, or gradients stop here.
     if session.spec.kernel_lse and not torch.is_grad_enabled():
-        fused = _cpu_sdpa_with_lse(module, query, key, value, attention_mask, scaling, kwargs)
+        try:
+            fused = sdpa_with_lse(module, query, key, value, attention_mask, scaling, kwargs)
+        except torch.OutOfMemoryError:
+            raise  # not a refusal: the fallback would need more memory, not less
+        except RuntimeError as exc:  # a kernel refusing these shapes on this GPU
+            _note_refusal(session, exc)
     if fused is None:
         session.recomputed_lse_calls += 1
         output = sdpa_attention_forward(
@@ -367,44 +420,21 @@ def capture_attention_forward(
     return output
 
 
-def _cpu_sdpa_with_lse(
-    module: Any,
-    query: torch.Tensor,
-    key: torch.Tensor,
-    value: torch.Tensor,
-    attention_mask: torch.Tensor | None,
-    scaling: float | None,
-    kwargs: dict[str, Any],
-) -> tuple[tuple[torch.Tensor, None], torch.Tensor] | None:
-    """On CPU, the same fused flash kernel that `F.scaled_dot_product_attention` dispatches to,
-    called directly because it also returns each row's log-sum-exp: then the capture scores only
-    the image columns. Returns None where that kernel does not apply (other devices, dropout,
-    sliding windows, grad), and the caller falls back to plain SDPA + a chunked recompute."""
-    op = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-    if (
-        op is None
-        or query.device.type != "cpu"
-        or torch.is_grad_enabled()
-        or kwargs.get("dropout", 0.0)
-        or kwargs.get("sliding_window")
-        or kwargs.get("softcap") is not None
-        or query.dtype not in (torch.float32, torch.bfloat16, torch.float16)
-        # Under autocast (e.g. a trainer's bf16=True on CPU) RoPE leaves q/k in fp32 while v
-        # comes out of the projection in bf16; F.sdpa reconciles that through autocast, the
-        # direct kernel call cannot.
-        or not (query.dtype == key.dtype == value.dtype)
-    ):
-        return None
-    mask = attention_mask
-    if mask is not None:
-        mask = mask[:, :, :, : key.shape[-2]]
-        if mask.dtype == torch.bool:
-            mask = torch.zeros(mask.shape, dtype=query.dtype).masked_fill_(~mask, float("-inf"))
-        else:
-            mask = mask.to(query.dtype)
-    is_causal = mask is None and query.shape[2] > 1 and getattr(module, "is_causal", True)
-    out, lse = op(query, key, value, 0.0, is_causal, attn_mask=mask, scale=scaling)
-    return (out.transpose(1, 2).contiguous(), None), lse
+def _note_refusal(session: CaptureSession, exc: RuntimeError) -> None:
+    """Same numbers from the fallback, but slower: say so once per session, never silently."""
+    reason = str(exc).splitlines()[0][:200] if str(exc) else type(exc).__name__
+    if not session.kernel_refusals:
+        warnings.warn(
+            f"capture: the fused attention kernel refused this input ({reason}); using plain "
+            "SDPA + an exact recompute of the rows (same values, slower)",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    session.kernel_refusals.append(reason)
+
+
+# Kept under its old name: tests and callers reach the CPU kernel wrapper through here.
+_cpu_sdpa_with_lse = cpu_sdpa_with_lse
 
 
 def register_capture_attention() -> str:
