@@ -250,6 +250,48 @@ def test_a_rank_whose_peers_never_come_fails_within_the_timeout(tiny_ckpt, rollo
     assert not (tmp_path / "run").exists()
 
 
+_FAREWELL = """
+import json, sys, time
+import torch.distributed as dist
+from vlmcredit.pipelines import distributed
+
+me = distributed.join(backend=sys.argv[1])
+try:  # why the barrier needs its own group: torch refuses it on a combined-backend group
+    dist.monitored_barrier()
+    default_group = "ok"
+except ValueError as exc:
+    default_group = str(exc)
+if me.rank == 1:
+    time.sleep(2.0)  # rank 0 must wait for this rank at the farewell barrier
+distributed.leaving_together()
+t0 = time.perf_counter()
+distributed._leave()
+report = {"waited": time.perf_counter() - t0, "initialized": dist.is_initialized(),
+          "default_group": default_group}
+with open(sys.argv[2] + f"/rank-{me.rank}.json", "w") as f:
+    json.dump(report, f)
+"""
+
+
+@pytest.mark.parametrize("backend", ["gloo", "cpu:gloo"])
+def test_the_farewell_barrier_holds_on_a_combined_backend(backend, tmp_path) -> None:
+    """GPU runs join with "cpu:gloo,cuda:nccl"; `dist.monitored_barrier` accepts only a group
+    whose backend is exactly gloo, so the farewell barrier runs on a gloo subgroup there. The
+    combined form "cpu:gloo" takes the same path on CPU: rank 0 still waits for rank 1, and
+    nothing raises."""
+    script = tmp_path / "farewell.py"
+    script.write_text(_FAREWELL)
+    cmd = [str(TORCHRUN), "--standalone", "--nproc-per-node=2", str(script), backend,
+           str(tmp_path)]  # fmt: skip
+    result = subprocess.run(cmd, env=_env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank-{r}.json").read_text()) for r in (0, 1)]
+    assert reports[0]["waited"] >= 1.5, reports  # held until rank 1 came
+    assert not any(r["initialized"] for r in reports)  # every group destroyed
+    expected = "ok" if backend == "gloo" else "monitored_barrier is only implemented for GLOO"
+    assert all(r["default_group"].startswith(expected) for r in reports), reports
+
+
 # -- in-process checks ----------------------------------------------------------------------------
 def test_commands_that_do_not_split_refuse_torchrun(monkeypatch, tmp_path) -> None:
     from vlmcredit.pipelines.distributed import rank_device

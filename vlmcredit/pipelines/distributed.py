@@ -15,7 +15,10 @@ copies of the command with WORLD_SIZE / RANK / LOCAL_RANK set; the run skeleton
   manifest, and tells the others how that went; they return the finished run as read from disk.
 
 Only small Python objects travel between ranks (errors, timings, one means tensor), over gloo
-(on GPU runs the process group is "cpu:gloo,cuda:nccl", so the same objects still go by gloo).
+(on GPU runs the process group is "cpu:gloo,cuda:nccl"; torch's object collectives pick its CPU
+backend, so the same objects still go by gloo). The farewell barrier is `dist.monitored_barrier`,
+which torch allows only on a group whose backend is exactly "gloo": a combined group gets a gloo
+subgroup of all ranks for it (`_BARRIER_GROUP`).
 Every exchange waits at most VLMCREDIT_DIST_TIMEOUT seconds (default 1800), so a rank that
 vanishes without a word makes the others fail instead of hanging; under torchrun a rank that
 exits ends the others at once anyway.
@@ -93,9 +96,10 @@ def timeout_s() -> float:
     return value
 
 
-def join() -> Ranks:
+def join(backend: str | None = None) -> Ranks:
     """Join the process group when this process is one of several (idempotent); world 1 needs
-    nothing. The backend: gloo, plus nccl for CUDA tensors where CUDA is there."""
+    nothing. The backend: gloo, plus nccl for CUDA tensors where CUDA is there (`backend`
+    overrides it; tests pass the combined form "cpu:gloo" to take the GPU runs' path on CPU)."""
     import torch
     import torch.distributed as dist
 
@@ -108,9 +112,15 @@ def join() -> Ranks:
         )
     from datetime import timedelta
 
-    backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    if backend is None:
+        backend = "cpu:gloo,cuda:nccl" if torch.cuda.is_available() else "gloo"
+    timeout = timedelta(seconds=timeout_s())
     try:
-        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s()))
+        dist.init_process_group(backend, timeout=timeout)
+        # collective: every rank creates it here, at the same point, before any other exchange
+        _BARRIER_GROUP[:] = [
+            None if backend == "gloo" else dist.new_group(backend="gloo", timeout=timeout)
+        ]
     except (RuntimeError, ValueError) as exc:  # no rendezvous variables, unreachable master
         raise VlmCreditError(
             f"{me.label()}: could not join the other ranks ({_first_line(exc)}); launch with "
@@ -118,6 +128,13 @@ def join() -> Ranks:
         ) from None
     atexit.register(_leave)
     return me
+
+
+# The group of the farewell barrier: None (the default group) when that is plain gloo, else a
+# gloo subgroup of all ranks. `dist.monitored_barrier` checks `get_backend(group) == "gloo"`, and
+# for a group made with "cpu:gloo,cuda:nccl" get_backend returns that whole string, so on the
+# default group of a GPU run it raises ValueError (torch/distributed/distributed_c10d.py).
+_BARRIER_GROUP: list[Any] = []
 
 
 # Set where every rank is known to leave from the same point: the run concluded, or an error
@@ -145,9 +162,10 @@ def _leave() -> None:
     if not dist.is_initialized():
         return
     if _TOGETHER:
+        group = _BARRIER_GROUP[0] if _BARRIER_GROUP else None
         with contextlib.suppress(RuntimeError):  # a peer is gone: nothing left to wait for
-            dist.monitored_barrier(timeout=timedelta(seconds=timeout_s()))
-    dist.destroy_process_group()
+            dist.monitored_barrier(group, timeout=timedelta(seconds=timeout_s()))
+    dist.destroy_process_group()  # every group, the barrier's too
 
 
 def rank_device(device: str | None, device_map: str | None) -> str | None:
