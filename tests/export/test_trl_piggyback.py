@@ -197,4 +197,3 @@ def test_methods_that_read_more_than_attention_cannot_piggyback() -> None:
         online.weights_fn("entropy").piggyback(object(), 4)
     with pytest.raises(VlmCreditError, match="config="):
         online.weights(object(), {}, method="kawhi", heads="all")
-

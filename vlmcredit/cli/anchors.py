@@ -99,6 +99,7 @@ def anchors(
     response_key: str = options.RESPONSE_KEY,
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     quiet: bool = options.QUIET,
+    dry_run: bool = options.DRY_RUN,
 ) -> None:
     """Label anchor tokens: the ~15% of response tokens whose attention carries the image."""
     from vlmcredit.analysis.anchors import AnchorConfig
@@ -147,6 +148,11 @@ def anchors(
         response_key=response_key,
         trust_remote_code=trust_remote_code,
     )
+    if dry_run:
+        from vlmcredit.pipelines.dry_run import dry_run_anchors
+
+        options.print_dry_run(dry_run_anchors(cfg), cfg.out)
+        return
     with progress_bar("anchors", quiet) as advance:
         run = run_anchors(cfg, progress=advance)
     s = run.manifest["anchors"]

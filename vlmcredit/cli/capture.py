@@ -18,6 +18,7 @@ def capture(
     layers: str = typer.Option("all", "--layers", help="Decoder layers: all, 0,4,8-11, -1."),
     heads: str = typer.Option("all", "--heads", help="Query heads: all or a list/range."),
     reduce: str = typer.Option("mean", "--reduce", help="heads (keep each), mean or sum."),
+    store_dtype: str = options.STORE_DTYPE,
     batch_size: int = options.BATCH_SIZE,
     max_samples: int | None = options.MAX_SAMPLES,
     dtype: str = options.DTYPE,
@@ -37,6 +38,7 @@ def capture(
     response_key: str = options.RESPONSE_KEY,
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     quiet: bool = options.QUIET,
+    dry_run: bool = options.DRY_RUN,
 ) -> None:
     """Capture response -> image attention (never the S x S matrix) beside an SDPA forward."""
     from vlmcredit.pipelines.capture import CaptureRunConfig, run_capture
@@ -49,6 +51,7 @@ def capture(
         layers=layers,
         heads=heads,
         reduce=reduce,
+        store_dtype=store_dtype,
         batch_size=batch_size,
         max_samples=max_samples,
         dtype=dtype,
@@ -65,6 +68,11 @@ def capture(
         response_key=response_key,
         trust_remote_code=trust_remote_code,
     )
+    if dry_run:
+        from vlmcredit.pipelines.dry_run import dry_run_capture
+
+        options.print_dry_run(dry_run_capture(cfg), cfg.out)
+        return
     with progress_bar("capture", quiet) as advance:
         run = run_capture(cfg, progress=advance)
     m = run.manifest

@@ -34,6 +34,8 @@ _OS_ADVICE = {
     errno.EROFS: "the filesystem is read-only; choose a writable --out",
     errno.EACCES: "no permission; choose a folder you can write (or fix its permissions)",
     errno.EPERM: "not permitted; choose a folder you can write",
+    errno.ENOTDIR: "a file stands where a folder is needed; choose another path",
+    errno.EISDIR: "a folder stands where a file is needed; choose a file path",
 }
 
 

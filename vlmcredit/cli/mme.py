@@ -89,8 +89,12 @@ def mme_synth(
     from vlmcredit.errors import VlmCreditError
 
     chosen = [c for c in categories.split(",") if c.strip()] if categories else None
+    if out.exists() and not out.is_dir():
+        raise VlmCreditError(f"--out {out}: is a file; choose a folder for the MME set")
     if out.exists() and any(out.iterdir()):
         raise VlmCreditError(f"--out {out}: exists and is not empty; choose a new folder")
+    if parquet is not None and parquet.is_dir():  # found before the folder is written
+        raise VlmCreditError(f"--parquet {parquet}: is a folder; give a file name (.parquet)")
     counts = write_synthetic_mme(out, images_per_category, seed, chosen)
     summary = ", ".join(f"{c} {n}" for c, n in counts.items())
     typer.echo(f"wrote {sum(counts.values())} images ({summary}) to {out}")

@@ -48,10 +48,29 @@ PROMPT_KEY = typer.Option(
 IMAGE_KEY = typer.Option("images", "--image-key", help="Rollout column with the images.")
 RESPONSE_KEY = typer.Option("response", "--response-key", help="Rollout column with the response.")
 QUIET = typer.Option(False, "--quiet", help="No progress bar.")
+DRY_RUN = typer.Option(
+    False,
+    "--dry-run",
+    help="Print the estimated peak memory, disk and time (from config.json, safetensors headers "
+    "and the data; no weights loaded) and exit without writing anything.",
+)
+
+
+def print_dry_run(estimate: object, out: object) -> None:
+    """The estimate's lines on stdout (`pipelines/estimate.py` states each rule)."""
+    for line in estimate.lines():  # type: ignore[attr-defined]
+        typer.echo(line)
+    typer.echo(f"dry run: no weights loaded, nothing written (--out {out} left as it was)")
+
 
 # -- which attention ----------------------------------------------------------------------------
 LAYERS = typer.Option("all", "--layers", help="Decoder layers: all, 0,4,8-11, -1.")
 HEADS = typer.Option("all", "--heads", help="Query heads: all or a list/range.")
+STORE_DTYPE = typer.Option(
+    "fp32",
+    "--store-dtype",
+    help="Stored attention dtype: fp32, bf16 or fp16 (computed in fp32; bf16 halves it).",
+)
 HEADS_JSON = typer.Option(
     None, "--heads-json", help="Use only the vision-critical heads of a probe-heads run."
 )

@@ -72,6 +72,7 @@ def probe_heads(
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip broken MME items (recorded)."),
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     quiet: bool = typer.Option(False, "--quiet", help="No progress bar or log lines."),
+    dry_run: bool = options.DRY_RUN,
 ) -> None:
     """Ablate heads, re-score MME each time, and list the heads whose ablation hurts most."""
     from vlmcredit.formats.heads import read_heads
@@ -102,6 +103,11 @@ def probe_heads(
         feature_cache_mb=feature_cache_mb,
         resume=resume,
     )
+    if dry_run:
+        from vlmcredit.pipelines.dry_run import dry_run_probe_heads
+
+        options.print_dry_run(dry_run_probe_heads(cfg), cfg.out)
+        return
     with ExitStack() as stack:
         advance = _LazyBar(stack, quiet)
         run = run_probe_heads(cfg, progress=advance, log=(lambda _m: None) if quiet else echo_err)

@@ -81,6 +81,7 @@ def weights(
     response_key: str = options.RESPONSE_KEY,
     trust_remote_code: bool = options.TRUST_REMOTE_CODE,
     quiet: bool = options.QUIET,
+    dry_run: bool = options.DRY_RUN,
     list_methods: bool = typer.Option(
         False, "--list", help="List the registered methods with their parameters and exit."
     ),
@@ -117,6 +118,11 @@ def weights(
         response_key=response_key,
         trust_remote_code=trust_remote_code,
     )
+    if dry_run:
+        from vlmcredit.pipelines.dry_run import dry_run_weights
+
+        options.print_dry_run(dry_run_weights(cfg), cfg.out)
+        return
     with progress_bar("weights", quiet) as advance:
         run = run_weights(cfg, progress=advance)
     for name, s in run.manifest["weights"].items():

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import re
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,15 @@ _DATA_URI = re.compile(r"data:image/[\w.+-]+;base64,", re.IGNORECASE)
 _BYTES_TYPES = (bytes, bytearray, memoryview)
 _HINT_READ = "replace the image or re-encode it as PNG/JPEG"
 _HINT_REF = "give a path string, image bytes, or a {'bytes': ..., 'path': ...} dict"
+
+# Size limits, checked from the header before any pixel is decoded. Above MAX_PIXELS (PIL's own
+# decompression-bomb limit, about 9,459 px squared, 0.27 GB as RGB) decoding could exhaust memory
+# long before the processor shrinks the image to its max_pixels, so the image is refused.
+# Below MIN_SIDE there is no picture to look at (the processor would blow a 1 x 1 image up to
+# 56 x 56 copies of one colour); beyond MAX_ASPECT the Qwen processors raise deep inside.
+MAX_PIXELS = 89_478_485
+MIN_SIDE = 4
+MAX_ASPECT = 200
 
 
 class ImageLoadError(VlmCreditError):
@@ -36,7 +46,7 @@ class ImageLoadError(VlmCreditError):
         self.what = what
         self.problem = _one_line(problem)
         self.hint = hint
-        super().__init__(f"{what}: {self.problem}; {hint}")
+        super().__init__(f"{what}: {self.problem}" + (f"; {hint}" if hint else ""))
 
 
 def load_image(ref: Any, base_dir: Path, what: str) -> Image.Image:
@@ -105,12 +115,43 @@ def _resolve(ref: str | os.PathLike[str], base_dir: Path, what: str) -> Path:
     raise ImageLoadError(what, f"image file not found: {_short(str(path))}{where}", "fix the path")
 
 
+_DOWNSCALE = "downscale it first (the model sees at most its processor's max_pixels anyway)"
+
+
+def size_problem(width: int, height: int) -> str | None:
+    """Why an image of this size is refused, with what to do (see MAX_PIXELS), or None."""
+    if width * height > MAX_PIXELS:
+        return (
+            f"{width} x {height} px ({width * height / 1e6:.0f} Mpx) is over the "
+            f"{MAX_PIXELS / 1e6:.0f} Mpx limit (decompression-bomb guard): {_DOWNSCALE}"
+        )
+    if min(width, height) < MIN_SIDE:
+        return (
+            f"{width} x {height} px is smaller than {MIN_SIDE} px on a side, no picture to "
+            "look at: use the original image"
+        )
+    if max(width, height) > MAX_ASPECT * min(width, height):
+        return (
+            f"{width} x {height} px has an aspect ratio over {MAX_ASPECT}:1, which the Qwen-VL "
+            "processors refuse: crop or pad it"
+        )
+    return None
+
+
 def _decode(source: Path | io.BytesIO, desc: str, what: str) -> Image.Image:
     try:
-        with Image.open(source) as img:
-            return _decode_pil(img, desc, what)
+        with warnings.catch_warnings():
+            # PIL warns between 1x and 2x its limit and raises above; size_problem refuses both
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(source) as img:
+                return _decode_pil(img, desc, what)
     except ImageLoadError:
         raise
+    except Image.DecompressionBombError as exc:
+        pixels = re.search(r"\((\d+) pixels\)", str(exc))
+        size = f"{int(pixels.group(1)) / 1e6:.0f} Mpx" if pixels else "too many pixels"
+        problem = f"{size} is over the {MAX_PIXELS / 1e6:.0f} Mpx limit (decompression-bomb guard)"
+        raise ImageLoadError(what, f"{_short(desc)}: {problem}: {_DOWNSCALE}", "") from None
     # PIL reports bad data through many types (OSError, SyntaxError, struct.error, ...), and
     # every one of them means the same thing here: this input is not a readable image.
     except Exception as exc:
@@ -118,6 +159,9 @@ def _decode(source: Path | io.BytesIO, desc: str, what: str) -> Image.Image:
 
 
 def _decode_pil(img: Image.Image, desc: str, what: str) -> Image.Image:
+    refused = size_problem(*img.size)
+    if refused is not None:
+        raise ImageLoadError(what, f"{_short(desc)}: {refused}", "")
     try:
         img.load()  # decode every pixel now: truncated or corrupt data must fail here
         # convert() always copies, so the result never depends on the (soon closed) file.

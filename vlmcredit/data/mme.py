@@ -9,6 +9,7 @@ filename, then that within-image order.
 from __future__ import annotations
 
 import io
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -92,14 +93,21 @@ class _Bad(Exception):
 def _decode(ref: str | bytes) -> Any:
     from PIL import Image
 
+    from vlmcredit.data.images import size_problem
+
     try:
-        with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as img:
-            img.load()  # decode now so a truncated file fails here, not deep inside a probe
-            return img.convert("RGB")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # refused below
+            with Image.open(io.BytesIO(ref) if isinstance(ref, bytes) else ref) as img:
+                refused = size_problem(*img.size)
+                if refused is None:
+                    img.load()  # decode now so a truncated file fails here, not in a probe
+                    return img.convert("RGB")
     # PIL signals corrupt or hostile data with these types
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        msg = f"broken or unreadable image ({exc}); replace the file or read with skip_bad"
+        msg = f"broken or unreadable image ({exc}); replace the file or pass --skip-bad"
         raise _Bad("", msg) from None
+    raise _Bad("", f"image {refused}; or pass --skip-bad")
 
 
 def canonical_name(name: str) -> str | None:

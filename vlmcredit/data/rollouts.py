@@ -508,6 +508,10 @@ def _response(record: dict[str, Any], column: str, require_response: bool) -> st
             raise _RowError(f"missing '{column}' (or 'response_ids')")
         return ""
     if isinstance(value, str):
+        if require_response and not value.strip():
+            # nothing to weigh: refused here, naming the row, not at the end of a run
+            shown = "empty" if not value else f"only whitespace ({value!r})"
+            raise _RowError(f"'{column}' is {shown}: no response to weigh")
         return value
     if isinstance(value, list) and value and all(_is_token_id(t) for t in value):
         return [int(t) for t in value]

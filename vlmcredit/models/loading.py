@@ -240,6 +240,18 @@ def check_device(device: str | None) -> None:
         raise VlmCreditError(f"--device {device}: not available on this machine")
 
 
+def check_tokenizer(processor: Any, geometry: ModelGeometry, source: str) -> None:
+    """A tokenizer with more tokens than the model's vocabulary is another checkpoint's: its
+    ids would index past the embedding table (an IndexError deep inside the forward)."""
+    size = len(processor.tokenizer)
+    if size > geometry.vocab_size:
+        raise VlmCreditError(
+            f"--ckpt {source}: the tokenizer has {size} tokens but the model's vocabulary only "
+            f"{geometry.vocab_size}; the tokenizer files belong to another checkpoint (copy this "
+            "model's own tokenizer files)"
+        )
+
+
 def load_checkpoint(
     ckpt: str | os.PathLike[str],
     dtype: str = "auto",
@@ -265,16 +277,26 @@ def load_checkpoint(
     from transformers import AutoModelForImageTextToText
 
     processor = load_processor(folder, adapter, trust_remote_code)
-    model = AutoModelForImageTextToText.from_pretrained(
-        folder,
-        dtype=torch_dt,
-        device_map=device_map,
-        use_safetensors=True,
-        trust_remote_code=trust_remote_code,
-        attn_implementation="sdpa",
-    )
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(
+            folder,
+            dtype=torch_dt,
+            device_map=device_map,
+            use_safetensors=True,
+            trust_remote_code=trust_remote_code,
+            attn_implementation="sdpa",
+        )
+    except RuntimeError as exc:
+        # transformers' shape report: the weights were saved for another config
+        if "mismatched" not in str(exc):
+            raise
+        raise VlmCreditError(
+            f"--ckpt {source}: the weights' shapes do not match config.json (another "
+            "checkpoint's config?); restore the checkpoint's own config.json"
+        ) from None
     if device and not device_map:
         model.to(device)
     model.eval()
     geometry = ModelGeometry.from_config(model.config, f"--ckpt {source}")
+    check_tokenizer(processor, geometry, source)
     return LoadedCheckpoint(model, processor, adapter, geometry, source, folder)

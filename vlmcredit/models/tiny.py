@@ -217,6 +217,8 @@ def make_tiny(family: str, out: str | os.PathLike[str], seed: int = 0) -> Path:
             f"--family {family!r} is not supported; choose one of {', '.join(sorted(CLI_NAMES))}"
         )
     out_path = Path(out)
+    if out_path.exists() and not out_path.is_dir():
+        raise VlmCreditError(f"--out {out_path}: is a file; choose a folder for the checkpoint")
     if out_path.exists() and any(out_path.iterdir()):
         raise VlmCreditError(f"--out {out_path} exists and is not empty; choose a new folder")
     out_path.parent.mkdir(parents=True, exist_ok=True)

@@ -274,6 +274,11 @@ def run_anchors(
         def key(row: Any) -> str:
             return row["id"]
 
+    # Wall time is booked batch by batch into the shards (each batch gets the time since the
+    # previous one, model loading included in the first), so `timing.total` of a resumed run
+    # sums every invocation up to its last commit, not only the last invocation.
+    clock = [total_start]
+
     def work(batch: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         items, capture_seconds = items_of(batch)
         rows, tensors = [], {}
@@ -287,12 +292,15 @@ def run_anchors(
                 outcomes.append(str(exc))
         # --ratio-scope batch: the ratio holds over this batch's responses (no-op per response)
         select_batch([o[0] for o in outcomes if not isinstance(o, str)], cfg.analysis)
+        now = time.perf_counter()
+        done = sum(not isinstance(o, str) for o in outcomes)  # bad rows keep no shard
+        wall, clock[0] = (now - clock[0]) / max(done, 1), now
         for item, outcome in zip(items, outcomes, strict=True):
             if isinstance(outcome, str):
                 rows.append({**item.row, "status": "bad", "error": outcome})
                 continue
             result, att = outcome
-            tensors.update(sample_tensors(item, result, att, capture_seconds / len(items)))
+            tensors.update(sample_tensors(item, result, att, capture_seconds / len(items), wall))
             if cfg.graphml and result.graph is not None:
                 # before the commit: a resumed run rewrites the graphs of unfinished batches
                 (run.path / "graphs").mkdir(exist_ok=True)
@@ -304,8 +312,10 @@ def run_anchors(
     drive(run, batched(src.units, cfg.batch_size), key, work, progress, log)
 
     def finish() -> None:
-        seconds = time.perf_counter() - total_start
-        run.finish(anchors=write_tables(run, src.processor, cfg.analysis, seconds, ANCHORS))
+        since_last_batch = time.perf_counter() - clock[0]  # the shards hold the time before
+        run.finish(
+            anchors=write_tables(run, src.processor, cfg.analysis, since_last_batch, ANCHORS)
+        )
 
     return conclude(run, finish)
 

@@ -49,7 +49,7 @@ def capture_items(ck: Any, spec: Any, batch: Sequence[Any]) -> tuple[list[Source
             SourceItem(
                 sample_row(item),
                 list(item.response_ids),
-                item.capture.attention.numpy(),
+                item.capture.attention.float().numpy(),
                 np.concatenate([im.boxes for im in images]) if images else np.zeros((0, 4)),
                 np.asarray(item.layout.image_token_owner),
                 list(item.sample.images),
@@ -74,7 +74,7 @@ def capture_run_items(
             SourceItem(
                 {k: row.get(k) for k in row if k != "shard"},
                 t["response_ids"].tolist(),
-                t["attention"].numpy(),
+                t["attention"].float().numpy(),
                 t["image_boxes"].numpy() if "image_boxes" in t else np.zeros((0, 4)),
                 t["image_owner"].numpy(),
                 images.get(row["id"]),
@@ -121,8 +121,14 @@ def thumbnail(image: Any) -> tuple[np.ndarray, float]:
 
 
 def sample_tensors(
-    item: SourceItem, result: AnchorResult, att: np.ndarray, capture_seconds: float
+    item: SourceItem,
+    result: AnchorResult,
+    att: np.ndarray,
+    capture_seconds: float,
+    wall_seconds: float = 0.0,
 ) -> dict[str, Any]:
+    """One sample's shard tensors; `timing` = (capture, graph, cluster, wall) seconds, wall being
+    its share of the invocation's time up to the batch's commit (so totals survive a kill)."""
     import torch
 
     sid = item.row["id"]
@@ -143,6 +149,7 @@ def sample_tensors(
                 capture_seconds,
                 result.timing.get("graph", 0.0),
                 result.timing.get("cluster", 0.0),
+                wall_seconds,
             ],
             dtype=torch.float64,
         ),

@@ -20,9 +20,12 @@ from vlmcredit.pipelines.method_signals import write_method_signals
 
 
 def write_tables(
-    run: Run, processor: Any, analysis: AnchorConfig, total_seconds: float, method: Method
+    run: Run, processor: Any, analysis: AnchorConfig, finish_seconds: float, method: Method
 ) -> dict[str, Any]:
-    """anchors.parquet, signals.parquet and anchors.json from the run's shards."""
+    """anchors.parquet, signals.parquet and anchors.json from the run's shards.
+
+    `timing.total` = the wall seconds each shard booked (every invocation, killed ones up to
+    their last commit) + `finish_seconds`, this invocation's time since its last batch."""
     import pandas as pd
 
     tok = processor.tokenizer
@@ -31,7 +34,7 @@ def write_tables(
     signal_rows: list[dict[str, Any]] = []
     per_sample: list[dict[str, Any]] = []
     all_conn, all_anchor, all_thresh = [], [], []
-    timing = np.zeros(3)
+    timing = np.zeros(4)  # capture, graph, cluster, wall
     for row in run.rows:
         if row["status"] != "done":
             continue
@@ -43,7 +46,8 @@ def write_tables(
         thresh = t["threshold_anchor"].numpy().astype(bool)
         cluster = t["cluster"].numpy()
         weight = t["weight"].numpy()
-        timing += t["timing"].numpy()
+        recorded = t["timing"].numpy()
+        timing[: recorded.size] += recorded  # shards of older versions hold 3 fields
         token_rows.append(
             pd.DataFrame(
                 {
@@ -123,8 +127,10 @@ def write_tables(
             "capture": float(timing[0]),
             "graph": float(timing[1]),
             "cluster": float(timing[2]),
-            "total": float(total_seconds),
+            "total": float(timing[3] + finish_seconds),
         },
+        # the invocations `timing` sums: the first and each --resume
+        "invocations": 1 + len(run.manifest.get("resumed_at", [])),
     }
     write_anchors(
         run.path,

@@ -28,7 +28,7 @@ from vlmcredit.pipelines.skeleton import (
     open_run,
     refuse_taken,
 )
-from vlmcredit.probes.capture import REDUCTIONS, CaptureSpec
+from vlmcredit.probes.capture import REDUCTIONS, STORE_DTYPES, CaptureSpec
 from vlmcredit.probes.response_attention import (
     CapturedSample,
     GenerationConfig,
@@ -45,6 +45,7 @@ class CaptureRunConfig:
     layers: str | None = "all"  # "all" / "0,3,5-7" / "-1"
     heads: str | None = "all"
     reduce: str = "mean"
+    store_dtype: str = "fp32"  # dtype of the stored attention (part of the resume parameters)
     batch_size: int = 4
     max_samples: int | None = None
     dtype: str = "auto"
@@ -64,6 +65,10 @@ class CaptureRunConfig:
     def check(self) -> None:
         if self.reduce not in REDUCTIONS:
             raise VlmCreditError(f"--reduce {self.reduce}: choose one of {', '.join(REDUCTIONS)}")
+        if self.store_dtype not in STORE_DTYPES:
+            raise VlmCreditError(
+                f"--store-dtype {self.store_dtype}: choose one of {', '.join(STORE_DTYPES)}"
+            )
         if self.batch_size < 1:
             raise VlmCreditError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.max_samples is not None and self.max_samples < 1:
@@ -179,6 +184,7 @@ def run_capture(
         layers=parse_indices(cfg.layers, geo.num_layers, "--layers"),
         heads=parse_indices(cfg.heads, geo.num_heads, "--heads"),
         reduce=cfg.reduce,  # type: ignore[arg-type]
+        store_dtype=cfg.store_dtype,  # type: ignore[arg-type]
         qk_layers=(
             parse_indices(cfg.qk_layers, geo.num_layers, "--qk-layers")
             or list(range(geo.num_layers))
@@ -194,7 +200,7 @@ def run_capture(
             "heads": spec.heads or list(range(geo.num_heads)),
             "reduce": spec.reduce,
             "qk_layers": list(spec.qk_layers),
-            "attention_dtype": "float32",
+            "attention_dtype": str(STORE_DTYPES[cfg.store_dtype]).removeprefix("torch."),
             "normalisation": "softmax over all keys of the row; image columns kept",
         },
     }
