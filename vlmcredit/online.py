@@ -106,12 +106,7 @@ def compute(
             raise VlmCreditError(f"batch: missing {key!r} (see vlmcredit.online for the layout)")
     if batch["response_mask"].shape[1] > batch["input_ids"].shape[1]:
         raise VlmCreditError("batch: response_mask is wider than input_ids")
-    if config is None:
-        config = m.make_config(params)
-    elif params:
-        raise VlmCreditError(f"method {method}: pass either config= or parameters, not both")
-    elif hasattr(config, "check"):
-        config.check()
+    config = _method_config(m, config, params)
     needs = m.needs(config)
     options = {"logprobs": collect_pass_options([config])}
     passes = batch_passes(model, batch, needs, layers, heads, processor, options, attention)
@@ -132,6 +127,17 @@ def compute(
             w = w * np.float32(result.sample_weight)
         out[b, :n] = torch.from_numpy(np.ascontiguousarray(w, dtype=np.float32))
     return OnlineWeights(out.to(mask.device), text_only, outputs)
+
+
+def _method_config(m: registry.Method, config: Any, params: Mapping[str, Any]) -> Any:
+    """The method's config: the one given (checked), or built from keyword parameters."""
+    if config is None:
+        return m.make_config(dict(params))
+    if params:
+        raise VlmCreditError(f"method {m.name}: pass either config= or parameters, not both")
+    if hasattr(config, "check"):
+        config.check()
+    return config
 
 
 def batch_passes(
@@ -343,12 +349,7 @@ class OnlineWeightsFn:
         **params: Any,
     ) -> None:
         m = registry.get(method)
-        if config is None:
-            config = m.make_config(params)
-        elif params:
-            raise VlmCreditError(f"method {method}: pass either config= or parameters, not both")
-        elif hasattr(config, "check"):
-            config.check()
+        config = _method_config(m, config, params)
         self.method, self.config = method, config
         self.layers, self.heads, self.processor = layers, heads, processor
         self.needs = m.needs(config)

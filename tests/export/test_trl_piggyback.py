@@ -17,10 +17,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.export.test_trl import verifiable_reward
+from tests.export.test_trl import train_one_step
 from vlmcredit.errors import VlmCreditError
-
-COMPLETION_LENGTH = 6
 
 
 @pytest.fixture(scope="module")
@@ -90,52 +88,10 @@ class Recording:
 
 
 def run_step(setup, side: str, trainer_cls, name: str, num_iterations: int, **extra) -> dict:
-    from transformers import AutoModelForImageTextToText
-    from trl import GRPOConfig
-
-    model = AutoModelForImageTextToText.from_pretrained(
-        setup["ckpt"], dtype=torch.float32, attn_implementation="sdpa"
-    )
-    record: dict = {"grads": [], "input_ids": []}
-
-    def on_forward(_module, _args, kwargs, output):
-        if torch.is_grad_enabled() and getattr(output, "log_probs", None) is not None:
-            record["input_ids"].append(kwargs["input_ids"].detach().clone())
-            output.log_probs.register_hook(lambda g: record["grads"].append(g.detach().clone()))
-
-    model.register_forward_hook(on_forward, with_kwargs=True)
-    args = GRPOConfig(
-        output_dir=str(setup["root"] / f"{name}-{side}"),
-        per_device_train_batch_size=4,
-        num_generations=2,
-        num_iterations=num_iterations,
-        max_completion_length=COMPLETION_LENGTH,
-        max_steps=1,
-        learning_rate=1e-2,
-        report_to="none",
-        logging_steps=1,
-        save_strategy="no",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    trainer = trainer_cls(
-        model=model,
-        reward_funcs=verifiable_reward,
-        args=args,
-        train_dataset=setup["dataset"],
-        processing_class=processor(setup["ckpt"], side),
-        **extra,
-    )
-    trainer.train()
-    (grads,) = record["grads"]
-    (input_ids,) = record["input_ids"]
-    return {
-        "grad_logp": grads[:, -COMPLETION_LENGTH:],
-        "loss_completions": input_ids[:, -COMPLETION_LENGTH:],
-        "logs": trainer.state.log_history[0],
-        "trainer": trainer,
-    }
+    """One GRPO step (test_trl's harness) with this processor padding side and num_iterations."""
+    run_setup = {**setup, "processor": processor(setup["ckpt"], side)}
+    args = {"num_iterations": num_iterations}
+    return train_one_step(run_setup, trainer_cls, f"{name}-{side}", args=args, **extra)
 
 
 @pytest.mark.parametrize("side", ["left", "right"])
