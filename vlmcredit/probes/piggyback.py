@@ -9,8 +9,9 @@ the forward hook. A trainer that scores the batch in chunks runs several forward
 are kept in order.
 
 The response block is the last `response_width` columns (the trainer's completion block, right
-padded); image positions come from `input_ids` (see `batch_response_targets`). The hooks and the
-attention implementation are removed / restored when the block exits, also on an exception.
+padded); image positions come from `input_ids` (`response_attention.trainer_row_spans`). The
+hooks and the attention implementation are removed / restored when the block exits, also on an
+exception.
 """
 
 from __future__ import annotations
@@ -23,30 +24,9 @@ import torch
 
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.models.families import ModelGeometry
-from vlmcredit.models.layout import prompt_image_positions, prompt_mm_token_type_ids
+from vlmcredit.models.layout import prompt_mm_token_type_ids
 from vlmcredit.probes.capture import CaptureSpec, RowTarget, capture_session
-
-
-def response_lengths(response_mask: torch.Tensor) -> list[int]:
-    """Response length per row: up to the last 1 of a right-padded mask."""
-    mask = response_mask.bool()
-    width = mask.shape[1]
-    last = torch.where(mask, torch.arange(1, width + 1, device=mask.device), 0).amax(dim=1)
-    return [int(n) for n in last.cpu()]
-
-
-def batch_response_targets(
-    input_ids: torch.Tensor, response_mask: torch.Tensor, geo: ModelGeometry
-) -> list[RowTarget]:
-    """Per row, the response rows x the image columns of a trainer batch (prompt block left
-    padded, response block = the last `response_mask.shape[1]` columns). A row without image
-    tokens gets an empty response range: nothing to connect to, nothing captured."""
-    start = input_ids.shape[1] - response_mask.shape[1]
-    targets = []
-    for b, n in enumerate(response_lengths(response_mask)):
-        positions = prompt_image_positions(input_ids[b], geo, start)
-        targets.append(RowTarget(start, start + n if positions.numel() else start, positions))
-    return targets
+from vlmcredit.probes.response_attention import trainer_row_spans
 
 
 class ForwardCapture:
@@ -81,7 +61,8 @@ class ForwardCapture:
                 f"piggyback capture: the forward has {input_ids.shape[1]} columns, fewer than "
                 f"the completion block ({self.width})"
             )
-        targets = batch_response_targets(input_ids, mask[:, -self.width :], self.geo)
+        spans = trainer_row_spans(input_ids, mask[:, -self.width :], self.geo)
+        targets = [RowTarget(*span) for span in spans]
         has_image = [t.key_positions.numel() > 0 for t in targets]
         if any(has_image) and kwargs.get("position_ids") is None:
             self._check_type_ids(input_ids, kwargs.get("mm_token_type_ids"))

@@ -30,7 +30,7 @@ from vlmcredit.errors import VlmCreditError
 from vlmcredit.models.attention_qk import num_query_heads, project_keys, project_queries, rotate
 from vlmcredit.models.families import ModelGeometry, adapter_of
 from vlmcredit.models.inputs import encode_samples
-from vlmcredit.models.layout import prompt_image_positions, prompt_mm_token_type_ids
+from vlmcredit.probes.response_attention import trainer_forward_inputs, trainer_row_spans
 
 STATE_KINDS = ("query-key", "key-key", "pre-rope")
 
@@ -188,24 +188,9 @@ def batch_states(
     """States per row of a trainer batch (the layout of `vlmcredit.online`), one forward set
     up as `probes.batch_qk.capture_batch_qk` sets up its own."""
     geo = ModelGeometry.from_config(model.config)
-    input_ids = batch["input_ids"]
-    start = input_ids.shape[1] - batch["response_mask"].shape[1]
-    spans = []
-    for b, n in enumerate(lengths):
-        positions = prompt_image_positions(input_ids[b], geo, start)
-        if positions.numel() == 0:
-            raise VlmCreditError(
-                f"batch row {b}: has no image tokens; a Q/K method aligns the response with the "
-                "image (filter text-only rows first)"
-            )
-        spans.append(RowSpan(start, start + n, positions))
-    inputs = {
-        k: batch[k]
-        for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-        if k in batch
-    }
-    inputs["mm_token_type_ids"] = prompt_mm_token_type_ids(input_ids, geo, start).to(torch.long)
-    inputs = adapter_of(model).with_positions(model, inputs)
+    rows = trainer_row_spans(batch["input_ids"], batch["response_mask"], geo, "a Q/K method")
+    spans = [RowSpan(*row) for row in rows]
+    inputs = trainer_forward_inputs(model, batch)
     with torch.no_grad(), layer_states(model, requests, spans) as states:
         model(**inputs, logits_to_keep=1)
     return states

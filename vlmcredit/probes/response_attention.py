@@ -14,6 +14,7 @@ from typing import Any
 import torch
 
 from vlmcredit.data.sample import Sample
+from vlmcredit.errors import VlmCreditError
 from vlmcredit.models.families import ModelGeometry, adapter_of
 from vlmcredit.models.inputs import EncodedBatch, encode_samples
 from vlmcredit.models.layout import (
@@ -157,6 +158,50 @@ def response_rows(response_mask: torch.Tensor) -> list[int]:
     return lengths
 
 
+def trainer_row_spans(
+    input_ids: torch.Tensor,
+    response_mask: torch.Tensor,
+    geo: ModelGeometry,
+    image_required_by: str | None = None,
+) -> list[tuple[int, int, torch.Tensor]]:
+    """Per row of a trainer batch, (response start, end, image positions): the response block
+    is the last `response_mask.shape[1]` columns, image positions come from the prompt's ids. A
+    row without image tokens gets an empty response range (nothing to connect to), or, with
+    `image_required_by` (what needs the image), an error naming the row."""
+    start = input_ids.shape[1] - response_mask.shape[1]
+    spans = []
+    for b, n in enumerate(response_rows(response_mask)):
+        positions = prompt_image_positions(input_ids[b], geo, start)
+        if positions.numel() == 0 and image_required_by is not None:
+            raise VlmCreditError(
+                f"batch row {b}: has no image tokens; {image_required_by} aligns the response "
+                "with the image (filter text-only rows first)"
+            )
+        spans.append((start, start + n if positions.numel() else start, positions))
+    return spans
+
+
+def trainer_forward_inputs(model: Any, batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
+    """The forward inputs of a trainer batch: its ids, mask and pixels, `mm_token_type_ids`
+    rebuilt from the ids, and explicit positions.
+
+    A trainer's type ids can be shifted against its ids (TRL builds them with the processor's
+    padding side but pads the prompt ids on the left), and M-RoPE positions built from shifted
+    ids move the attention. Explicit positions make a fresh forward that leaves the model's
+    cached rope deltas (e.g. a trainer's generation state) untouched.
+    """
+    geo = ModelGeometry.from_config(model.config)
+    input_ids = batch["input_ids"]
+    start = input_ids.shape[1] - batch["response_mask"].shape[1]
+    inputs = {
+        k: batch[k]
+        for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
+        if k in batch
+    }
+    inputs["mm_token_type_ids"] = prompt_mm_token_type_ids(input_ids, geo, start).to(torch.long)
+    return adapter_of(model).with_positions(model, inputs)
+
+
 def capture_batch_attention(
     model: Any,
     batch: Mapping[str, torch.Tensor],
@@ -164,37 +209,16 @@ def capture_batch_attention(
     heads: Sequence[int] | None = None,
 ) -> list[torch.Tensor | None]:
     """Per row, the (L, 1, T_b, N_b) response x image attention (head mean) of one forward;
-    None for a row with no image tokens (nothing to connect to).
-
-    Image positions and `mm_token_type_ids` are rebuilt from `input_ids`: a trainer's type ids
-    can be shifted against its ids (TRL builds them with the processor's padding side but pads
-    the prompt ids on the left), and M-RoPE positions built from shifted ids move the attention.
-    """
-    from vlmcredit.probes.capture import CaptureSpec, RowTarget, capture_session
-
+    None for a row with no image tokens (nothing to connect to). Image positions and type ids
+    are rebuilt from `input_ids` (see `trainer_forward_inputs`)."""
     geo = ModelGeometry.from_config(model.config)
-    input_ids = batch["input_ids"]
-    width = batch["response_mask"].shape[1]
-    start = input_ids.shape[1] - width
-    lengths = response_rows(batch["response_mask"])
-    targets = []
-    for b, n in enumerate(lengths):
-        positions = prompt_image_positions(input_ids[b], geo, start)
-        # An empty response range captures nothing for a text-only row.
-        targets.append(RowTarget(start, start + n if positions.numel() else start, positions))
+    spans = trainer_row_spans(batch["input_ids"], batch["response_mask"], geo)
+    targets = [RowTarget(*span) for span in spans]
     has_image = [t.key_positions.numel() > 0 for t in targets]
     if not any(has_image):
         return [None] * len(targets)
-    inputs = {
-        k: batch[k]
-        for k in ("input_ids", "attention_mask", "pixel_values", "image_grid_thw")
-        if k in batch
-    }
-    inputs["mm_token_type_ids"] = prompt_mm_token_type_ids(input_ids, geo, start).to(torch.long)
+    inputs = trainer_forward_inputs(model, batch)
     spec = CaptureSpec(layers=layers, heads=heads, reduce="mean")
-    # Explicit positions from this batch: a fresh forward that leaves the model's cached rope
-    # deltas (e.g. a trainer's generation state) untouched.
-    inputs = adapter_of(model).with_positions(model, inputs)
     with torch.no_grad(), capture_session(model, spec, targets) as session:
         model(**inputs, logits_to_keep=1)
     return [session.result(b).attention if image else None for b, image in enumerate(has_image)]
