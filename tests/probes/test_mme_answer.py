@@ -244,3 +244,108 @@ def test_generate_answers_match_the_pixel_path(loaded, mme_small) -> None:
         kept = [t for t in row if t not in eos]
         assert a.prediction == ck.tokenizer.decode(kept, skip_special_tokens=True)
         assert a.top_token == row[0]
+
+
+def _full_logits(ck, bank, batch) -> torch.Tensor:
+    """The reference: one ordinary full forward per question (explicit positions)."""
+    with torch.no_grad():
+        inputs = ck.adapter.with_positions(ck.model, bank.inputs(batch))
+        return ck.model(**inputs, logits_to_keep=1).logits[:, -1]
+
+
+def _configurations(ck) -> list[tuple[list, int]]:
+    """(ablated heads, start layer): baseline, head 1 in every layer, head 1 of each layer."""
+    layers = range(ck.geometry.num_layers)
+    return [([], 0), ([(None, 1)], 0), *(([(layer, 1)], layer) for layer in layers)]
+
+
+def _check_every_configuration(ck, questions) -> MMEInputs:
+    """Shared-prefix logits (system KV per configuration; layers below the ablated one
+    skipped from recorded inputs, on the second pass) = full forwards to 1e-5 in fp32, with
+    the same answers."""
+    from vlmcredit.probes.ablation import ablate_heads
+    from vlmcredit.probes.shared_prefix import PrefixSession
+
+    bank = MMEInputs(ck, questions, ImageFeatureCache(1 << 30))
+    bank.prepare()
+    batches = bank.batches(5)
+    tokens = yes_no_tokens(ck.tokenizer)
+    for spec, start in _configurations(ck):
+        with ablate_heads(ck, spec):
+            for _ in range(2):  # first pass records layer `start`'s inputs, second reuses them
+                session = PrefixSession(start_layer=start)
+                for batch in batches:
+                    shared = bank.shared_prefix_logits(batch, session)
+                    full = _full_logits(ck, bank, batch)
+                    assert torch.allclose(shared, full, atol=1e-5, rtol=0), (spec, start)
+                    assert torch.equal(shared.argmax(-1), full.argmax(-1))
+            fast = answer_questions(bank, batches, "logits", tokens, start_layer=start)
+            plain = answer_questions(bank, batches, "logits", tokens, share_prefix=False)
+        assert [fast[i].prediction for i in fast] == [plain[i].prediction for i in fast]
+        assert [fast[i].top_token for i in fast] == [plain[i].top_token for i in fast]
+    return bank
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_shared_system_prompt_and_layer_start_equal_full_forwards(loaded, mme_small, family):
+    ck = loaded(family)
+    questions = read_mme(mme_small).questions
+    bank = _check_every_configuration(ck, questions)
+    # the shared system prompt: every question's tokens before its first image token
+    k = bank.system_length()
+    first_image = [int((e.ids == ck.geometry.image_token_id).long().argmax()) for e in bank.encoded]
+    assert 0 < k <= min(first_image)
+    assert all(torch.equal(e.ids[:k], bank.encoded[0].ids[:k]) for e in bank.encoded)
+    assert ck.tokenizer.decode(bank.encoded[0].ids[:k]).startswith("<|im_start|>system")
+    store = bank.layer_store.stats()
+    assert store["unsupported"] is None and store["skipped"] == 0
+    assert store["recorded"] > 0 and store["hits"] >= store["recorded"]  # reused, not redone
+    assert store["layer"] == ck.geometry.num_layers - 1 and store["rejected"] == 0
+
+
+@pytest.mark.parametrize("family", ["qwen3_vl", "qwen3_vl_moe"])
+def test_layer_start_inside_the_deepstack_layers(mme_small, tmp_path, family) -> None:
+    """Deepstack features enter after decoder layers 0..2 here: starting at layer 1 or 2 must
+    add the later ones itself, and the recorded inputs must hold the earlier ones."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmcredit.models.tiny import (
+        build_config,
+        build_image_processor,
+        build_tokenizer,
+        save_checkpoint,
+    )
+
+    tokenizer = build_tokenizer()
+    config = build_config(family, tokenizer, {"num_hidden_layers": 4},
+                          {"depth": 3, "deepstack_visual_indexes": [0, 1, 2]})  # fmt: skip
+    torch.manual_seed(3)
+    model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
+    path = save_checkpoint(model, tokenizer, build_image_processor(family), tmp_path / "deep")
+    ck = load_checkpoint(path, dtype="fp32")
+    assert ck.geometry.deepstack_layers == (0, 1, 2)
+    bank = _check_every_configuration(ck, read_mme(mme_small).questions)
+    assert bank.layer_store.stats()["hits"] > 0
+
+
+def test_layer_inputs_store_bound(loaded, mme_small) -> None:
+    """A store too small for a batch records nothing (full forwards, same logits); 0 = off."""
+    from vlmcredit.probes.ablation import ablate_heads
+    from vlmcredit.probes.shared_prefix import LayerInputStore, PrefixSession
+
+    ck = loaded("qwen2.5-vl")
+    questions = read_mme(mme_small).questions
+    for max_bytes in (0, 1024):
+        bank = MMEInputs(ck, questions, ImageFeatureCache(1 << 30))
+        bank.layer_store = LayerInputStore(max_bytes)
+        bank.prepare()
+        with ablate_heads(ck, [(2, 0)]):
+            for _ in range(2):
+                session = PrefixSession(start_layer=2)
+                for batch in bank.batches(4):
+                    shared = bank.shared_prefix_logits(batch, session)
+                    full = _full_logits(ck, bank, batch)
+                    assert torch.allclose(shared, full, atol=1e-5, rtol=0)
+        stats = bank.layer_store.stats()
+        assert stats["recorded"] == stats["hits"] == 0 and stats["bytes"] == 0
+        assert stats["rejected"] == (0 if max_bytes == 0 else 2 * len(bank.batches(4)))

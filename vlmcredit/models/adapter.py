@@ -55,6 +55,10 @@ class ChatLiterals:
 QWEN_CHAT = ChatLiterals()
 
 
+class _LayerReached(Exception):
+    """Raised by `decoder_input_at`'s pre-hook to stop a forward at the wanted layer."""
+
+
 class AttentionLayer(NamedTuple):
     """A decoder layer that has softmax self-attention, under its absolute decoder index."""
 
@@ -76,6 +80,7 @@ class FamilyAdapter:
     cli_name: str  # what users type, e.g. "qwen2.5-vl"
     processor_class: str  # transformers processor class used by the fallback
     base_path: str = "model"  # the ...Model under the LM head: owns get_rope_index
+    text_path: str = "model.language_model"  # the text decoder: embeddings, rotary, norm
     layers_path: str = "model.language_model.layers"
     self_attn_path: str = "self_attn"
     o_proj_path: str = "self_attn.o_proj"
@@ -165,6 +170,105 @@ class FamilyAdapter:
             yield
         finally:
             base.rope_deltas = previous
+
+    # -- running the decoder from a given layer ------------------------------------------------
+    def layer_start_support(self, model: Any) -> str | None:
+        """None when `run_decoder_from` can run this model's decoder from any layer, else why not.
+
+        It sizes the attention mask against the start layer's KV cache (the layers below it
+        never run), which needs transformers' `create_causal_mask(layer_idx=...)`, and assumes
+        every layer is full attention (no sliding-window or linear layers with masks of their
+        own).
+        """
+        import inspect
+
+        from transformers import masking_utils
+
+        if "layer_idx" not in inspect.signature(masking_utils.create_causal_mask).parameters:
+            return "this transformers' create_causal_mask cannot size a mask from a given layer"
+        config = self.text_model(model).config
+        types = set(getattr(config, "layer_types", None) or ["full_attention"])
+        if types != {"full_attention"}:
+            return f"decoder layer types {sorted(types)}: only full-attention decoders"
+        return None
+
+    def text_model(self, model: Any) -> Any:
+        return resolve_path(model, self.text_path)
+
+    def decoder_input_at(self, model: Any, layer: int, forward: Any) -> Any:
+        """The hidden states entering decoder layer `layer` during `forward()` (a zero-argument
+        call into the model), which stops there: the layers below run (and fill their KV cache,
+        Qwen3-VL's deepstack features included), the rest do not."""
+        seen: dict[str, Any] = {}
+
+        def hook(_module: Any, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+            seen["hidden"] = args[0] if args else kwargs["hidden_states"]
+            raise _LayerReached
+
+        handle = self.decoder_layers(model)[layer].register_forward_pre_hook(hook, with_kwargs=True)
+        try:
+            forward()
+        except _LayerReached:
+            pass
+        finally:
+            handle.remove()
+        if "hidden" not in seen:
+            raise RuntimeError(f"decoder layer {layer} was never reached")
+        return seen["hidden"]
+
+    def run_decoder_from(
+        self,
+        model: Any,
+        hidden: Any,
+        start: int,
+        *,
+        position_ids: Any,
+        attention_mask: Any,
+        cache: Any,
+        visual_mask: Any = None,
+        deepstack: Any = None,
+    ) -> Any:
+        """The final (normed) hidden states of decoder layers `start`.. run on `hidden`, the
+        input of layer `start` (e.g. from `decoder_input_at`), exactly as the model's own loop
+        runs them: same rotary embeddings, causal + padding mask, KV cache updates, and on
+        Qwen3-VL the deepstack features (`deepstack[j]` for the image tokens `visual_mask`)
+        added after layer j < len(deepstack). The KV cache of the layers below `start` is not
+        read. `position_ids` (3, B, T) M-RoPE positions; `attention_mask` (B, past + T).
+        """
+        import inspect
+
+        from transformers.masking_utils import create_causal_mask
+
+        text = self.text_model(model)
+        layers = self.decoder_layers(model)
+        mask_params = inspect.signature(create_causal_mask).parameters
+        mask = create_causal_mask(
+            config=text.config,
+            inputs_embeds=hidden,
+            attention_mask=attention_mask,
+            position_ids=None,  # as the model passes for 3-row M-RoPE positions
+            layer_idx=start,
+            **{"cache" if "cache" in mask_params else "past_key_values": cache},
+        )
+        position_embeddings = text.rotary_emb(hidden, position_ids)
+        params = inspect.signature(layers[start].forward).parameters
+        kwargs: dict[str, Any] = {
+            "attention_mask": mask,
+            "position_ids": None,
+            "position_embeddings": position_embeddings,
+            "cache" if "cache" in params else "past_key_values": cache,
+        }
+        if "use_cache" in params:
+            kwargs["use_cache"] = True
+        for index in range(start, len(layers)):
+            hidden = layers[index](hidden, **kwargs)
+            if isinstance(hidden, tuple):  # layers of older transformers return (hidden, ...)
+                hidden = hidden[0]
+            if deepstack is not None and index < len(deepstack):
+                hidden = hidden.clone()  # as the model's own `_deepstack_process`
+                rows = visual_mask.to(hidden.device)
+                hidden[rows, :] = hidden[rows, :] + deepstack[index].to(hidden.device, hidden.dtype)
+        return text.norm(hidden)
 
     def stop_token_ids(self, model: Any, tokenizer: Any) -> list[int]:
         """Token ids that end a response: the generation config's EOS ids plus the chat

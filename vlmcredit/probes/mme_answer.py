@@ -18,15 +18,16 @@ question is answered many times with the same image. Four things make that cheap
   `generate()`), so the vision tower runs once per image for the whole run: decoder-head
   ablation never touches it. Features are computed one image at a time, so they do not depend on
   which images share a batch, and cached logits equal uncached ones exactly.
-* The two questions of an image share their prompt up to the question text (system prompt,
-  image tokens, often the first words): that prefix runs once per image and only the
-  questions' own ~20 tokens run per question, on a repeated KV cache (`shared_prefix_logits`).
+* Every prompt starts with the same system prompt: its KV cache is computed once per
+  configuration. The two questions of an image share their prompt up to the question text
+  (image tokens, often the first words): that part runs once per image and only the
+  questions' own ~20 tokens run per question (`probes.shared_prefix`). In layer-head mode the
+  layers below the ablated one are skipped, from the inputs the first configuration of that
+  layer recorded.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -47,6 +48,12 @@ from vlmcredit.probes.image_features import (
     encoder_outputs,
     image_key,
     model_device,
+)
+from vlmcredit.probes.shared_prefix import (
+    LayerInputStore,
+    PrefixSession,
+    pad_rows,
+    shared_prefix_logits,
 )
 
 YES_VARIANTS = ("Yes", "yes", "YES", " Yes", " yes", " YES")
@@ -149,6 +156,12 @@ class MMEInputs:
     encoded: list[EncodedQuestion] = field(default_factory=list)
     # applied to every loaded image before the processor (the gray-image control: `gray_image`)
     image_transform: Callable[[Any], Any] | None = None
+    # layer-head shortcut: inputs of one decoder layer per batch (`probes.shared_prefix`)
+    layer_store: LayerInputStore = field(default_factory=lambda: LayerInputStore(1 << 32))
+    _system_length: int | None = field(default=None, repr=False)
+    _positions: dict[tuple[int, int], tuple[torch.Tensor, int]] = field(
+        default_factory=dict, repr=False
+    )
 
     def load_image(self, index: int) -> Any:
         """Question `index`'s image as the model sees it (after `image_transform`)."""
@@ -206,7 +219,7 @@ class MMEInputs:
     def inputs(self, indices: Sequence[int]) -> dict[str, Any]:
         """Model inputs for these questions (left-padded, as `encode_samples` pads)."""
         rows = [self.encoded[i].ids for i in indices]
-        input_ids, attention_mask = _pad(rows, self._pad_id(), left=True)
+        input_ids, attention_mask = pad_rows(rows, self._pad_id(), left=True)
         return {
             "input_ids": input_ids,
             "attention_mask": attention_mask,
@@ -255,61 +268,46 @@ class MMEInputs:
                 groups.extend(([i], self.encoded[i].ids.numel() - 1) for i in run)
         return groups
 
-    def shared_prefix_logits(self, indices: Sequence[int]) -> torch.Tensor:
-        """Next-token logits (len(indices), vocab) computing each image's shared prefix once.
+    def system_length(self) -> int:
+        """Length of the prompt start every question shares before its first image token (the
+        chat template's system prompt); computed once."""
+        if self._system_length is None:
+            image_token = self.ck.geometry.image_token_id
+            first = self.encoded[0].ids
+            length = min(int((e.ids == image_token).long().argmax()) for e in self.encoded)
+            for e in self.encoded:
+                same = e.ids[:length].eq(first[:length])
+                length = length if bool(same.all()) else int(same.long().argmin())
+            self._system_length = length
+        return self._system_length
 
-        Both questions of an MME image start with the same system prompt and image tokens and
-        differ only in the last ~20 tokens. One forward over the prefixes (one row per image)
-        fills a KV cache; its rows are repeated per question and a second forward runs only
-        the questions' own tokens (right-padded, so causal attention never sees the pads),
-        continuing the prefix's M-RoPE positions (text positions advance by one per token, past
-        the image's compressed positions: rope delta). About half the decoder work of one full
-        forward per question; logits agree with it to float rounding (~1e-6 in fp32).
+    def prefix_positions(self, index: int, cut: int) -> tuple[torch.Tensor, int]:
+        """M-RoPE positions (3, cut) of question `index`'s first `cut` tokens and the rope delta
+        of its image (model's public get_rope_index); computed once per run and prefix."""
+        key = (index, cut)
+        if key not in self._positions:
+            ids = self.encoded[index].ids[:cut][None]
+            inputs = {
+                "input_ids": ids,
+                "attention_mask": torch.ones_like(ids),
+                "mm_token_type_ids": build_mm_token_type_ids(ids, self.ck.geometry).to(torch.long),
+                "image_grid_thw": torch.tensor([self.encoded[index].grid]),
+            }
+            positions, deltas = self.ck.adapter.rope_index(self.ck.model, inputs)
+            self._positions[key] = (positions[:, 0].to("cpu"), int(deltas.reshape(-1)[0]))
+        return self._positions[key]
+
+    def shared_prefix_logits(
+        self, indices: Sequence[int], session: PrefixSession | None = None
+    ) -> torch.Tensor:
+        """Next-token logits (len(indices), vocab) computing each shared prompt part once.
+
+        The system prompt's KV cache comes from `session` (one per configuration; a fresh one
+        when None), each image's prefix runs once for its questions, and only the questions'
+        own ~20 tokens run per question (`probes.shared_prefix`). About half the decoder work
+        of one full forward per question; logits agree with it to float rounding (~1e-6 fp32).
         """
-        model = self.ck.model
-        inner = self.ck.adapter.base_model(model)
-        device = model_device(model)
-        groups = self.prefix_groups(indices)
-        prefixes = [self.encoded[g[0]].ids[:cut] for g, cut in groups]
-        prefix_ids, prefix_mask = _pad(prefixes, self._pad_id(), left=True)
-        prefix_inputs = {
-            "input_ids": prefix_ids,
-            "attention_mask": prefix_mask,
-            "mm_token_type_ids": build_mm_token_type_ids(prefix_ids, self.ck.geometry).to(
-                torch.long
-            ),
-            "image_grid_thw": torch.tensor([self.encoded[g[0]].grid for g, _ in groups]),
-            "mm_encoder_outputs": encoder_outputs([self.features(g[0]) for g, _ in groups]),
-        }
-        # Explicit M-RoPE positions (the model's public get_rope_index): the prefix forward
-        # neither reads nor writes the model's cached rope deltas, and gives us the deltas.
-        prefix_positions, deltas = self.ck.adapter.rope_index(model, prefix_inputs)
-        prefix_inputs["position_ids"] = prefix_positions
-        deltas = deltas.reshape(-1).to("cpu")
-        with torch.no_grad():
-            prefix_out = inner(**_to_device(prefix_inputs, device), use_cache=True)
-            cache = _returned_cache(prefix_out)
-            owner = torch.tensor([k for k, (g, _) in enumerate(groups) for _ in g])
-            # one cache row per question; CPU indices work for layers on any device (device_map)
-            cache.batch_select_indices(owner)
-            order = [i for g, _ in groups for i in g]
-            cuts = [cut for g, cut in groups for _ in g]
-            suffixes = [self.encoded[i].ids[cut:] for i, cut in zip(order, cuts, strict=True)]
-            suffix_ids, suffix_mask = _pad(suffixes, self._pad_id(), left=False)
-            start = torch.tensor(cuts) + deltas[owner]  # position of each question's first token
-            positions = start[:, None] + torch.arange(suffix_ids.shape[1])[None, :]
-            out = inner(
-                input_ids=suffix_ids.to(device),
-                attention_mask=torch.cat([prefix_mask[owner], suffix_mask], dim=1).to(device),
-                position_ids=positions[None].expand(3, -1, -1).to(device),
-                **{_cache_kwarg(inner): cache},
-                use_cache=True,
-            )
-            last = torch.tensor([s.numel() - 1 for s in suffixes], device=device)
-            hidden = out.last_hidden_state[torch.arange(len(order), device=device), last]
-            logits = self.ck.adapter.output_embedding(model)(hidden)
-        where = {i: k for k, i in enumerate(order)}
-        return logits[[where[i] for i in indices]]
+        return shared_prefix_logits(self, indices, session or PrefixSession())
 
     def _pad_id(self) -> int:
         tok = self.ck.tokenizer
@@ -336,33 +334,6 @@ def gray_image(image: Any) -> Any:
     from PIL import Image
 
     return Image.new("RGB", image.size, (GRAY_LEVEL,) * 3)
-
-
-def _cache_kwarg(model: Any) -> str:
-    """The forward's name for a KV cache to continue: transformers 5.24 renamed
-    `past_key_values` to `cache` (the old name warns and goes in 5.40); 5.20-5.23 know only
-    the old one, and would swallow `cache=` silently into their **kwargs."""
-    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-
-
-def _returned_cache(output: Any) -> Any:
-    """The KV cache of a forward's output, under its 5.24 name `cache` or the older one."""
-    names = {f.name for f in dataclasses.fields(output)}
-    return output.cache if "cache" in names else output.past_key_values
-
-
-def _pad(
-    rows: Sequence[torch.Tensor], pad_id: int, left: bool
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Stack 1-D id rows into (ids, attention_mask), padding on the left or the right."""
-    length = max(r.numel() for r in rows)
-    ids = torch.full((len(rows), length), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), length), dtype=torch.long)
-    for b, row in enumerate(rows):
-        cols = slice(length - row.numel(), length) if left else slice(0, row.numel())
-        ids[b, cols] = row
-        mask[b, cols] = 1
-    return ids, mask
 
 
 # -- answering -----------------------------------------------------------------------------------
@@ -446,23 +417,30 @@ def answer_questions(
     tokens: YesNoTokens | None = None,
     on_batch: Callable[[int], None] | None = None,
     share_prefix: bool = True,
+    start_layer: int = 0,
 ) -> dict[int, Answer]:
-    """Answer the questions of `batches`; answers keyed by index into `bank.questions`.
+    """Answer the questions of `batches` (one configuration); answers keyed by index into
+    `bank.questions`.
 
-    `share_prefix` (logits mode) runs each image's common prompt prefix once for its questions
-    (`MMEInputs.shared_prefix_logits`); off, every question gets its own full forward.
+    `share_prefix` (logits mode) computes the system prompt once for the configuration and
+    each image's common prompt prefix once for its questions (`MMEInputs.shared_prefix_logits`);
+    off, every question gets its own full forward. `start_layer` > 0 says every ablated head of
+    this configuration lies in layers >= start_layer, so the layers below may be skipped with
+    recorded inputs (`bank.layer_store`); the answers are the same either way.
     """
     if answering not in ANSWERING_MODES:
         raise VlmCreditError(f"answering {answering!r}: choose one of {', '.join(ANSWERING_MODES)}")
     model = bank.ck.model
     if answering == "logits" and tokens is None:
         tokens = yes_no_tokens(bank.ck.tokenizer)
+    session = PrefixSession(start_layer=start_layer)  # this configuration's system-prompt KV
     out: dict[int, Answer] = {}
     for batch in batches:
         if answering == "generate":
             answers = answer_generate(model, bank.ck.tokenizer, bank.inputs(batch))
         elif share_prefix:
-            answers = yes_no_answers(bank.shared_prefix_logits(batch), tokens)  # type: ignore[arg-type]
+            logits = bank.shared_prefix_logits(batch, session)
+            answers = yes_no_answers(logits, tokens)  # type: ignore[arg-type]
         else:
             answers = answer_logits(model, bank.inputs(batch), tokens)  # type: ignore[arg-type]
         out.update(zip(batch, answers, strict=True))
