@@ -1,5 +1,5 @@
 """The user docs cannot drift from the CLI: generated command reference, README command list,
-relative links."""
+relative links, and the README's library example runs."""
 
 from __future__ import annotations
 
@@ -116,3 +116,23 @@ def test_relative_links_point_to_files(doc: Path) -> None:
         if not (doc.parent / file_part).exists():
             broken.append(target)
     assert not broken, f"{doc.relative_to(ROOT)}: links to missing files: {broken}"
+
+
+def test_readme_library_snippet_runs(tiny_ckpt) -> None:
+    """The README's library example runs as printed (every name defined in it), on a tiny
+    checkpoint in place of the 7B hub id and a real image for `image`."""
+    from tests.helpers import noise_image
+
+    block = re.search(r"```python\n(.*?)```", _section(README.read_text("utf-8"), "Library"), re.S)
+    assert block, "README.md '## Library' has no python block"
+    code = block.group(1)
+    call = re.search(r"load_checkpoint\((.*?)\)", code)
+    assert call, "the snippet no longer loads a checkpoint"
+    ckpt = str(tiny_ckpt("qwen2.5-vl"))
+    code = code.replace(call.group(0), f"load_checkpoint({ckpt!r}, dtype='fp32')")
+    scope: dict = {"image": noise_image(56, 84, 1)}
+    exec(compile(code, "README.md (Library)", "exec"), scope)
+    capture = scope["items"][0].capture
+    # the response -> image block, and the last layer's Q/K the snippet asked for
+    assert capture.attention.shape[-1] == scope["layout"].images[0].cells.shape[0]
+    assert capture.queries is not None and capture.keys is not None

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 
 from tests.helpers import noise_image
 from vlmcredit.analysis.anchors import AnchorConfig, anchor_count, label_anchors, select_batch
+from vlmcredit.analysis.clustering import ClusterConfig
 from vlmcredit.cli.main import app
 from vlmcredit.data.sample import Sample
 from vlmcredit.formats.run import Run
@@ -149,6 +150,18 @@ def test_fill_scope_and_preset_flags(tiny_ckpt, rollouts, anchors_run, tmp_path)
         "whole": (["--fill", "whole-clusters"], AnchorConfig(fill="whole-clusters")),
         "batch": (["--ratio-scope", "batch"], AnchorConfig(ratio_scope="batch")),
         "paper": (["--preset", "paper"], AnchorConfig(preset="paper")),
+        # coarse clusters, filled whole: far above the target, with a warning saying why
+        "coarse": (
+            [
+                *("--mode", "similarity", "--objective", "CPM", "--resolution", "0.05"),
+                *("--fill", "whole-clusters"),
+            ],
+            AnchorConfig(
+                mode="similarity",
+                fill="whole-clusters",
+                cluster=ClusterConfig(objective="CPM", resolution=0.05),
+            ),
+        ),
     }
     for name, (flags, cfg) in cases.items():
         out = tmp_path / name
@@ -168,6 +181,11 @@ def test_fill_scope_and_preset_flags(tiny_ckpt, rollouts, anchors_run, tmp_path)
             assert manifest["signals"]["selection_scope"] == "per_batch"
         if name == "paper":
             assert (recorded["mode"], recorded["cluster"]["backend"]) == ("similarity", "metis")
+        # a share more than 5 points off the target is said, with what to change
+        off = abs(table.anchor.mean() - 0.15) > 0.05
+        assert ("warning: " in result.stderr) == off, (name, result.stderr)
+        if name == "coarse":
+            assert off and "--fill clusters-then-tokens" in result.stderr
 
 
 def test_stored_attention_is_the_layer_head_mean(anchors_run, loaded) -> None:
@@ -232,6 +250,31 @@ def test_from_capture_run_gives_the_same_anchors(
     # heads need a per-head capture: the averaged capture run is refused with a clear message
     result = _anchors("--from", str(cap), "--out", str(tmp_path / "h"), "--heads", "0,1")
     assert result.exit_code == 2 and "--reduce heads" in result.output
+
+
+def test_from_a_capture_run_that_recorded_a_relative_path(
+    tiny_ckpt, rollouts, tmp_path, monkeypatch
+) -> None:
+    ckpt = tiny_ckpt(FAMILY)
+    monkeypatch.chdir(ckpt.parent)
+    cap = tmp_path / "cap"
+    args = ["--data", str(rollouts), "--out", str(cap), "--no-qk", "--max-samples", "1"]
+    result = runner.invoke(app, ["capture", "--ckpt", ckpt.name, *args, "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((cap / "manifest.json").read_text())
+    recorded = Path(manifest["checkpoint"]["path"])
+    assert recorded.is_absolute() and recorded.resolve() == ckpt.resolve()  # given relative
+    # a run made before paths were recorded absolute, read from another folder: said so
+    manifest["checkpoint"]["path"] = ckpt.name
+    (cap / "manifest.json").write_text(json.dumps(manifest))
+    monkeypatch.chdir(tmp_path)
+    out = tmp_path / "from"
+    result = _anchors("--from", str(cap), "--out", str(out))
+    assert result.exit_code == 2 and not out.exists()
+    assert f"recorded its checkpoint as the relative path '{ckpt.name}'" in result.stderr
+    assert "moved" not in result.stderr and "pass --ckpt" in result.stderr
+    fixed = _anchors("--from", str(cap), "--ckpt", str(ckpt), "--out", str(out))
+    assert fixed.exit_code == 0, fixed.output
 
 
 def test_heads_json_averages_only_critical_heads(tiny_ckpt, rollouts, loaded, tmp_path) -> None:

@@ -91,6 +91,15 @@ def inputs(tiny_ckpt, tmp_path_factory) -> Inputs:
         root / "mme-no-answer.parquet"
     )
     (root / "existence.txt").write_text("a.png\tIs it?\tYes\tYes\nbroken\na.png\tIs it?\tNo\tNo\n")
+    (root / "empty-results").mkdir()
+    (root / "empty-results" / "count.txt").write_text("")
+    (root / "maybe").mkdir()
+    (root / "maybe" / "existence.txt").write_text("a.png\tIs it?\tMaybe\tYes\n")
+    # a real anchors run of the 3-layer, 4-head checkpoint, and heads.json files it lacks
+    run = ["anchors", "--ckpt", str(ckpt), "--data", str(root / "good.jsonl"), "--quiet"]
+    assert runner.invoke(app, [*run, "--out", str(root / "run")]).exit_code == 0
+    (root / "head7.json").write_text(json.dumps({"critical_heads": [7]}))
+    (root / "layer5.json").write_text(json.dumps({"critical": [{"layer": 5, "head": 0}]}))
     return Inputs(root, ckpt)
 
 
@@ -100,7 +109,7 @@ ROLLOUT_CASES = [
     ("missing path", ["--data", "{nope.jsonl}"], "nope.jsonl"),
     ("empty file", ["--data", "{empty.jsonl}"], "empty.jsonl"),
     ("a PNG as --data", ["--data", "{a.png}"], "a.png"),
-    ("a folder as --data", ["--data", "{folder}"], "folder"),
+    ("a folder as --data", ["--data", "{folder}"], "folder: is a folder"),
     ("corrupt image", ["--data", "{corrupt.jsonl}"], "corrupt.png"),
     ("1x1 image", ["--data", "{one.jsonl}"], "one.png"),
     ("20000x20000 image", ["--data", "{huge.jsonl}"], "huge.png"),
@@ -137,6 +146,18 @@ CASES = [
     ("anchors", "ratio above 1", ["--data", "{good.jsonl}", "--ratio", "1.5"], "--ratio"),
     ("anchors", "ratio 0", ["--data", "{good.jsonl}", "--ratio", "0"], "--ratio"),
     ("weights", "ratio above 1", ["--data", "{good.jsonl}", "-p", "ratio=1.5"], "ratio"),
+    (
+        "anchors",
+        "--heads-json naming head 7 of a 4-head model",
+        ["--data", "{good.jsonl}", "--heads-json", "{head7.json}"],
+        "head 7 does not exist in a model with 4 heads",
+    ),
+    (
+        "weights",
+        "--heads-json naming layer 5 of a 3-layer model",
+        ["--data", "{good.jsonl}", "--heads-json", "{layer5.json}"],
+        "layer 5 does not exist in a model with 3 layers",
+    ),
     *[("probe-heads", case, args, named) for case, args, named in MME_CASES],
     ("regions", "missing path", ["--data", "{nope.jsonl}"], "nope.jsonl"),
     ("regions", "a PNG as --data", ["--data", "{a.png}"], "a.png"),
@@ -159,12 +180,42 @@ PLAIN_CASES = [
             ("an empty folder as the run", "{folder}", "folder"),
         )
     ],
+    (
+        "export",
+        "--heads naming head 7 of a 4-head model",
+        ["export", "{run}", "--out", "{out}", "--heads", "{head7.json}"],
+        "head 7 does not exist in a model with 4 heads",
+    ),
+    (
+        "export",
+        "--heads naming layer 5 of a 3-layer model",
+        ["export", "{run}", "--out", "{out}", "--heads", "{layer5.json}"],
+        "layer 5 does not exist in a model with 3 layers",
+    ),
+    (
+        "report",
+        "--out a file it did not write",
+        ["report", "{run}", "--out", "{file.txt}"],
+        "file.txt: exists and is not a vlmcredit report",
+    ),
     ("compare", "missing path", ["compare", "{nope}", "{nope}", "--out", "{out}"], "nope"),
     ("compare", "a PNG", ["compare", "{a.png}", "{a.png}", "--out", "{out}"], "a.png"),
     ("mme-score", "missing path", ["mme-score", "{nope}"], "nope"),
     ("mme-score", "empty file", ["mme-score", "{empty.jsonl}"], "empty.jsonl"),
     ("mme-score", "a PNG", ["mme-score", "{a.png}"], "a.png"),
     ("mme-score", "malformed line in the middle", ["mme-score", "{existence.txt}"], "txt:2:"),
+    (
+        "mme-score",
+        "empty results file",
+        ["mme-score", "{empty-results/count.txt}"],
+        "count.txt: holds no predictions",
+    ),
+    (
+        "mme-score",
+        "ground truth Maybe",
+        ["mme-score", "{maybe/existence.txt}"],
+        "existence.txt:1: ground truth (third field) is 'Maybe'",
+    ),
     ("mme-synth", "--out a file", ["mme-synth", "--out", "{file.txt}"], "file.txt"),
     (
         "mme-synth",
@@ -172,10 +223,17 @@ PLAIN_CASES = [
         ["mme-synth", "--out", "{out}", "--parquet", "{folder}"],
         "--parquet",
     ),
+    (
+        "mme-synth",
+        "--parquet an existing file",
+        ["mme-synth", "--out", "{out}", "--parquet", "{file.txt}"],
+        "--parquet",
+    ),
     ("mme-synth", "unknown category", ["mme-synth", "--out", "{out}", "--categories", "x"], "'x'"),
     ("info", "missing path", ["info", "--ckpt", "{nope}"], "nope"),
     ("info", "a file", ["info", "--ckpt", "{empty.jsonl}"], "empty.jsonl"),
     ("info", "non-Qwen VLM config", ["info", "--ckpt", "{llava}"], "llava"),
+    ("info", "mismatched tokenizer", ["info", "--ckpt", "{other-tokenizer}"], "tokenizer has"),
     ("make-tiny", "unknown family", ["make-tiny", "--family", "x", "--out", "{out}"], "--family"),
     ("make-tiny", "--out a file", ["make-tiny", "--family", FAMILY, "--out", "{file.txt}"], "file"),
     ("demo", "--out a file", ["demo", "--out", "{file.txt}"], "file.txt"),
@@ -227,14 +285,25 @@ def test_bad_input_is_one_line_without_a_model(command, case, args, named, input
 
 
 @pytest.mark.parametrize(
-    ("command", "bad", "fixed"),
+    ("command", "bad", "fixed", "recorded"),
     [
-        ("capture", ["--data", "{blank-response.jsonl}"], ["--data", "{good.jsonl}"]),
-        ("weights", ["--data", "{good.jsonl}", "--heads", "99"], ["--data", "{good.jsonl}"]),
-        ("anchors", ["--data", "{huge.jsonl}"], ["--data", "{huge.jsonl}", "--skip-bad"]),
+        ("capture", ["--data", "{blank-response.jsonl}"], ["--data", "{good.jsonl}"], None),
+        ("weights", ["--data", "{good.jsonl}", "--heads", "99"], ["--data", "{good.jsonl}"], None),
+        (
+            "anchors",
+            ["--data", "{huge.jsonl}"],
+            ["--data", "{huge.jsonl}", "--skip-bad"],
+            "decompression-bomb guard",
+        ),
+        (
+            "anchors",
+            ["--data", "{empty-response.jsonl}"],
+            ["--data", "{empty-response.jsonl}", "--skip-bad"],
+            "'response' is empty",
+        ),
     ],
 )
-def test_the_corrected_command_then_runs(command, bad, fixed, inputs, tmp_path) -> None:
+def test_the_corrected_command_then_runs(command, bad, fixed, recorded, inputs, tmp_path):
     out = tmp_path / "out"
     argv = [command, "--ckpt", str(inputs.ckpt), "--out", str(out), "--quiet"]
     first = runner.invoke(app, argv + _fill(bad, inputs, out))
@@ -243,7 +312,7 @@ def test_the_corrected_command_then_runs(command, bad, fixed, inputs, tmp_path) 
     assert second.exit_code == 0, second.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert manifest["status"] == "finished"
-    if "--skip-bad" in fixed:  # the refused image is recorded, not silently dropped
+    if recorded:  # the refused row is recorded, not silently dropped
         rows = pd.read_parquet(out / "samples.parquet")
         bad_rows = rows[rows["status"] == "bad"]
-        assert len(bad_rows) == 1 and "decompression-bomb guard" in bad_rows["error"].iloc[0]
+        assert len(bad_rows) == 1 and recorded in bad_rows["error"].iloc[0]

@@ -4,6 +4,10 @@ exit 2, and leave nothing behind."""
 from __future__ import annotations
 
 import json
+import resource
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -52,3 +56,28 @@ def test_a_filesystem_that_refuses_writes_is_one_line(tiny_ckpt, rollouts) -> No
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: {out}:"), lines
     assert "choose a folder you can write" in lines[0]
+
+
+def test_a_write_refused_mid_run_names_the_file(tiny_ckpt, rollouts, tmp_path) -> None:
+    """A write the system refuses halfway through a run (here a file-size limit, EFBIG; a full
+    disk, ENOSPC, takes the same path) is one line naming the file being written, not
+    "output"; the run is marked failed, and the same command then continues it."""
+    out = tmp_path / "run"
+    args = ["capture", "--ckpt", str(tiny_ckpt("qwen2.5-vl")), "--data", str(rollouts)]
+    args += ["--out", str(out), "--quiet"]
+
+    def small_files() -> None:  # in the child: files may not grow past 4 KiB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG from write() instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    cmd = [sys.executable, "-m", "vlmcredit.cli.main", *args]
+    done = subprocess.run(cmd, capture_output=True, text=True, preexec_fn=small_files)
+    assert done.returncode == 2, done.stderr[-2000:]
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {out / 'shard-00000.safetensors'}: File too large; ")
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "failed" and not list(out.glob(".*.*"))  # no partial file
+    again = runner.invoke(app, args)
+    assert again.exit_code == 0, again.output
+    assert json.loads((out / "manifest.json").read_text())["status"] == "finished"

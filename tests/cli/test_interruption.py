@@ -1,6 +1,6 @@
 """kill -9 at several points of `weights` and `export` (a real SIGKILL of a subprocess): the
 resumed or rerun command ends identical to an uninterrupted one, nothing duplicated; a resumed
-anchors run's `timing` counts every invocation."""
+weights run's `seconds` and anchors run's `timing` count every invocation."""
 
 from __future__ import annotations
 
@@ -81,6 +81,15 @@ def _killed(argv: list[str], **env: str) -> None:
     assert done.returncode in (-signal.SIGKILL, 137), (done.returncode, done.stderr[-2000:])
 
 
+def _shard_tensors(run: Path, suffix: str) -> list:
+    """Every shard tensor whose key ends with `suffix`, in shard order."""
+    found = []
+    for shard in sorted(run.glob("shard-*.safetensors")):
+        with safe_open(str(shard), framework="np") as f:
+            found += [f.get_tensor(k) for k in f.keys() if k.endswith(suffix)]  # noqa: SIM118
+    return found
+
+
 def _shard_keys(run: Path) -> list[str]:
     keys = []
     for shard in sorted(run.glob("shard-*.safetensors")):
@@ -109,8 +118,16 @@ def test_weights_killed_then_resumed_equals_uninterrupted(
     args = [*_args("weights", tiny_ckpt(FAMILY), rollouts), "--out", str(out)]
     _killed(args, **point)
     assert json.loads((out / "manifest.json").read_text())["status"] == "running"
+    start = time.perf_counter()
     resumed = runner.invoke(app, [*args, "--resume"])
+    resume_seconds = time.perf_counter() - start
     assert resumed.exit_code == 0, resumed.output
+    # `seconds` sums both invocations: the killed one's batches (and model loading) too
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["invocations"] == 2 and manifest["seconds"] > resume_seconds
+    walls = [t[0] for t in _shard_tensors(out, "/wall_seconds")]
+    assert len(walls) == 3 and all(w > 0 for w in walls)
+    assert manifest["seconds"] >= sum(walls)
     assert (out / "signals.parquet").read_bytes() == (whole / "signals.parquet").read_bytes()
     ids = pd.read_parquet(out / "samples.parquet")["id"].tolist()
     assert ids == pd.read_parquet(whole / "samples.parquet")["id"].tolist()
@@ -156,9 +173,6 @@ def test_resumed_anchors_timing_counts_every_invocation(tiny_ckpt, rollouts, tmp
     # invocation alone took, and at least its parts
     assert timing["total"] > resume_seconds
     assert timing["total"] >= timing["capture"] + timing["graph"] + timing["cluster"]
-    walls = []
-    for shard in sorted(out.glob("shard-*.safetensors")):
-        with safe_open(str(shard), framework="np") as f:
-            walls += [f.get_tensor(k)[3] for k in f.keys() if k.endswith("/timing")]  # noqa: SIM118
+    walls = [t[3] for t in _shard_tensors(out, "/timing")]
     assert len(walls) == 3 and all(w > 0 for w in walls)
     assert timing["total"] >= sum(walls)

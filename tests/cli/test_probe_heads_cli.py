@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pandas as pd
@@ -138,7 +139,7 @@ def test_layer_head_mean_ablation_on_parquet(ckpt, mme, tmp_path) -> None:
     out = tmp_path / "grid"
     result = _probe(ckpt, mme.parent / "set.parquet", out, "--mode", "layer-head", "--layers",
                     "1-2", "--heads", "0,3", "--ablation", "mean", "--max-questions", "12",
-                    "--categories", "count,OCR,existence")  # fmt: skip
+                    "--categories", "count,OCR,existence", "--threshold", "0")  # fmt: skip
     assert result.exit_code == 0, result.output
     report = json.loads((out / "heads.json").read_text())
     assert [(h["layer"], h["head"]) for h in report["heads"]] == [(1, 0), (1, 3), (2, 0), (2, 3)]
@@ -146,7 +147,11 @@ def test_layer_head_mean_ablation_on_parquet(ckpt, mme, tmp_path) -> None:
     assert report["num_questions"] == 12  # two images from each category
     means = Run.load(out).tensors("means")["value"]
     assert means.shape == (3, 4, 16) and torch.isfinite(means).all()
-    assert f"vision-critical heads (drop in total > {THRESHOLD})" in result.stdout
+    # the verdict names (layer, head) pairs, not head indices that read as whole heads
+    pairs = [f"L{c['layer']}.H{c['head']}" for c in report["critical"]]
+    assert pairs  # some pair's ablation lowers the score at all (threshold 0)
+    verdict = f"vision-critical (layer, head) pairs (drop in total > 0): {len(pairs)} of 4"
+    assert f"{verdict}: {', '.join(pairs)};" in result.stdout
     table = pd.read_parquet(out / "heads.parquet")
     assert list(table["layer"]) == [1, 1, 2, 2]
 
@@ -169,12 +174,23 @@ def test_resume_after_kill_gives_the_same_heads_json(ckpt, mme, full_run, tmp_pa
            "--batch-size", "5"]  # fmt: skip
     crash = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, CRASH_ENV: "2"})
     assert crash.returncode == 137, crash.stderr
+    # --quiet from the start: the model loaded without transformers' "Loading weights" bar
+    assert "Loading weights" not in crash.stderr and "it/s" not in crash.stderr, crash.stderr
     partial = Run.load(out)
     assert partial.manifest["status"] == "running"
     assert [r["id"] for r in partial.rows] == ["baseline", "gray-image"]
     assert not (out / "heads.json").exists()
+    start = time.perf_counter()
     resumed = _probe(ckpt, mme, out, "--batch-size", "5", "--resume")
+    resume_seconds = time.perf_counter() - start
     assert resumed.exit_code == 0, resumed.output
+    # timing sums both invocations: the killed one's model loading and two configurations too
+    manifest = json.loads((out / "manifest.json").read_text())
+    timing = manifest["timing"]
+    assert manifest["invocations"] == 2
+    assert timing["total"] > resume_seconds
+    assert timing["total"] >= sum(timing["configurations"].values())
+    assert len(timing["configurations"]) == 6  # the killed invocation's two are kept
     a = json.loads((full_run / "heads.json").read_text())
     b = json.loads((out / "heads.json").read_text())
     assert a == b  # heads.json holds no timing fields
@@ -329,3 +345,40 @@ def test_controls_and_the_relative_rule_on_a_subset(ckpt, mme, tmp_path) -> None
         ckpt, mme, tmp_path / "run", "--heads", "1,2", "--resume", "--threshold-rule", "absolute"
     )[1]
     assert absolute["threshold"] == 100.0 and "partial MME" in absolute["threshold_rule"]["reason"]
+
+
+def test_layer_head_shortcut_equals_full_forwards_and_resumes(ckpt, mme, tmp_path) -> None:
+    """--mode layer-head skips the layers below the ablated one (inputs recorded by each
+    layer's first configuration): the same predictions, logits and heads.json as one full
+    forward per question (--no-share-prefix), also across a kill and --resume."""
+    grid = ["--mode", "layer-head", "--layers", "1-2", "--heads", "0,1,3", "--batch-size", "5"]
+    fast = tmp_path / "fast"
+    assert _probe(ckpt, mme, fast, *grid).exit_code == 0
+    plain = tmp_path / "plain"
+    assert _probe(ckpt, mme, plain, *grid, "--no-share-prefix").exit_code == 0
+    stored = json.loads((fast / "manifest.json").read_text())["layer_inputs"]
+    assert stored["hits"] > 0 and stored["recorded"] > 0 and stored["unsupported"] is None
+    units = ["baseline", "gray-image"] + [f"layer-{a}-head-{h}" for a in (1, 2) for h in (0, 1, 3)]
+
+    def same_as_plain(run: Path) -> None:
+        assert json.loads((run / "heads.json").read_text()) == json.loads(
+            (plain / "heads.json").read_text()
+        )
+        for name in units:
+            a, b = (pd.read_parquet(r / "predictions" / f"{name}.parquet") for r in (run, plain))
+            assert list(a["prediction"]) == list(b["prediction"]), name
+            assert list(a["top_token"]) == list(b["top_token"]), name
+            for column in ("yes_logit", "no_logit"):
+                diff = (a[column].astype(float) - b[column].astype(float)).abs().max()
+                assert diff < 1e-4, (name, column, diff)  # float rounding of logits ~6
+
+    same_as_plain(fast)
+    killed = tmp_path / "killed"
+    cmd = [sys.executable, "-m", "vlmcredit.cli.main", "probe-heads", "--ckpt", ckpt, "--mme",
+           str(mme), "--out", str(killed), "--quiet", "--threshold", str(THRESHOLD),
+           *grid]  # fmt: skip
+    crash = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, CRASH_ENV: "4"})
+    assert crash.returncode == 137, crash.stderr
+    assert len(Run.load(killed).rows) == 4  # baseline, gray, layer-1-head-0, layer-1-head-1
+    assert _probe(ckpt, mme, killed, *grid, "--resume").exit_code == 0
+    same_as_plain(killed)  # layer 1's last head starts with no recorded inputs: recorded anew

@@ -185,7 +185,7 @@ def test_hand_written_official_results_folder(tmp_path: Path) -> None:
     [
         ("color.txt", "a.jpg\tQ?\tYes\n", r"color.txt:1: malformed line \(3 tab-separated"),
         ("color.txt", "a.jpg\tQ?\tYes\tYes\na.jpg\tQ?\tNo\tno\textra\n", r"color.txt:2: malformed"),
-        ("color.txt", "a.jpg\tQ?\tMaybe\tYes\n", r"color.txt:1: malformed"),
+        ("color.txt", "a.jpg\tQ?\tMaybe\tYes\n", r"color.txt:1: ground truth .* is 'Maybe'"),
         ("colour.txt", "a.jpg\tQ?\tYes\tYes\n", r"colour.txt: file name is not an MME category"),
     ],
 )

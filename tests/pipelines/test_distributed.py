@@ -152,7 +152,7 @@ def test_weights_two_ranks_equals_one(tiny_ckpt, rollouts, tmp_path):
     one, two = tmp_path / "one", tmp_path / "two"
     _ok(_vlmcredit(1, *common, "--out", str(one)))
     _ok(_vlmcredit(2, *common, "--out", str(two)))
-    _same_tensors(one, two)
+    _same_tensors(one, two, skip=("wall_seconds",))  # each batch's own wall time
     _split_across_ranks(two)
     for method in ("anchors", "kawhi"):
         pd.testing.assert_frame_equal(

@@ -59,6 +59,23 @@ def test_a_failed_run_is_marked_and_the_corrected_command_runs(
     assert rerun.exit_code == 2 and "already holds a run" in rerun.output
 
 
+@pytest.mark.parametrize("resume", [False, True], ids=["plain rerun", "--resume"])
+def test_a_damaged_manifest_says_what_works(resume, tiny_ckpt, rollouts, tmp_path) -> None:
+    """Not "rerun the command" (which met "already holds a run", whose --resume met the
+    damaged manifest again): a new --out, or deleting the folder; the folder is left alone."""
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "manifest.json").write_text("{damaged")
+    args = ["capture", "--ckpt", str(tiny_ckpt(FAMILY)), "--data", str(rollouts)]
+    result = _invoke(*args, "--out", str(out), "--quiet", *(["--resume"] if resume else []))
+    assert result.exit_code == 2, result.output
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: {out / 'manifest.json'}: unreadable")
+    assert "cannot be continued; choose a new --out (or delete" in lines[0]
+    assert [p.name for p in out.iterdir()] == ["manifest.json"]
+    assert (out / "manifest.json").read_text() == "{damaged"
+
+
 def test_a_failed_run_keeps_files_the_tool_did_not_write(tmp_path) -> None:
     from vlmcredit.formats.run import Run
 

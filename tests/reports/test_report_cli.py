@@ -132,3 +132,39 @@ def test_cli_errors_are_one_line_and_write_nothing(good, tmp_path) -> None:
 def test_cli_out_is_a_folder(good, tmp_path) -> None:
     result = _report(str(good["heads"]), "--out", str(tmp_path))
     assert result.exit_code == 2 and "is a folder" in result.stderr
+
+
+def test_cli_refuses_a_run_twice_and_warns_of_mixed_checkpoints(good, tmp_path) -> None:
+    heads = str(good["heads"])
+    twice = _report(heads, heads + "/", "--out", str(tmp_path / "twice.html"))
+    assert twice.exit_code == 2 and "given twice (as r1-heads and r2-heads)" in twice.stderr
+    assert not (tmp_path / "twice.html").exists()
+    # the same run as if made with other weights: reported, and said on stderr and the page
+    other = tmp_path / "other"
+    shutil.copytree(good["heads"], other)
+    manifest = json.loads((other / "manifest.json").read_text())
+    manifest["checkpoint"]["weights_sha1"] = "f" * 40
+    (other / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "mixed.html"
+    mixed = _report(heads, str(other), "--out", str(out))
+    assert mixed.exit_code == 0, mixed.output
+    assert mixed.stderr.startswith("warning: the runs come from 2 different checkpoints")
+    assert "weights ffffffff" in mixed.stderr
+    assert "2 different checkpoints" in Page(out.read_text()).all_text()
+    one = _report(heads, "--out", str(tmp_path / "one.html"))
+    assert one.exit_code == 0 and "warning" not in one.stderr
+
+
+def test_cli_replaces_its_own_report_only(good, tmp_path) -> None:
+    out = tmp_path / "report.html"
+    for _ in range(2):  # a report of ours is replaced
+        result = _report(str(good["heads"]), "--out", str(out))
+        assert result.exit_code == 0, result.output
+    mine = tmp_path / "notes.html"
+    mine.write_text("<p>my notes</p>")
+    refused = _report(str(good["heads"]), "--out", str(mine))
+    assert refused.exit_code == 2 and "exists and is not a vlmcredit report" in refused.stderr
+    assert mine.read_text() == "<p>my notes</p>" and not (tmp_path / "notes-figures").exists()
+    (tmp_path / "report-figures" / "todo.txt").write_text("mine")
+    taken = _report(str(good["heads"]), "--out", str(out))
+    assert taken.exit_code == 2 and "not report figures (todo.txt)" in taken.stderr

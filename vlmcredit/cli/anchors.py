@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from vlmcredit.cli import options
-from vlmcredit.cli.common import progress_bar, user_errors
+from vlmcredit.cli.common import echo_err, progress_bar, user_errors
 
 
 @user_errors
@@ -172,3 +173,32 @@ def anchors(
             f"{s['ratio_scope']}, --fill {s['fill']})"
         )
     typer.echo(f"wrote {run.path}/anchors.parquet, anchors.json, signals.parquet")
+    warning = ratio_warning(s, cfg.analysis)
+    if warning:
+        echo_err(f"warning: {warning}")
+
+
+def ratio_warning(summary: dict[str, Any], analysis: Any) -> str | None:
+    """Say so when the anchors are far from the target share (more than 5 points): only
+    --fill whole-clusters can miss it by much, when the clustering made few large clusters."""
+    achieved, target = summary["ratio_achieved"], summary["ratio_target"]
+    if abs(achieved - target) <= 0.05:
+        return None
+    cluster = analysis.cluster
+    if cluster.backend == "metis":
+        how, finer = f"--backend metis --parts {cluster.parts}", "more --parts"
+    else:
+        how = f"--objective {cluster.objective} --resolution {cluster.resolution:g}"
+        finer = "a higher --resolution"
+    if summary["fill"] == "whole-clusters":
+        hint = (
+            f"whole clusters are as coarse as the clustering ({how}); use --fill "
+            f"clusters-then-tokens (the default) to hold the ratio, or {finer} for smaller "
+            "clusters"
+        )
+    else:
+        hint = "the responses may be too short to hold it (see the per-response spread)"
+    return (
+        f"{100 * achieved:.1f}% of the response tokens are anchors against a "
+        f"{100 * target:.0f}% target: {hint}"
+    )

@@ -29,11 +29,15 @@ state = _State()
 
 
 _OS_ADVICE = {
-    errno.ENOSPC: "free disk space (or choose another --out) and rerun; finished work is kept",
-    errno.EDQUOT: "free quota (or choose another --out) and rerun; finished work is kept",
+    errno.ENOSPC: "free disk space and rerun (a run continues with --resume, its finished "
+    "batches kept), or choose another --out",
+    errno.EDQUOT: "free quota and rerun (a run continues with --resume, its finished batches "
+    "kept), or choose another --out",
+    errno.EFBIG: "larger than this system lets a file grow (ulimit -f, or the filesystem's "
+    "limit); raise the limit or choose another --out, then rerun",
     errno.EROFS: "the filesystem is read-only; choose a writable --out",
     errno.EACCES: "no permission; choose a folder you can write (or fix its permissions)",
-    errno.EPERM: "not permitted; choose a folder you can write",
+    errno.EPERM: "choose a folder you can write",
     errno.ENOTDIR: "a file stands where a folder is needed; choose another path",
     errno.EISDIR: "a folder stands where a file is needed; choose a file path",
 }

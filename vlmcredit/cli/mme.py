@@ -95,6 +95,8 @@ def mme_synth(
         raise VlmCreditError(f"--out {out}: exists and is not empty; choose a new folder")
     if parquet is not None and parquet.is_dir():  # found before the folder is written
         raise VlmCreditError(f"--parquet {parquet}: is a folder; give a file name (.parquet)")
+    if parquet is not None and parquet.exists():  # like --out: never over someone's file
+        raise VlmCreditError(f"--parquet {parquet}: exists; choose a new file name")
     counts = write_synthetic_mme(out, images_per_category, seed, chosen)
     summary = ", ".join(f"{c} {n}" for c, n in counts.items())
     typer.echo(f"wrote {sum(counts.values())} images ({summary}) to {out}")

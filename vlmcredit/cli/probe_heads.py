@@ -5,11 +5,12 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import ExitStack
 from pathlib import Path
+from typing import Any
 
 import typer
 
 from vlmcredit.cli import options
-from vlmcredit.cli.common import echo_err, progress_bar, user_errors
+from vlmcredit.cli.common import echo_err, progress_bar, silence_libraries, user_errors
 
 SHOWN = 20  # configurations listed in the summary (largest drops first)
 
@@ -126,7 +127,7 @@ def probe_heads(
     )
     rule = report["threshold_rule"]
     typer.echo(f"threshold rule: {rule['rule']} ({rule['reason']}): {rule['formula']}")
-    if rule["warning"]:
+    if rule["warning"] and quiet:  # otherwise the run's log has just printed it
         echo_err(f"warning: {rule['warning']}")
     rows = sorted(report["heads"], key=lambda h: -h["drop"][report["metric"]])
     typer.echo(f"{'layer':>5} {'head':>4} {'total':>9} {'drop':>9} {'other':>6}  critical")
@@ -142,10 +143,21 @@ def probe_heads(
         )
     if len(rows) > SHOWN:
         typer.echo(f"... {len(rows) - SHOWN} more in {run.path / 'heads.parquet'}")
-    critical = ", ".join(str(h) for h in report["critical_heads"]) or "none"
-    typer.echo(
-        f"vision-critical heads (drop in {report['metric']} > {report['threshold']:g}): "
-        f"{critical}; written to {run.path / 'heads.json'}"
+    typer.echo(f"{critical_line(report)}; written to {run.path / 'heads.json'}")
+
+
+def critical_line(report: dict[str, Any]) -> str:
+    """The verdict in the unit that was ablated: head indices in head-index mode, (layer, head)
+    pairs in layer-head mode (their head indices alone would read as whole heads)."""
+    rule = f"(drop in {report['metric']} > {report['threshold']:g})"
+    if report["mode"] != "layer-head":
+        heads = ", ".join(str(h) for h in report["critical_heads"]) or "none"
+        return f"vision-critical heads {rule}: {heads}"
+    pairs = [(c["layer"], c["head"]) for c in report["critical"]]
+    shown = ", ".join(f"L{layer}.H{head}" for layer, head in pairs[:SHOWN])
+    more = f", ... {len(pairs) - SHOWN} more" if len(pairs) > SHOWN else ""
+    return f"vision-critical (layer, head) pairs {rule}: {len(pairs)} of {len(report['heads'])}" + (
+        f": {shown}{more}" if pairs else ""
     )
 
 
@@ -156,8 +168,13 @@ class _LazyBar:
     def __init__(self, stack: ExitStack, quiet: bool) -> None:
         self.stack, self.quiet = stack, quiet
         self.update: Callable[[int, int], None] | None = None
+        if quiet:  # now: the model loads (with its own bar) before the first update
+            silence_libraries()
 
     def __call__(self, done: int, total: int) -> None:
         if self.update is None:
-            self.update = self.stack.enter_context(progress_bar("probe-heads", self.quiet))
+            # the bar counts question passes (questions x configurations + encoding passes)
+            self.update = self.stack.enter_context(
+                progress_bar("probe-heads: question passes", self.quiet)
+            )
         self.update(done, total)

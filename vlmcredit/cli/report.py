@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vlmcredit.cli.common import progress_bar, user_errors
+from vlmcredit.cli.common import echo_err, progress_bar, user_errors
 
 
 @user_errors
@@ -41,6 +41,8 @@ def report(
     with progress_bar("report", quiet) as advance:
         result = build_report(runs, options, progress=advance)
     write_report(result, out, figures_dir)
+    for warning in result.warnings:
+        echo_err(f"warning: {warning}")
     size = len(result.html.encode("utf-8"))
     typer.echo(
         f"wrote {out} ({size / 1e6:.2f} MB, {len(result.sections)} sections) and "

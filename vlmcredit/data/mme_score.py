@@ -190,14 +190,19 @@ def read_predictions(path: str | Path) -> list[MMEPrediction]:
     root = Path(path)
     if not root.exists():
         raise VlmCreditError(f"{root}: predictions path does not exist")
+    rows: list[MMEPrediction] | None = None
     if root.is_file() and root.suffix == ".parquet":
-        return _read_prediction_parquet(root)
-    if root.is_file() and root.suffix == ".txt":
-        return _read_official_txt(root)
-    if root.is_dir():
+        rows = _read_prediction_parquet(root)
+    elif root.is_file() and root.suffix == ".txt":
+        rows = _read_official_txt(root)
+    elif root.is_dir():
         files = sorted(root.glob("*.txt"))
         if files:
-            return [row for f in files for row in _read_official_txt(f)]
+            rows = [row for f in files for row in _read_official_txt(f)]
+    if rows == []:  # scoring nothing would print a total of 0.00 and exit 0
+        raise VlmCreditError(f"{root}: holds no predictions (empty); score a filled results file")
+    if rows is not None:
+        return rows
     raise VlmCreditError(
         f"{root}: not MME predictions; expected a folder of <category>.txt files (official "
         f"format) or a .parquet with columns {', '.join(PREDICTION_COLUMNS)}"
@@ -221,10 +226,15 @@ def _read_official_txt(txt: Path) -> list[MMEPrediction]:
         if not line.strip():
             continue
         parts = line.split("\t")
-        if len(parts) != 4 or parts[2].strip().lower() not in ("yes", "no"):
+        if len(parts) != 4:
             raise VlmCreditError(
                 f"{txt}:{n}: malformed line ({len(parts)} tab-separated fields); expected "
                 f"'image<TAB>question<TAB>Yes|No<TAB>prediction' with no tabs in the prediction"
+            )
+        if parts[2].strip().lower() not in ("yes", "no"):
+            raise VlmCreditError(
+                f"{txt}:{n}: ground truth (third field) is {parts[2].strip()!r}; MME's answers "
+                "are Yes or No"
             )
         img, question, gt, pred = parts
         rows.append(

@@ -30,6 +30,16 @@ class RawRow:
         return f"row {self.row}" if self.line is None else f"row {self.row} (line {self.line})"
 
 
+def check_data_option(path: str | Path, option: str = "--data") -> None:
+    """The rollouts option names a file: a folder is not "no such file" (it exists)."""
+    if Path(path).is_dir():
+        raise VlmCreditError(
+            f"{option} {path}: is a folder; give the rollouts file in it (.jsonl or .parquet)"
+        )
+    if not Path(path).is_file():
+        raise VlmCreditError(f"{option} {path}: no such file")
+
+
 def check_file(path: Path) -> Path:
     if path.is_dir():
         raise VlmCreditError(f"{path}: is a directory; give a .jsonl or .parquet rollout file")

@@ -19,7 +19,7 @@ from vlmcredit.errors import VlmCreditError
 from vlmcredit.export import trl_modes, verl_support
 from vlmcredit.formats.files import atomic_write_bytes, atomic_write_json, make_temp_dir, now
 from vlmcredit.formats.heads import HEADS_JSON as HEADS_FILE
-from vlmcredit.formats.heads import read_heads
+from vlmcredit.formats.heads import heads_outside, read_heads
 from vlmcredit.formats.run import MANIFEST, read_manifest
 from vlmcredit.formats.signals import (
     SIGNALS_FILE,
@@ -42,14 +42,27 @@ class ExportResult:
     files: list[str] = field(default_factory=list)
 
 
-def _check_heads(path: Path) -> bytes:
-    """The bytes of a heads.json (or a probe-heads run folder's), validated by its reader."""
+def _check_heads(path: Path, run_manifest: dict[str, Any]) -> bytes:
+    """The bytes of a heads.json (or a probe-heads run folder's), validated by its reader and
+    against the model the run's signals come from (its geometry in the run's manifest)."""
     if not path.exists():
-        raise VlmCreditError(f"--heads {path}: no such file")
+        raise VlmCreditError(f"--heads {path}: no such file or run folder")
     try:
-        read_heads(path)
+        report = read_heads(path)
     except VlmCreditError as exc:
         raise VlmCreditError(f"--heads {exc}") from None
+    checkpoint = run_manifest.get("checkpoint")
+    geometry = checkpoint.get("geometry") if isinstance(checkpoint, dict) else None
+    if isinstance(geometry, dict) and {"num_layers", "num_heads"} <= geometry.keys():
+        problem = heads_outside(
+            report["critical"], int(geometry["num_layers"]), int(geometry["num_heads"])
+        )
+        if problem:
+            raise VlmCreditError(
+                f"--heads {path}: {problem}, the model of the run's signals "
+                f"({checkpoint.get('id') or checkpoint.get('path')}); pass the heads.json of "
+                "a probe-heads run on that model"
+            )
     return (path / HEADS_FILE if path.is_dir() else path).read_bytes()
 
 
@@ -67,7 +80,7 @@ def export_run(run: Path, fmt: str, out: Path, heads: Path | None = None) -> Exp
         )
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise VlmCreditError(f"--out {out}: exists and is not empty; choose a new folder")
-    heads_bytes = _check_heads(Path(heads)) if heads is not None else None
+    heads_bytes = _check_heads(Path(heads), run_manifest) if heads is not None else None
     signals = read_signals(run)  # validates before anything is written
 
     out.parent.mkdir(parents=True, exist_ok=True)

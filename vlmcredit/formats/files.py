@@ -50,8 +50,11 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             os.fsync(f.fileno())
         as_user_file(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as exc:
         Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and exc.filename is None:
+            # a failed write() (disk full) names no file: name the one being written
+            raise OSError(exc.errno, exc.strerror, str(path)) from exc
         raise
 
 

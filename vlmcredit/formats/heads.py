@@ -36,6 +36,19 @@ def critical_heads_of(critical: Sequence[Mapping[str, Any]]) -> list[int]:
     return sorted({int(c["head"]) for c in critical})
 
 
+def heads_outside(
+    critical: Sequence[Mapping[str, Any]], num_layers: int, num_heads: int
+) -> str | None:
+    """What a model of `num_layers` x `num_heads` lacks among the critical (layer, head)
+    entries (a heads.json of another checkpoint), or None when it has them all."""
+    for c in critical:
+        if int(c["head"]) >= num_heads:
+            return f"head {c['head']} does not exist in a model with {num_heads} heads"
+        if c.get("layer") is not None and int(c["layer"]) >= num_layers:
+            return f"layer {c['layer']} does not exist in a model with {num_layers} layers"
+    return None
+
+
 # -- writing --------------------------------------------------------------------------------------
 def heads_table(report: Mapping[str, Any]) -> Any:
     """heads.parquet as a DataFrame: one row per configuration (layer -1 = every layer)."""
@@ -242,6 +255,7 @@ __all__ = [
     "MODES",
     "THRESHOLD_RULES",
     "critical_heads_of",
+    "heads_outside",
     "heads_table",
     "read_heads",
     "write_heads",

@@ -101,13 +101,12 @@ class Run:
         if manifest_file.exists() and _failed_elsewhere(path, command, parameters):
             _clear_failed_run(path)
         if manifest_file.exists():
-            failed = read_manifest(path).get("status") == "failed"
-            if not resume and not failed:
+            old = out_manifest(path)
+            if not resume and old.get("status") != "failed":
                 raise VlmCreditError(
                     f"--out {path}: already holds a run; pass --resume to continue it or choose "
                     "a new folder"
                 )
-            old = read_manifest(path)
             if old.get("command") != command or old.get("parameters") != _jsonable(parameters):
                 changed = sorted(
                     k
@@ -301,18 +300,27 @@ class Run:
             raise VlmCreditError(f"{file}: unreadable shard ({exc}); rerun the command") from None
 
 
-def read_manifest(path: Path) -> dict[str, Any]:
-    """manifest.json of a run (or export) folder, or a one-line error."""
+def read_manifest(path: Path, advice: str = "rerun the command") -> dict[str, Any]:
+    """manifest.json of a run (or export) folder, or a one-line error ending in `advice`."""
     file = Path(path) / MANIFEST
     if not file.is_file():
         raise VlmCreditError(f"{path}: not a run folder (no {MANIFEST})")
     try:
         manifest = json.loads(file.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise VlmCreditError(f"{file}: unreadable ({exc}); rerun the command") from None
+        raise VlmCreditError(f"{file}: unreadable ({exc}); {advice}") from None
     if not isinstance(manifest, dict):
-        raise VlmCreditError(f"{file}: not a JSON object; rerun the command")
+        raise VlmCreditError(f"{file}: not a JSON object; {advice}")
     return manifest
+
+
+def out_manifest(path: Path) -> dict[str, Any]:
+    """The manifest of the run already in --out. A damaged one is not ours to judge or delete,
+    and "rerun the command" would only meet "already holds a run" again: say what works."""
+    return read_manifest(
+        path,
+        f"the run there cannot be continued; choose a new --out (or delete {path} to start over)",
+    )
 
 
 def _write_table(file: Path, rows: Sequence[dict[str, Any]]) -> None:

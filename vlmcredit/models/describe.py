@@ -13,6 +13,7 @@ from typing import Any
 from vlmcredit.models.families import ModelGeometry, adapter_for
 from vlmcredit.models.loading import (
     check_checkpoint_files,
+    check_tokenizer,
     read_model_type,
     read_safetensors_header,
     resolve_checkpoint,
@@ -52,6 +53,12 @@ def describe_checkpoint(
     config = AutoConfig.from_pretrained(folder, trust_remote_code=trust_remote_code)
     geo = ModelGeometry.from_config(config, f"--ckpt {source}")
     params, dtype = safetensors_summary(folder)
+    # The tokenizer alone (no image processor, no weights): a tokenizer larger than the
+    # vocabulary belongs to another checkpoint, and `info` is where a user checks a folder.
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=trust_remote_code)
+    check_tokenizer(tokenizer, geo, source)
     facts: dict[str, Any] = {
         "checkpoint": source,
         "path": str(folder),
@@ -69,6 +76,8 @@ def describe_checkpoint(
         "vision_start_token_id": geo.vision_start_token_id,
         "vision_end_token_id": geo.vision_end_token_id,
         "deepstack_layers": list(geo.deepstack_layers),
+        "vocab_size": geo.vocab_size,
+        "tokenizer_tokens": len(tokenizer),
         "dtype": dtype,
         "parameters": params,
     }

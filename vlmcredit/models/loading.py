@@ -56,7 +56,8 @@ def resolve_checkpoint(ckpt: str | os.PathLike[str]) -> Path:
     if path.exists():
         if not path.is_dir():
             raise VlmCreditError(f"--ckpt {ckpt}: is a file; pass the checkpoint folder")
-        return path
+        # absolute: manifests record this path, and a relative one means nothing elsewhere
+        return path.absolute()
     text = str(ckpt)
     looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
     if not looks_like_hub_id:
@@ -240,10 +241,10 @@ def check_device(device: str | None) -> None:
         raise VlmCreditError(f"--device {device}: not available on this machine")
 
 
-def check_tokenizer(processor: Any, geometry: ModelGeometry, source: str) -> None:
+def check_tokenizer(tokenizer: Any, geometry: ModelGeometry, source: str) -> None:
     """A tokenizer with more tokens than the model's vocabulary is another checkpoint's: its
     ids would index past the embedding table (an IndexError deep inside the forward)."""
-    size = len(processor.tokenizer)
+    size = len(tokenizer)
     if size > geometry.vocab_size:
         raise VlmCreditError(
             f"--ckpt {source}: the tokenizer has {size} tokens but the model's vocabulary only "
@@ -298,5 +299,5 @@ def load_checkpoint(
         model.to(device)
     model.eval()
     geometry = ModelGeometry.from_config(model.config, f"--ckpt {source}")
-    check_tokenizer(processor, geometry, source)
+    check_tokenizer(processor.tokenizer, geometry, source)
     return LoadedCheckpoint(model, processor, adapter, geometry, source, folder)

@@ -23,6 +23,7 @@ import numpy as np
 from vlmcredit.analysis.anchors import AnchorConfig, AnchorResult, label_anchors, select_batch
 from vlmcredit.analysis.connectivity import debias_sinks
 from vlmcredit.analysis.graphs import write_graphml
+from vlmcredit.data.rollout_files import check_data_option
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.files import sample_file_stem
 from vlmcredit.formats.run import Run
@@ -85,8 +86,8 @@ class AnchorsRunConfig:
             raise VlmCreditError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.max_samples is not None and self.max_samples < 1:
             raise VlmCreditError(f"--max-samples {self.max_samples}: must be at least 1")
-        if self.data is not None and not Path(self.data).is_file():
-            raise VlmCreditError(f"--data {self.data}: no such file")
+        if self.data is not None:
+            check_data_option(self.data)
         if self.from_run is not None and not (Path(self.from_run) / "manifest.json").is_file():
             raise VlmCreditError(f"--from {self.from_run}: not a run folder (no manifest.json)")
         if self.heads_json is not None and not Path(self.heads_json).exists():
@@ -185,7 +186,7 @@ def _from_capture_run(cfg: AnchorsRunConfig) -> _Source:
     checkpoint = {
         k: capture.manifest["checkpoint"][k] for k in ("id", "path", "family", "weights_sha1")
     }
-    processor = _processor_for(cfg.ckpt or checkpoint["path"], checkpoint, capture)
+    processor = _processor_for(cfg.ckpt, checkpoint, capture)
     geo = ModelGeometry(**capture.manifest["checkpoint"]["geometry"])
     rows = [r for r in capture.rows if r["status"] == "done"][: cfg.max_samples]
     if not rows:
@@ -320,15 +321,24 @@ def run_anchors(
     return conclude(run, finish)
 
 
-def _processor_for(where: str, checkpoint: dict[str, Any], capture: Run) -> Any:
-    """The tokenizer of a capture run's checkpoint (to decode tokens), hash-checked."""
+def _processor_for(given: str | None, checkpoint: dict[str, Any], capture: Run) -> Any:
+    """The tokenizer of a capture run's checkpoint (to decode tokens), hash-checked: from
+    --ckpt when `given`, else from the path the capture run recorded."""
     from vlmcredit.formats.provenance import tokenizer_hash
     from vlmcredit.models.families import adapter_for
     from vlmcredit.models.loading import load_processor, read_model_type, resolve_checkpoint
 
+    where = given or checkpoint["path"]
     try:
         folder = resolve_checkpoint(where)
     except VlmCreditError as exc:
+        if given is None and not Path(where).is_absolute():
+            # runs made before paths were recorded absolute: relative to where capture ran
+            raise VlmCreditError(
+                f"--from {capture.path}: the capture run recorded its checkpoint as the "
+                f"relative path {where!r} (relative to the folder capture ran in), which is "
+                "not a folder from here; pass --ckpt with that checkpoint for its tokenizer"
+            ) from None
         raise VlmCreditError(
             f"{exc} (the capture run's checkpoint is needed for its tokenizer: pass --ckpt "
             "with its new location)"

@@ -13,6 +13,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmcredit.data.rollout_files import check_data_option
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.provenance import file_sha1
@@ -164,8 +165,7 @@ def run_capture(
     from vlmcredit.pipelines.rollout_checks import load_and_screen, rollout_keys
 
     cfg.check()
-    if not Path(cfg.data).is_file():
-        raise VlmCreditError(f"--data {cfg.data}: no such file")
+    check_data_option(cfg.data)
     refuse_taken(cfg.out, cfg.resume, parallel=True)
     cfg = replace(cfg, device=rank_device(cfg.device, cfg.device_map))
     rollouts = read_rollouts(

@@ -27,6 +27,7 @@ from vlmcredit.analysis.checkpoints import (
     heads_mismatch,
     rollout_mismatch,
 )
+from vlmcredit.data.rollout_files import check_data_option
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.anchors import read_anchor_tokens
 from vlmcredit.formats.checkpoints import KIND, write_checkpoints
@@ -80,8 +81,7 @@ class CheckpointCompareConfig:
                 raise VlmCreditError(
                     "--ckpt: pass --data ROLLOUTS, the rollouts every checkpoint is run on"
                 )
-            if not Path(self.data).is_file():
-                raise VlmCreditError(f"--data {self.data}: no such file")
+            check_data_option(self.data)
             if self.mme is not None and not Path(self.mme).exists():
                 raise VlmCreditError(f"--mme {self.mme}: no such file or folder")
         elif runs:

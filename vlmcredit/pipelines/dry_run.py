@@ -8,10 +8,10 @@ bad option), and the per-item numbers come from what each command keeps (see the
 from __future__ import annotations
 
 import io
-from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
+from vlmcredit.data.rollout_files import check_data_option
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.models.selection import parse_indices
 from vlmcredit.pipelines.estimate import (
@@ -52,8 +52,7 @@ def _rollouts(cfg: Any, require_response: bool = True) -> list[Any]:
 def dry_run_capture(cfg: Any) -> Estimate:
     """Estimate of `vlmcredit capture` for a `CaptureRunConfig`."""
     cfg.check()
-    if not Path(cfg.data).is_file():
-        raise VlmCreditError(f"--data {cfg.data}: no such file")
+    check_data_option(cfg.data)
     refuse_existing_out(cfg.out)
     facts, processor = model_facts(cfg.ckpt, cfg.trust_remote_code)
     g = facts.geometry

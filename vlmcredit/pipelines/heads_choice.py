@@ -36,7 +36,7 @@ def choose_heads(
         heads = parse_indices(heads_spec, num_heads, "--heads") or list(range(num_heads))
         source = "all" if layers_spec in (None, "all") and heads_spec in (None, "all") else "select"
         return HeadChoice(layers, heads, "mean", None, source)
-    from vlmcredit.formats.heads import read_heads
+    from vlmcredit.formats.heads import heads_outside, read_heads
 
     critical = read_heads(Path(heads_json))["critical"]
     if not critical:
@@ -44,14 +44,14 @@ def choose_heads(
             f"--heads-json {heads_json}: lists no vision-critical heads (lower the "
             "probe-heads --threshold, or run anchors without --heads-json)"
         )
+    problem = heads_outside(critical, num_layers, num_heads)
+    if problem:
+        raise VlmCreditError(
+            f"--heads-json {heads_json}: {problem} (heads.json from another checkpoint?)"
+        )
     pairs: list[tuple[int, int]] = []
     for entry in critical:
         head = int(entry["head"])
-        if head >= num_heads:
-            raise VlmCreditError(
-                f"--heads-json {heads_json}: head {head} does not exist in a model with "
-                f"{num_heads} heads (heads.json from another checkpoint?)"
-            )
         if entry.get("layer") is None:
             pairs.extend((layer, head) for layer in layers)
         elif int(entry["layer"]) in layers:

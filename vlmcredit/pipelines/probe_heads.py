@@ -277,6 +277,7 @@ def run_probe_heads(
         else None
     )
     refuse_taken(cfg.out, cfg.resume, parallel=True)
+    start = time.perf_counter()
     device = rank_device(cfg.device, cfg.device_map)
     try:
         mme = read_mme(cfg.mme, wanted, skip_bad=cfg.skip_bad)
@@ -399,6 +400,16 @@ def run_probe_heads(
     cache = ImageFeatureCache(int(cfg.feature_cache_mb * 2**20))
     bank = MMEInputs(ck, questions, cache)
     timing = run.manifest.setdefault("timing", {"configurations": {}})
+    clock = [start]
+
+    def book_wall() -> None:
+        """Add the wall time since the last booking to `timing.total` (rank 0's, written with
+        the manifest after each configuration), so a resumed run sums every invocation."""
+        now = time.perf_counter()
+        if lead:
+            timing["total"] = timing.get("total", 0.0) + now - clock[0]
+        clock[0] = now
+
     if on_bank:
         t0 = time.perf_counter()
         bank.prepare(advance)
@@ -430,13 +441,16 @@ def run_probe_heads(
             unit_batches = unit_bank.batches(cfg.batch_size)
         t0 = time.perf_counter()
         heads = unit_heads[name]  # none for baseline and gray: no means needed for them
-        with ablate_heads(ck, heads, cfg.ablation if heads else "zero", means):
+        with ablate_heads(ck, heads, cfg.ablation if heads else "zero", means) as hooked:
+            # layers below the lowest ablated one are the baseline's: may be skipped
             answers = answer_questions(
-                unit_bank, unit_batches, answering, tokens, advance, cfg.share_prefix
-            )
+                unit_bank, unit_batches, answering, tokens, advance, cfg.share_prefix,
+                start_layer=min(hooked, default=0),
+            )  # fmt: skip
         frame = predictions_frame(questions, [answers[i] for i in range(n)], tokens)
         atomic_write_parquet(_predictions_path(run.path, name), frame)
         timing["configurations"][name] = time.perf_counter() - t0
+        book_wall()
         run.write_manifest()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
@@ -448,7 +462,7 @@ def run_probe_heads(
         for other in ranks_timing:
             timing["configurations"].update(other["configurations"])
         timing["ranks"] = [
-            {k: v for k, v in t.items() if k not in ("configurations", "ranks")}
+            {k: v for k, v in t.items() if k not in ("configurations", "ranks", "total")}
             for t in ranks_timing
         ]
 
@@ -503,13 +517,19 @@ def run_probe_heads(
             head_answers=[answers[a.name] for a in plan[1:]],
         )
         write_heads(run.path, report)
+        skipped = bank.layer_store.skipped
+        if skipped:  # the layer-head shortcut was off: slower, same answers
+            log(f"note: {skipped} batches ran every decoder layer: {bank.layer_store.unsupported}")
         seconds = sum(timing["configurations"].values())
+        book_wall()
         run.finish(
+            invocations=1 + len(run.manifest.get("resumed_at", [])),
             num_configurations=len(units),
             critical=report["critical"],
             critical_heads=report["critical_heads"],
             baseline_total=baseline["total"],
             feature_cache=cache.stats(),
+            layer_inputs=bank.layer_store.stats(),
             questions_per_second=(n * len(units) / seconds) if seconds else None,
         )
 

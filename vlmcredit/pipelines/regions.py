@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from vlmcredit.analysis.sguf import SgufConfig, SgufResult, resize_for_grid, sguf
+from vlmcredit.data.rollout_files import check_data_option
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.regions import write_paragraphs, write_regions
 from vlmcredit.formats.run import Run
@@ -47,8 +48,8 @@ class RegionsRunConfig:
     def check(self) -> None:
         if (self.data is None) == (self.images is None):
             raise VlmCreditError("regions: pass exactly one of --data FILE or --images DIR")
-        if self.data is not None and not Path(self.data).is_file():
-            raise VlmCreditError(f"--data {self.data}: no such file")
+        if self.data is not None:
+            check_data_option(self.data)
         if self.images is not None and not Path(self.images).is_dir():
             raise VlmCreditError(f"--images {self.images}: no such folder")
         if self.preview < 0:

@@ -14,6 +14,7 @@ not pass `parallel=True` refuses to run under torchrun.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 from collections.abc import Callable, Sequence
@@ -21,7 +22,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.formats.run import MANIFEST, OPENED, Run, read_manifest
+from vlmcredit.formats.run import MANIFEST, OPENED, Run, out_manifest
 from vlmcredit.pipelines import distributed
 from vlmcredit.pipelines.distributed import PeerFailed
 
@@ -48,7 +49,9 @@ def marks_failure(pipeline: F) -> F:
         except BaseException as exc:
             for run in OPENED[opened:]:
                 if run.manifest.get("status") == "running":
-                    run.fail(str(exc) or type(exc).__name__)
+                    # a disk that is full may refuse this too: the first error is the news
+                    with contextlib.suppress(OSError):
+                        run.fail(str(exc) or type(exc).__name__)
             me = distributed.ranks()
             if me.parallel and isinstance(exc, VlmCreditError) and not str(exc).startswith("rank"):
                 raise VlmCreditError(f"{me.label()}: {exc}") from None  # which rank says so
@@ -81,7 +84,10 @@ def refuse_taken(out: Path, resume: bool, parallel: bool = False) -> None:
 def _refuse_taken(out: Path, resume: bool) -> None:
     if out.exists() and not out.is_dir():
         raise VlmCreditError(f"--out {out}: is a file; choose a folder for the run")
-    if (out / MANIFEST).exists() and not resume and not _failed(out):
+    if not (out / MANIFEST).exists():
+        return
+    failed = out_manifest(out).get("status") == "failed"  # damaged: one line saying what works
+    if not resume and not failed:
         raise VlmCreditError(
             f"--out {out}: already holds a run; pass --resume to continue it or choose a new folder"
         )
@@ -101,13 +107,6 @@ def checkpoint_record(ck: Any, ckpt_id: str) -> dict[str, Any]:
         "tokenizer_sha1": tokenizer_hash(ck.processor),
         "geometry": asdict(ck.geometry),
     }
-
-
-def _failed(out: Path) -> bool:
-    try:
-        return read_manifest(out).get("status") == "failed"
-    except VlmCreditError:
-        return False
 
 
 def batched(items: Sequence[T], size: int) -> list[Sequence[T]]:

@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from vlmcredit.data.rollout_files import check_data_option
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.formats.run import Run, row_sample_id
 from vlmcredit.methods.logprob_options import collect as collect_pass_options
@@ -72,8 +73,7 @@ class WeightsRunConfig:
             raise VlmCreditError(f"--batch-size {self.batch_size}: must be at least 1")
         if self.max_samples is not None and self.max_samples < 1:
             raise VlmCreditError(f"--max-samples {self.max_samples}: must be at least 1")
-        if not Path(self.data).is_file():
-            raise VlmCreditError(f"--data {self.data}: no such file")
+        check_data_option(self.data)
         if self.heads_json is not None and not Path(self.heads_json).exists():
             raise VlmCreditError(f"--heads-json {self.heads_json}: no such file or run folder")
         if self.heads_json is not None and self.heads not in (None, "", "all"):
@@ -122,6 +122,11 @@ def combined_needs(methods: Sequence[Method], configs: Mapping[str, Any]) -> Nee
     for m in methods:
         needs = needs.union(m.needs(configs[m.name]))
     return needs
+
+
+# Per sample: its share of its batch's wall seconds (no method is named so: methods' tensors
+# are "<id>/<method>.<name>").
+WALL = "wall_seconds"
 
 
 def _tensors(sid: str, name: str, out: MethodOutput) -> dict[str, Any]:
@@ -214,6 +219,10 @@ def run_weights(
         extra["logprobs"] = {"variants": list(needs.logprobs), **pass_options["logprobs"]}
     bad = [*(b.record() for b in rollouts.bad_rows), *screened_out]
     run = open_run(Path(cfg.out), "weights", cfg.parameters(configs), cfg.resume, extra, bad)
+    # Wall time is booked batch by batch into the shards (each batch gets the time since the
+    # previous commit, reading and model loading included in the first), so `seconds` of a
+    # resumed run sums every invocation up to its last commit, as anchors' `timing.total` does.
+    clock = [start]
 
     def work(batch: Sequence[Any]) -> tuple[list[dict[str, Any]], dict[str, Any]]:
         import torch
@@ -227,6 +236,10 @@ def run_weights(
         for m in methods:
             for sample, out in zip(passes, m.run(passes, configs[m.name]), strict=True):
                 tensors.update(_tensors(sample.sample_id, m.name, out))
+        now = time.perf_counter()
+        share, clock[0] = (now - clock[0]) / max(len(passes), 1), now
+        for sample in passes:
+            tensors[f"{sample.sample_id}/{WALL}"] = torch.tensor([share], dtype=torch.float64)
         return [sample_row(item) for item in captured], tensors
 
     drive(run, batched(samples, cfg.batch_size), lambda s: s.id, work, progress, log)
@@ -234,9 +247,30 @@ def run_weights(
     def finish() -> None:
         summary = write_signal_tables(run, methods, configs)
         write_paragraph_tables(run, methods, ck.tokenizer)
-        run.finish(weights=summary, seconds=time.perf_counter() - start)
+        run.finish(
+            weights=summary,
+            seconds=booked_seconds(run) + time.perf_counter() - clock[0],
+            invocations=1 + len(run.manifest.get("resumed_at", [])),
+        )
 
     return conclude(run, finish)
+
+
+def booked_seconds(run: Run) -> float:
+    """The wall seconds the committed batches booked in the run's shards (every invocation;
+    in a data-parallel run every rank's), read from those tensors alone."""
+    from safetensors import safe_open
+
+    done = {r["id"] for r in run.rows if r["status"] == "done"}
+    shards = sorted({r["shard"] for r in run.rows if isinstance(r.get("shard"), str)})
+    total = 0.0
+    for shard in shards:
+        with safe_open(str(run.path / shard), framework="np") as f:
+            for key in f.keys():  # noqa: SIM118 (safe_open is not a mapping)
+                sid, _, name = key.rpartition("/")
+                if name == WALL and sid in done:
+                    total += float(f.get_tensor(key)[0])
+    return total
 
 
 def write_signal_tables(

@@ -140,8 +140,13 @@ CSS = (
     ".tokens.weights{--rgb:33,113,181}.tokens i{font-style:normal}"
     ".legend{--rgb:230,85,13;font-size:.85em;margin:.3em 0}.legend.weights{--rgb:33,113,181}"
     ".legend i{font-style:normal;display:inline-block;padding:0 .45em;margin-right:1px;"
-    "border:1px solid #ddd}" + _shade_css()
+    "border:1px solid #ddd}"
+    ".warning{background:#fff4e5;border-left:4px solid #e6550d;padding:.4em .7em}" + _shade_css()
 )
+
+
+# In the head of every report: `report --out` replaces a file only when it carries this mark.
+GENERATOR = '<meta name="generator" content="vlmcredit report">'
 
 
 def page(title: str, nav: Sequence[tuple[str, str]], body: Iterable[str], footer: str) -> str:
@@ -149,7 +154,7 @@ def page(title: str, nav: Sequence[tuple[str, str]], body: Iterable[str], footer
     links = "".join(f'<a href="#{esc(a)}">{esc(label)}</a>' for a, label in nav)
     return (
         "<!DOCTYPE html>\n"
-        '<html lang="en"><head><meta charset="utf-8">'
+        f'<html lang="en"><head><meta charset="utf-8">{GENERATOR}'
         '<meta name="viewport" content="width=device-width,initial-scale=1">'
         # An empty icon: otherwise a browser asks the server (or file system) for favicon.ico.
         '<link rel="icon" href="data:,">'

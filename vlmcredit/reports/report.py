@@ -12,7 +12,7 @@ from pathlib import Path
 
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.reports.figures import Figure
-from vlmcredit.reports.html import page
+from vlmcredit.reports.html import GENERATOR, page
 from vlmcredit.reports.loaders import RunInput, load_run, safe_name
 from vlmcredit.reports.section_summary import build_summary
 from vlmcredit.reports.sections import ReportOptions, Section, sections_for
@@ -25,6 +25,7 @@ class Report:
     html: str
     figures: dict[str, Figure] = field(default_factory=dict)
     sections: list[Section] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # also shown at the top of the page
 
 
 def check_options(options: ReportOptions) -> None:
@@ -47,6 +48,8 @@ def build_report(
     if not paths:
         raise VlmCreditError("no run folders given; pass at least one RUN")
     runs: list[RunInput] = [load_run(Path(p), i + 1) for i, p in enumerate(paths)]
+    _refuse_repeats(runs)
+    warnings = mixed_checkpoints(runs)
     plan = [(run, builder) for run in runs for builder in sections_for(run)]
     if not plan:
         names = ", ".join(str(r.path) for r in runs)
@@ -63,7 +66,7 @@ def build_report(
         found.setdefault(run.label, []).append(builder.title)
     if progress:
         progress(len(plan), len(plan))
-    summary = build_summary(runs, found)
+    summary = build_summary(runs, found, warnings)
     sections = [summary, *built]
     figures: dict[str, Figure] = {}
     for sec, (run, _builder) in zip(built, plan, strict=True):
@@ -72,7 +75,38 @@ def build_report(
     nav = [(s.anchor, s.title) for s in sections]
     footer = f"{len(runs)} run(s), {len(figures)} figure(s)"
     html = page(options.title, nav, [s.html for s in sections], footer)
-    return Report(html, figures, sections)
+    return Report(html, figures, sections, warnings)
+
+
+def _refuse_repeats(runs: Sequence[RunInput]) -> None:
+    """The same folder twice would draw every section twice, as if two runs agreed."""
+    seen: dict[Path, RunInput] = {}
+    for run in runs:
+        first = seen.setdefault(run.path.resolve(), run)
+        if first is not run:
+            raise VlmCreditError(
+                f"{run.path}: given twice (as {first.label} and {run.label}); pass each run once"
+            )
+
+
+def mixed_checkpoints(runs: Sequence[RunInput]) -> list[str]:
+    """A warning when the runs were made with different model weights: their sections stand
+    side by side on one page, which reads as one model unless said."""
+    by_weights: dict[str, list[str]] = {}
+    for run in runs:
+        ck = run.manifest.get("checkpoint")
+        sha = ck.get("weights_sha1") if isinstance(ck, dict) else None
+        if isinstance(sha, str) and sha:
+            name = ck.get("id") or ck.get("path") or "?"
+            by_weights.setdefault(sha, []).append(f"{run.label} ({name}, weights {sha[:8]})")
+    if len(by_weights) < 2:
+        return []
+    groups = "; ".join(", ".join(labels) for labels in by_weights.values())
+    return [
+        f"the runs come from {len(by_weights)} different checkpoints: {groups}; their numbers "
+        "are not comparable as one model's (vlmcredit compare --ckpt A --ckpt B compares "
+        "checkpoints on the same data)"
+    ]
 
 
 def _unique(stem: str, taken: dict[str, Figure]) -> str:
@@ -84,13 +118,35 @@ def _unique(stem: str, taken: dict[str, Figure]) -> str:
 
 
 def check_outputs(out: Path, png_dir: Path) -> None:
-    """Fail before any work when the output paths cannot be written."""
+    """Fail before any work when the output paths cannot be written, or hold files the report
+    did not write (a report of ours, and its figures, are replaced)."""
     if Path(out).is_dir():
         raise VlmCreditError(f"--out {out}: is a folder; give the HTML file to write")
+    if Path(out).exists() and not _is_our_report(Path(out)):
+        raise VlmCreditError(
+            f"--out {out}: exists and is not a vlmcredit report; choose another file name "
+            "(a report of ours is replaced)"
+        )
     if Path(png_dir).exists() and not Path(png_dir).is_dir():
         raise VlmCreditError(f"--png-dir {png_dir}: is a file; give a folder")
+    if Path(png_dir).is_dir():
+        others = sorted(p.name for p in Path(png_dir).iterdir() if p.suffix not in (".png", ".svg"))
+        if others:
+            raise VlmCreditError(
+                f"--png-dir {png_dir}: holds files that are not report figures ({others[0]}); "
+                "choose another folder"
+            )
     if Path(png_dir).resolve() == Path(out).resolve():
         raise VlmCreditError(f"--png-dir {png_dir}: same path as --out; choose another folder")
+
+
+def _is_our_report(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+    except OSError:
+        return False
+    return GENERATOR.encode() in head
 
 
 def write_report(report: Report, out: Path, png_dir: Path) -> list[Path]:

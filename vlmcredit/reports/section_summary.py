@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shlex
+from collections.abc import Sequence
 from datetime import datetime
 from typing import Any
 
@@ -77,8 +78,11 @@ def flatten_parameters(value: Any, prefix: str = "") -> list[tuple[str, Any]]:
     return [(prefix, value)]
 
 
-def build_summary(runs: list[RunInput], found: dict[str, list[str]]) -> Section:
-    """One overview table for all runs, then per run its details (collapsed)."""
+def build_summary(
+    runs: list[RunInput], found: dict[str, list[str]], warnings: Sequence[str] = ()
+) -> Section:
+    """Warnings about the set of runs, one overview table for all runs, then per run its
+    details (collapsed)."""
     rows = []
     for run in runs:
         ck = _checkpoint(run)
@@ -113,7 +117,8 @@ def build_summary(runs: list[RunInput], found: dict[str, list[str]]) -> Section:
         ],
         rows,
     )
-    blocks: list[str] = [overview]
+    notes = [Raw(f'<p class="warning"><b>Warning:</b> {esc(w)}</p>') for w in warnings]
+    blocks: list[str] = [*notes, overview]
     for run in runs:
         ck = _checkpoint(run)
         m = run.manifest
