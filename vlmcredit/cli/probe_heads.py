@@ -35,7 +35,9 @@ def probe_heads(
     share_prefix: bool = typer.Option(
         True,
         "--share-prefix/--no-share-prefix",
-        help="Run an image's common prompt prefix once for both its questions (logits mode).",
+        help="Logits mode: run the system prompt once per configuration and an image's common "
+        "prompt prefix once for both its questions; in layer-head mode start each ablated "
+        "forward at its layer from inputs recorded once (same answers; off = full forwards).",
     ),
     batch_size: int = typer.Option(8, "--batch-size", help="Questions per forward."),
     max_questions: int | None = typer.Option(
