@@ -70,7 +70,11 @@ def weights(
     or the images (KAWHI): its tokenizer gives the text, its mean/std rebuild the images from
     `pixel_values`. Text-only rows get weight 1 (see `compute` for their count).
     """
-    result = compute(model, batch, method, config, layers, heads, processor, **params)
+    return _said(compute(model, batch, method, config, layers, heads, processor, **params))
+
+
+def _said(result: OnlineWeights) -> torch.Tensor:
+    """The weights, after logging how many rows kept weight 1 for having no image."""
     if result.text_only_rows:
         log.info(
             "vlmcredit.online: %d of %d batch rows have no image tokens and keep weight 1",
@@ -395,13 +399,7 @@ class OnlineWeightsFn:
 
     def _finish(self, result: OnlineWeights) -> torch.Tensor:
         self.last = result
-        if result.text_only_rows:
-            log.info(
-                "vlmcredit.online: %d of %d batch rows have no image tokens and keep weight 1",
-                len(result.text_only_rows),
-                result.weights.shape[0],
-            )
-        return result.weights
+        return _said(result)
 
 
 def weights_fn(
