@@ -8,7 +8,9 @@ lengths (so the prompt block is padded) and processors padding on either side:
 - the attention captured there equals the extra-forward path's (which rebuilds image positions
   from the ids), and so do the weights, whichever side the processor pads;
 - each token's gradient is its weight times the plain GRPO gradient of the same step;
-- without the old-log-prob forward (num_iterations 1) the extra forward runs, counted.
+- without the old-log-prob forward (num_iterations 1) the extra forward runs, counted;
+- under bf16 autocast (TRL's default `bf16=True`, which the steps above run with too) the
+  captured attention is within bf16 rounding of an fp32 capture on the same weights.
 (A text-only row and a trainer that scores in chunks: tests/test_online.py.)
 """
 
@@ -56,8 +58,10 @@ class Recording:
     """An `online.weights_fn` that also computes the extra-forward weights of the same batch
     at the same moment (the reference) and keeps both."""
 
-    def __init__(self, inner) -> None:
+    def __init__(self, inner, reference_model=None) -> None:
         self.inner = inner
+        # The model the reference capture runs on (default: the trainer's own policy).
+        self.reference_model = reference_model
         self.can_piggyback = inner.can_piggyback
         self.loss_denominator = inner.loss_denominator
         self.seen: list[dict] = []
@@ -75,7 +79,7 @@ class Recording:
                 "weights": w.clone(),
                 "reference": self.inner(model, batch).clone(),
                 "rows": capture.rows,
-                "reference_rows": capture_batch_attention(model, batch),
+                "reference_rows": capture_batch_attention(self.reference_model or model, batch),
                 "completions": batch["input_ids"][:, -batch["response_mask"].shape[1] :].clone(),
             }
         )
@@ -153,3 +157,35 @@ def test_methods_that_read_more_than_attention_cannot_piggyback() -> None:
         online.weights_fn("entropy").piggyback(object(), 4)
     with pytest.raises(VlmCreditError, match="config="):
         online.weights(object(), {}, method="kawhi", heads="all")
+
+
+def test_piggyback_under_bf16_autocast_matches_an_fp32_reference(setup) -> None:
+    """Users train in bf16: TRL's forwards then run under autocast (accelerate wraps the
+    policy's forward itself). The attention captured in TRL's old-log-prob forward stays within
+    bf16 rounding of an fp32 capture of the same batch on the same weights (the checkpoint
+    loaded again without the trainer: the first step's policy), median relative error < 1%."""
+    from transformers import AutoModelForImageTextToText
+
+    from vlmcredit import online
+    from vlmcredit.export.trl import VlmCreditGRPOTrainer
+
+    fp32 = AutoModelForImageTextToText.from_pretrained(
+        setup["ckpt"], dtype=torch.float32, attn_implementation="sdpa"
+    )
+    fn = Recording(online.weights_fn("anchors"), reference_model=fp32)
+    run_setup = {**setup, "processor": processor(setup["ckpt"], "left")}
+    run = train_one_step(
+        run_setup,
+        VlmCreditGRPOTrainer,
+        "bf16",
+        args={"num_iterations": 2, "bf16": True},
+        weights_fn=fn,
+    )
+    assert run["trainer"].piggyback_steps == {"captured": 1, "extra_forward": 0}
+    ((seen,),) = [[s for s in fn.seen if s["mode"] == "piggyback"]]
+    errors = []
+    for got, ref in zip(seen["rows"], seen["reference_rows"], strict=True):
+        assert torch.isfinite(got).all()
+        errors.append(((got - ref).abs() / ref.abs().clamp_min(1e-6)).flatten())
+    median = torch.cat(errors).median().item()
+    assert 0.0 < median < 1e-2, median  # > 0: the capture really ran in bf16
