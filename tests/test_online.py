@@ -292,3 +292,41 @@ def test_piggyback_capture_in_someone_elses_forwards(loaded, samples, chunk) -> 
         )
     assert ck.model.config.text_config._attn_implementation == implementation
     assert not ck.model._forward_pre_hooks and not ck.model._forward_hooks
+
+
+def test_attention_and_real_image_scores_share_one_forward(loaded, samples) -> None:
+    """Online, a method set needing the attention and the real-image log-probs (SAYO) runs one
+    forward for both: bit for bit the attention, log p and entropy of two separate forwards."""
+    from torch.nn.modules.module import register_module_forward_hook
+
+    from vlmcredit.methods.registry import Needs
+
+    ck = loaded(FAMILY)
+    batch = trainer_batch(ck, samples)
+    needs = Needs(attention=True, logprobs=("image",))
+    options = {"logprobs": {"scores": [(1.0, 1.0), (1.0, 0.95)]}}
+    base = type(ck.model.model).__name__
+    calls: list[str] = []
+
+    def hook(module, args, output):
+        if type(module).__name__ == base:
+            calls.append("forward")
+
+    handle = register_module_forward_hook(hook)
+    try:
+        shared = online.batch_passes(ck.model, batch, needs, None, None, None, options)
+        n_shared = len(calls)
+        attention = capture_batch_attention(ck.model, batch)
+        separate = online.batch_passes(ck.model, batch, needs, None, None, None, options, attention)
+        n_separate = len(calls) - n_shared
+    finally:
+        handle.remove()
+    assert n_shared == 1 and n_separate == 2
+    for a, b in zip(shared, separate, strict=True):
+        np.testing.assert_array_equal(a.attention, b.attention)
+        assert a.logprobs.keys() == b.logprobs.keys() and a.logprobs
+        for key in a.logprobs:
+            np.testing.assert_array_equal(a.logprobs[key], b.logprobs[key])
+        assert a.entropy.keys() == b.entropy.keys() and a.entropy
+        for key in a.entropy:
+            np.testing.assert_array_equal(a.entropy[key], b.entropy[key])

@@ -180,7 +180,19 @@ def batch_passes(
         raise VlmCreditError(
             f"online: {len(attention)} captured attention rows for a batch of {input_ids.shape[0]}"
         )
-    if needs.attention and attention is None:
+    scored: dict[str, Any] = {}
+    if needs.attention and attention is None and "image" in needs.logprobs:
+        # one forward for the capture and the real-image scores (SAYO; anchors beside ToR...)
+        from vlmcredit.methods.logprob_options import DEFAULT_SCORE
+        from vlmcredit.probes.response_attention import capture_batch_attention_and_scores
+
+        opts = dict((options or {}).get("logprobs") or {})
+        scores = [tuple(x) for x in opts.get("scores") or [DEFAULT_SCORE]]
+        wanted = opts.get("entropy_variants")
+        attention, scored["image"] = capture_batch_attention_and_scores(
+            model, batch, layers, heads, scores, wanted is None or "image" in wanted
+        )
+    elif needs.attention and attention is None:
         attention = capture_batch_attention(model, batch, layers, heads)
     passes = []
     for b, n in enumerate(lengths):
@@ -196,7 +208,9 @@ def batch_passes(
     if needs.qk_layers or needs.qk_states or needs.images or needs.text:
         _fill_qk_image_text(model, batch, needs, passes, lengths, layers, heads, processor)
     if needs.logprobs or needs.attention:
-        _fill_logprobs_layers(model, batch, needs, passes, lengths, layers, processor, options)
+        _fill_logprobs_layers(
+            model, batch, needs, passes, lengths, layers, processor, options, scored
+        )
     return passes
 
 
@@ -209,8 +223,10 @@ def _fill_logprobs_layers(
     layers: Sequence[int] | None,
     processor: Any,
     options: Mapping[str, Any] | None,
+    scored: Mapping[str, Any] | None = None,
 ) -> None:
-    """Log p / entropy per variant, the attention's layer indices, and (SAYO) the image-token
+    """Log p / entropy per variant (`scored`: those the capture forward scored already), the
+    attention's layer indices, and (SAYO) the image-token
     boxes plus the batch's optional `boxes` (one list per row, in pixels of the image the
     processor resized: a trainer batch holds no original image sizes)."""
     from vlmcredit.methods.logprob_options import DEFAULT_SCORE, score_key
@@ -253,6 +269,7 @@ def _fill_logprobs_layers(
         opts.get("perturb"),
         black,
         opts.get("entropy_variants"),
+        scored,
     )
     for variant, rows in variants.items():
         for p, row in zip(passes, rows, strict=True):

@@ -239,3 +239,33 @@ def test_tor_entropy_is_the_sorted_nucleus_of_the_full_logits(
         # batched with another response (padding) vs alone: float32 noise only
         np.testing.assert_allclose(got, want.numpy(), atol=1e-4)
         assert (full - want).min() > 1e-3  # the nucleus cuts tokens: top_p is not ignored
+
+
+def test_capture_and_real_image_scores_share_one_forward(loaded, rollouts) -> None:
+    """A method set that needs the attention and the real-image log-probs (SAYO; anchors beside
+    ToR / VPPO / entropy) runs ONE forward for both: the same attention, log p and entropy as
+    the capture forward plus a separate scoring forward, bit for bit."""
+    from vlmcredit.data.rollouts import read_rollouts
+    from vlmcredit.methods.registry import Needs
+    from vlmcredit.pipelines.passes import run_passes
+    from vlmcredit.probes.capture import CaptureSpec
+
+    ck = loaded(FAMILY)
+    samples = read_rollouts(rollouts).samples[:2]
+    needs = Needs(attention=True, logprobs=("image", "no_image"))
+    options = {"logprobs": {"scores": [(1.0, 1.0), (1.0, 0.95)]}}
+    spec = CaptureSpec(reduce="mean")
+    runs = {}
+    for share in (True, False):
+        with ForwardCounter() as counter:
+            _, passes = run_passes(ck, samples, needs, spec, None, options, share_forward=share)
+        runs[share] = (len(counter.pixels), passes)
+    assert runs[True][0] == 2 and runs[False][0] == 3  # image (+ capture), no image
+    for shared, separate in zip(runs[True][1], runs[False][1], strict=True):
+        np.testing.assert_array_equal(shared.attention, separate.attention)
+        assert shared.logprobs.keys() == separate.logprobs.keys() and shared.logprobs
+        for key in shared.logprobs:
+            np.testing.assert_array_equal(shared.logprobs[key], separate.logprobs[key])
+        assert shared.entropy.keys() == separate.entropy.keys() and shared.entropy
+        for key in shared.entropy:
+            np.testing.assert_array_equal(shared.entropy[key], separate.entropy[key])

@@ -145,7 +145,10 @@ def dry_run_weights(cfg: Any) -> Estimate:
     layers = len(choice.layers) if needs.attention else 0
     kept_heads = len(choice.heads) if choice.reduce == "heads" else 1
     qk_layers = len({layer % g.num_layers for layer in needs.qk_layers})
-    forwards = int(needs.attention or bool(qk_layers)) + len(needs.logprobs)
+    capture = needs.attention or bool(qk_layers)
+    forwards = int(capture) + len(needs.logprobs)
+    if capture and "image" in needs.logprobs and not needs.qk_states:
+        forwards -= 1  # the capture forward also scores the real image (passes.run_passes)
     return run_estimate(
         "weights",
         facts,

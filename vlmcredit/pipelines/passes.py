@@ -28,6 +28,8 @@ class PassContext:
     items: Sequence[Any]  # vlmcredit.probes.response_attention.CapturedSample, one per sample
     needs: Needs
     options: dict[str, Any] = field(default_factory=dict)  # pass options (e.g. perturbation)
+    # log-prob variants already scored in the capture forward (variant -> per-sample scores)
+    scored: dict[str, list[Any]] = field(default_factory=dict)
 
 
 Filler = Callable[[PassContext, list[SamplePasses]], None]
@@ -63,6 +65,7 @@ def _fill_logprobs(ctx: PassContext, passes: list[SamplePasses]) -> None:
         scores,
         opts.get("perturb"),
         opts.get("entropy_variants"),
+        ctx.scored,
     )
     for variant, rows in variants.items():
         for p, row in zip(passes, rows, strict=True):
@@ -98,14 +101,32 @@ def run_passes(
     pairs: list[tuple[int, int]] | None,
     options: dict[str, Any] | None = None,
     head_choice: list[tuple[int, int]] | None = None,
+    share_forward: bool = True,
 ) -> tuple[list[Any], list[SamplePasses]]:
-    """(capture items, per-sample passes) for one batch; `spec` is the capture's CaptureSpec."""
-    from vlmcredit.probes.response_attention import capture_samples, encoded_samples
+    """(capture items, per-sample passes) for one batch; `spec` is the capture's CaptureSpec.
+
+    When the methods need both a capture forward and the real-image log-probabilities (SAYO;
+    anchors or KAWHI beside ToR, VPPO or entropy), one forward serves both
+    (`share_forward=False`: two forwards, the same numbers)."""
+    from vlmcredit.probes.response_attention import (
+        capture_and_score_samples,
+        capture_samples,
+        encoded_samples,
+    )
 
     # with no forward needed (no attention, no Q/K), the token layout alone gives the ids
     forward = needs.attention or bool(needs.qk_layers)
     states: list[Any] = []
-    if needs.qk_states:
+    scored: dict[str, list[Any]] = {}
+    if share_forward and forward and "image" in needs.logprobs and not needs.qk_states:
+        from vlmcredit.methods.logprob_options import DEFAULT_SCORE
+
+        opts = (options or {}).get("logprobs") or {}
+        scores = [tuple(x) for x in opts.get("scores") or [DEFAULT_SCORE]]
+        wanted = opts.get("entropy_variants")
+        entropy = wanted is None or "image" in wanted
+        items, scored["image"] = capture_and_score_samples(ck, samples, spec, scores, entropy)
+    elif needs.qk_states:
         # recomputed Q/K (KAWHI ablations): hooked into the capture forward when one runs
         from vlmcredit.probes.qk_states import sample_states
 
@@ -133,7 +154,7 @@ def run_passes(
     ]
     for p, found in zip(passes, states, strict=False):  # empty unless needs.qk_states
         p.qk_states = {key: (a.numpy(), b.numpy()) for key, (a, b) in found.items()}
-    ctx = PassContext(ck, samples, items, needs, dict(options or {}))
+    ctx = PassContext(ck, samples, items, needs, dict(options or {}), scored)
     for name in needs.names():
         if name in ("attention", "qk", "qk_states"):
             continue

@@ -217,8 +217,21 @@ def score_inputs(
     with torch.no_grad():
         # the decoder's last (normed) hidden states: the LM head runs later, chunk by chunk
         hidden = adapter.base_model(model)(**batch, use_cache=False).last_hidden_state
-        head = adapter.output_embedding(model)
-        ids = batch["input_ids"]
+        return scores_from_hidden(model, hidden, batch["input_ids"], spans, scores, entropy)
+
+
+def scores_from_hidden(
+    model: Any,
+    hidden: torch.Tensor,
+    ids: torch.Tensor,
+    spans: Sequence[tuple[int, int]],
+    scores: Sequence[Score],
+    entropy: bool = True,
+) -> list[RowScores]:
+    """Per row b the scores of tokens spans[b], from the decoder's last hidden states (B, S, D)
+    of a forward over `ids` (this module's forward, or a capture forward that kept them)."""
+    head = adapter_of(model).output_embedding(model)
+    with torch.no_grad():
         # every response's positions in one run of LM-head chunks (short responses fill them);
         # the state at position p predicts the token at p + 1
         kept = [(b, s, e) for b, (s, e) in enumerate(spans) if e > s]
@@ -229,7 +242,7 @@ def score_inputs(
         if not kept:
             return rows
         states = torch.cat([hidden[b, s - 1 : e - 1] for b, s, e in kept])
-        targets = torch.cat([ids[b, s:e] for b, s, e in kept])
+        targets = torch.cat([ids[b, s:e].to(states.device) for b, s, e in kept])
         scored = score_hidden(states, head, targets, scores, entropy)
     offsets = np.cumsum([0] + [e - s for _, s, e in kept])
     for (b, _, _), lo, hi in zip(kept, offsets[:-1], offsets[1:], strict=True):
@@ -358,16 +371,18 @@ def score_samples(
     scores: Sequence[Score],
     perturb: Mapping[str, Any] | None = None,
     entropy_variants: Sequence[str] | None = None,
+    scored: Mapping[str, list[RowScores]] | None = None,
 ) -> dict[str, list[RowScores]]:
     """variant -> per-sample scores of a batch of rollout samples (one forward per variant).
 
     Entropy is computed for `entropy_variants` only (None = all): the passes a method reads
-    log p from alone skip its cost."""
-    out: dict[str, list[RowScores]] = {}
+    log p from alone skip its cost. `scored`: variants already scored in another forward (the
+    real image, from the attention capture's forward), used as they are."""
+    out: dict[str, list[RowScores]] = dict(scored or {})
     unknown = [v for v in variants if v not in VARIANTS]
     if unknown:
         raise VlmCreditError(f"logprobs variant(s) {', '.join(unknown)}: use {', '.join(VARIANTS)}")
-    todo = list(variants)
+    todo = [v for v in variants if v not in out]
 
     def want(variant: str) -> bool:
         return entropy_variants is None or variant in entropy_variants
@@ -421,9 +436,11 @@ def score_trainer_batch(
     perturb: Mapping[str, Any] | None = None,
     black: torch.Tensor | None = None,
     entropy_variants: Sequence[str] | None = None,
+    scored: Mapping[str, list[RowScores]] | None = None,
 ) -> dict[str, list[RowScores]]:
     """The variants on a trainer batch (prompt block left padded + response block); entropy
-    for `entropy_variants` only (None = all), as in `score_samples`."""
+    for `entropy_variants` only (None = all), as in `score_samples`; `scored` variants (scored
+    in another forward over this batch) are used as they are."""
 
     def want(variant: str) -> bool:
         return entropy_variants is None or variant in entropy_variants
@@ -438,8 +455,8 @@ def score_trainer_batch(
         if k in batch
     }
     base["mm_token_type_ids"] = prompt_mm_token_type_ids(input_ids, geo, start).to(torch.long)
-    out: dict[str, list[RowScores]] = {}
-    if "image" in variants:
+    out: dict[str, list[RowScores]] = dict(scored or {})
+    if "image" in variants and "image" not in out:
         out["image"] = score_inputs(model, base, spans, scores, want("image"))
     if "no_image" in variants:
         inputs, bare_spans = _without_images(batch, geo, lengths)

@@ -80,6 +80,38 @@ def capture_samples(ck: Any, samples: Sequence[Sample], spec: CaptureSpec) -> li
     ]
 
 
+def capture_and_score_samples(
+    ck: Any,
+    samples: Sequence[Sample],
+    spec: CaptureSpec,
+    scores: Sequence[tuple[float, float]],
+    entropy: bool = True,
+) -> tuple[list[CapturedSample], list[Any]]:
+    """`capture_samples` and the real-image log p / entropy of the responses from the SAME
+    forward: the decoder runs once with the capture on and keeps its last hidden states, which
+    the LM head then scores chunk by chunk (`probes.logprobs.scores_from_hidden`). The same
+    numbers as a capture forward plus a separate scoring forward, one forward fewer."""
+    from vlmcredit.probes.logprobs import scores_from_hidden
+
+    model = ck.model
+    batch = encode_samples(ck.processor, ck.geometry, samples)
+    device = model_device(model)
+    adapter = adapter_of(model)
+    inputs = adapter.with_positions(model, {k: v.to(device) for k, v in batch.inputs.items()})
+    with torch.no_grad(), capture_session(model, spec, row_targets(batch.layouts, device)) as s:
+        hidden = adapter.base_model(model)(**inputs, use_cache=False).last_hidden_state
+        captures = [s.result(b) for b in range(len(batch.layouts))]
+    spans = [layout.response_span for layout in batch.layouts]
+    rows = scores_from_hidden(model, hidden, inputs["input_ids"], spans, scores, entropy)
+    items = [
+        CapturedSample(sample, layout, ids, cap)
+        for sample, layout, ids, cap in zip(
+            samples, batch.layouts, batch.response_ids, captures, strict=True
+        )
+    ]
+    return items, rows
+
+
 def encoded_samples(ck: Any, samples: Sequence[Sample]) -> list[CapturedSample]:
     """The layout and response ids of samples without running the model (empty capture)."""
     batch = encode_samples(ck.processor, ck.geometry, samples)
@@ -211,14 +243,54 @@ def capture_batch_attention(
     """Per row, the (L, 1, T_b, N_b) response x image attention (head mean) of one forward;
     None for a row with no image tokens (nothing to connect to). Image positions and type ids
     are rebuilt from `input_ids` (see `trainer_forward_inputs`)."""
+    return _capture_batch(model, batch, layers, heads, None, True)[0]
+
+
+def capture_batch_attention_and_scores(
+    model: Any,
+    batch: Mapping[str, torch.Tensor],
+    layers: Sequence[int] | None,
+    heads: Sequence[int] | None,
+    scores: Sequence[tuple[float, float]],
+    entropy: bool = True,
+) -> tuple[list[torch.Tensor | None], list[Any]]:
+    """`capture_batch_attention` and the responses' real-image log p / entropy from the same
+    forward (the decoder's last hidden states scored by the LM head, as
+    `probes.logprobs.score_trainer_batch` scores them in a forward of its own)."""
+    rows, scored = _capture_batch(model, batch, layers, heads, scores, entropy)
+    assert scored is not None
+    return rows, scored
+
+
+def _capture_batch(
+    model: Any,
+    batch: Mapping[str, torch.Tensor],
+    layers: Sequence[int] | None,
+    heads: Sequence[int] | None,
+    scores: Sequence[tuple[float, float]] | None,
+    entropy: bool,
+) -> tuple[list[torch.Tensor | None], list[Any] | None]:
     geo = ModelGeometry.from_config(model.config)
     spans = trainer_row_spans(batch["input_ids"], batch["response_mask"], geo)
     targets = [RowTarget(*span) for span in spans]
     has_image = [t.key_positions.numel() > 0 for t in targets]
-    if not any(has_image):
-        return [None] * len(targets)
+    if not any(has_image) and scores is None:
+        return [None] * len(targets), None
     inputs = trainer_forward_inputs(model, batch)
     spec = CaptureSpec(layers=layers, heads=heads, reduce="mean")
+    scored = None
     with torch.no_grad(), capture_session(model, spec, targets) as session:
-        model(**inputs, logits_to_keep=1)
-    return [session.result(b).attention if image else None for b, image in enumerate(has_image)]
+        if scores is None:
+            model(**inputs, logits_to_keep=1)
+        else:
+            from vlmcredit.probes.logprobs import scores_from_hidden
+
+            adapter = adapter_of(model)
+            hidden = adapter.base_model(model)(**inputs, use_cache=False).last_hidden_state
+            start = batch["input_ids"].shape[1] - batch["response_mask"].shape[1]
+            lengths = response_rows(batch["response_mask"])
+            response = [(start, start + n) for n in lengths]
+            ids = inputs["input_ids"]
+            scored = scores_from_hidden(model, hidden, ids, response, scores, entropy)
+        rows = [session.result(b).attention if image else None for b, image in enumerate(has_image)]
+    return rows, scored
