@@ -49,6 +49,11 @@ CLI_NAMES: dict[str, str] = {a.cli_name: a.model_type for a in FAMILIES.values()
 TEXT_ONLY_TYPES = {"qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "qwen3_next", "llama", "mistral"}
 
 
+def model_device(model: Any) -> Any:
+    """The device of the model's first parameter (where inputs go; a device map's first one)."""
+    return next(model.parameters()).device
+
+
 def adapter_of(model: Any) -> FamilyAdapter:
     """The adapter of a loaded transformers model (from its config's `model_type`)."""
     return adapter_for(getattr(model.config, "model_type", None), "model")

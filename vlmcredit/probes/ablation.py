@@ -17,7 +17,7 @@ from typing import Any
 import torch
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.models.families import FamilyAdapter, ModelGeometry, adapter_of
+from vlmcredit.models.families import FamilyAdapter, ModelGeometry, adapter_of, model_device
 
 ABLATION_MODES = ("zero", "mean")
 HeadSpec = tuple[int | None, int]  # (layer or None = every layer, query head index)
@@ -134,10 +134,6 @@ def ablate_heads(
     finally:
         for handle in handles:
             handle.remove()
-
-
-def model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
 
 
 def head_means(

@@ -14,9 +14,8 @@ from typing import Any
 import torch
 
 from vlmcredit.data.sample import Sample
-from vlmcredit.models.families import adapter_of
+from vlmcredit.models.families import adapter_of, model_device
 from vlmcredit.models.inputs import encode_samples
-from vlmcredit.probes.image_features import model_device
 
 
 def generate_responses(

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.models.families import adapter_of
+from vlmcredit.models.families import adapter_of, model_device
 
 
 @dataclass
@@ -116,7 +116,3 @@ def encoder_outputs(features: Sequence[ImageFeatures]) -> dict[str, Any]:
             tuple(f.deepstack[layer] for f in features) for layer in range(len(first.deepstack))
         ]
     return {"image": first.output_type(**kwargs)}
-
-
-def model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device

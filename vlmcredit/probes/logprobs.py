@@ -29,10 +29,9 @@ import torch
 
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.models.families import ModelGeometry, adapter_of
+from vlmcredit.models.families import ModelGeometry, adapter_of, model_device
 from vlmcredit.models.inputs import EncodedBatch, encode_samples
 from vlmcredit.models.layout import prompt_mm_token_type_ids
-from vlmcredit.probes.response_attention import model_device
 
 CHUNK = 256  # response positions per LM-head chunk: 256 x 152k fp32 logits = 155 MB
 # logits per post-processing block (2 MB fp32): the softmax, entropy and nucleus passes over one

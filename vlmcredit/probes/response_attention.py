@@ -15,7 +15,7 @@ import torch
 
 from vlmcredit.data.sample import Sample
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.models.families import ModelGeometry, adapter_of
+from vlmcredit.models.families import ModelGeometry, adapter_of, model_device
 from vlmcredit.models.inputs import EncodedBatch, encode_samples
 from vlmcredit.models.layout import (
     SampleLayout,
@@ -45,10 +45,6 @@ def row_targets(
         )
         for layout in layouts
     ]
-
-
-def model_device(model: Any) -> torch.device:
-    return next(model.parameters()).device
 
 
 def capture_encoded(

@@ -30,8 +30,9 @@ from typing import Any
 
 import torch
 
+from vlmcredit.models.families import model_device
 from vlmcredit.models.layout import build_mm_token_type_ids
-from vlmcredit.probes.image_features import encoder_outputs, model_device
+from vlmcredit.probes.image_features import encoder_outputs
 
 
 @dataclass
