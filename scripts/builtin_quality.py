@@ -78,7 +78,17 @@ def sha256_of(path: Path) -> str:
 
 
 # -- training facts --------------------------------------------------------------------------------
-CLI_OPTIONS = {"steps": "--steps", "seed": "--seed", "lr": "--lr", "init_from": "--init-from"}
+CLI_OPTIONS = {
+    "steps": "--steps",
+    "seed": "--seed",
+    "lr": "--lr",
+    "init_from": "--init-from",
+    "single_shape_share": "--single-shape-share",
+    "batch_size": "--batch-size",
+    "image_max_tokens": "--image-max-tokens",
+    "mrope_section": "--mrope-section",
+    "per_dialog_loss": "--per-dialog-loss",
+}
 
 
 def training_stage(train_log: Path) -> dict[str, Any]:
@@ -100,10 +110,15 @@ def training_stage(train_log: Path) -> dict[str, Any]:
         if value == default or (isinstance(default, tuple) and list(default) == value):
             continue
         if key in CLI_OPTIONS:
-            shown = (
-                Path(value).parent.name + "/" + Path(value).name if key == "init_from" else value
-            )
-            command += f" {CLI_OPTIONS[key]} {shown}"
+            if key == "init_from":
+                shown = f" {Path(value).parent.name}/{Path(value).name}"
+            elif isinstance(value, bool):  # a flag pair: --per-dialog-loss / --token-mean-loss
+                shown = ""
+            elif isinstance(value, list):
+                shown = " " + ",".join(map(str, value))
+            else:
+                shown = f" {value}"
+            command += f" {CLI_OPTIONS[key]}{shown}"
         else:
             other[key] = value
     stage["command"], stage["not_cli"] = command, other
@@ -122,6 +137,24 @@ def training_stage(train_log: Path) -> dict[str, Any]:
         stage["eval_step"] = evals[-1]["step"]
         stage["held_out_accuracy"] = evals[-1]["held_out_accuracy"]
     return stage
+
+
+def image_grid(processor: Any) -> dict[str, Any]:
+    """How the checkpoint's own processor cuts a synthetic image: cap, resized size, cells."""
+    from PIL import Image
+
+    from vlmcredit.data.mme_synth import IMAGE_SIZE
+
+    image_processor = getattr(processor, "image_processor", processor)
+    grid = image_processor(images=[Image.new("RGB", IMAGE_SIZE)], return_tensors="pt")
+    _, gh, gw = (int(v) for v in grid["image_grid_thw"][0])
+    patch, merge = image_processor.patch_size, image_processor.merge_size
+    return {
+        "max_tokens": image_processor.size["longest_edge"] // (patch * merge) ** 2,
+        "original": list(IMAGE_SIZE),
+        "resized": [gw * patch, gh * patch],
+        "cells": [gw // merge, gh // merge],
+    }
 
 
 # -- 2. synthetic MME ------------------------------------------------------------------------------
@@ -342,7 +375,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 def render(facts: dict[str, Any]) -> str:
     from vlmcredit.analysis.heads import HIGH_OTHER_SHARE
     from vlmcredit.data.synth_dialogs import STYLES
-    from vlmcredit.pipelines.train_tiny import IMAGE_MAX_TOKENS, TEXT, VISION, TrainConfig
+    from vlmcredit.pipelines.train_tiny import TEXT, VISION, TrainConfig
 
     heads, anchors, att, stages = (
         facts["heads"],
@@ -350,6 +383,7 @@ def render(facts: dict[str, Any]) -> str:
         facts["attention"],
         facts["train"],
     )
+    grid = facts["grid"]
     cats = list(heads["categories"])
     chance = CHANCE_PER_CATEGORY * len(cats)
     base = heads["baseline"]
@@ -399,18 +433,26 @@ def render(facts: dict[str, Any]) -> str:
     w(
         "[vlmcredit/pipelines/train_tiny.py](../vlmcredit/pipelines/train_tiny.py) "
         "(`vlmcredit train-tiny`); the final checkpoint (`OUT/final/`) of its run (of the last "
-        "stage, when there are several) is the shipped folder.\n"
+        "stage, when there are several) is the shipped folder. Runs with other recipes (more image "
+        "cells, other rotary sections, a curriculum, a per-dialog loss) and what each changed: "
+        "[builtin-model-recipes.md](builtin-model-recipes.md).\n"
     )
     w(
         table(
             ["part", "configuration"],
             [
-                ["text decoder", ", ".join(f"{k} {v}" for k, v in TEXT.items())],
+                [
+                    "text decoder",
+                    ", ".join(f"{k} {v}" for k, v in TEXT.items())
+                    + f", rope_theta {facts['rope']['rope_theta']:g}, mrope_section "
+                    f"{facts['rope']['mrope_section']}",
+                ],
                 ["vision tower", ", ".join(f"{k} {v}" for k, v in VISION.items())],
                 [
                     "image processor",
-                    f"at most {IMAGE_MAX_TOKENS} merged tokens: a 336x280 synthetic image is "
-                    "resized to 168x140, 6 x 5 cells of 28 px",
+                    f"at most {grid['max_tokens']} merged tokens: a {grid['original'][0]}x"
+                    f"{grid['original'][1]} synthetic image is resized to {grid['resized'][0]}x"
+                    f"{grid['resized'][1]}, {grid['cells'][0]} x {grid['cells'][1]} cells of 28 px",
                 ],
                 [
                     "tokenizer",
@@ -428,7 +470,10 @@ def render(facts: dict[str, Any]) -> str:
         f'({", ".join(STYLES)}): MME style ("... Please answer yes or no." -> "Yes" / '
         '"No"), reasoning style (a grounded sentence, then "So the answer is yes.")'
         + (", and a description of the image" if "describe" in STYLES else "")
-        + ". AdamW, linear warm-up then cosine decay, gradient clipping at 1.0.\n"
+        + ". AdamW, linear warm-up then cosine decay, gradient clipping at 1.0. Curriculum: "
+        "the first `single_shape_share` of the steps (when it is above 0) are descriptions of "
+        "images with one shape (`mme_synth.render_shapes`), so colour, kind and place are read "
+        "before questions that need one object told apart from another.\n"
     )
     if not stages:
         cfg = asdict(TrainConfig())
@@ -621,8 +666,11 @@ def render(facts: dict[str, Any]) -> str:
         "Response -> image attention of the same responses, teacher-forced, from the capture "
         "probe: softmax over all keys, image columns kept, **averaged over all "
         f"{facts['layers']} layers and all {facts['heads_n']} heads**. Each image token is a "
-        "28x28-px cell of the resized image (6 x 5 cells, each 56 x 56 px of the 336 x 280 "
-        "original). A cell belongs to an object when the object's box covers at least "
+        f"28x28-px cell of the resized image ({grid['cells'][0]} x {grid['cells'][1]} cells, "
+        f"each {grid['original'][0] / grid['cells'][0]:.1f} x "
+        f"{grid['original'][1] / grid['cells'][1]:.1f} px of the {grid['original'][0]} x "
+        f"{grid['original'][1]} original). A cell belongs to an object when the object's box "
+        "covers at least "
         f"{CELL_COVER:.0%} of it or holds the object's centre; named objects are the ones the "
         "question is about (`synth_dialogs.named_shapes`), other objects the rest, background "
         "every other cell. Figures are mean attention per cell, averaged over tokens (a token "
@@ -824,6 +872,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mme_images": args.mme_images,
             "rollout_images": args.rollout_images,
             "train": [training_stage(log) for log in args.train_log or []],
+            "grid": image_grid(ck.processor),
+            "rope": dict(ck.model.config.text_config.rope_parameters),
         }
         say(f"[1/4] {args.ckpt}: sha256 {facts['sha256']}")
 

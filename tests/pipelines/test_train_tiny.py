@@ -23,6 +23,8 @@ def test_vectorised_pixels_equal_the_image_processor() -> None:
     pixels.check(images)  # raises on any difference
     values, grid = pixels(images)
     assert grid.tolist() == [[1, 10, 12]] * 5  # 336x280 -> 168x140: 6x5 merged cells
+    _, _, processor80 = tt.build_parts(0, image_max_tokens=80)
+    assert tt.Pixels(processor80)(images[:1])[1].tolist() == [[1, 16, 18]]  # 252x224: 9 x 8 cells
     ref = processor(images=images, return_tensors="pt")["pixel_values"]
     assert torch.allclose(values, ref, atol=1e-5)
 
@@ -129,3 +131,101 @@ def test_descriptions_list_every_shape_left_to_right_with_its_quadrant() -> None
             last = at
         n = len(item.shapes)
         assert text.startswith("There is one shape" if n == 1 else f"There are {NUMBER_WORDS[n]}")
+
+
+def test_the_curriculum_starts_with_single_shape_descriptions() -> None:
+    from vlmcredit.data.mme_synth import COLORS, SHAPES
+    from vlmcredit.data.synth_dialogs import DESCRIBE_PROMPT
+
+    cfg = tt.TrainConfig(steps=8, batch_size=6, single_shape_share=0.25)
+    assert cfg.single_shape_steps == 2
+    for step in (0, 1):
+        batch = tt.step_dialogs(cfg, step)
+        for item, d in batch:
+            (shape,) = item.shapes
+            assert shape.kind in SHAPES and shape.color in COLORS and item.questions == ()
+            article = "an" if shape.color[0] in "aeiou" else "a"
+            assert (d.question, d.style) == (DESCRIBE_PROMPT, "describe")
+            assert d.answer.startswith(f"There is one shape: {article} {shape.color} {shape.kind}")
+            # the image shows exactly that shape: its centre pixel has the shape's colour
+            assert item.image.getpixel((shape.cx, shape.cy)) == COLORS[shape.color]
+        assert tt.step_dialogs(cfg, step) == batch  # a pure function of (seed, step)
+    mixed = tt.step_dialogs(cfg, 2)
+    assert any(d.style != "describe" for _, d in mixed)
+    assert all(item.questions for item, _ in mixed)
+    with pytest.raises(VlmCreditError, match="single_shape_share"):
+        tt.TrainConfig(single_shape_share=1.0).check()
+
+
+def test_mrope_sections_decide_whether_an_image_axis_gets_a_fast_rotary_pair() -> None:
+    """8 rotary pairs in Qwen's t/h/w section order: [2, 3, 3] leaves the column axis only
+    rotations below 0.004 rad per cell; (1, 1, 6) gives both axes >= 0.1 rad per cell."""
+
+    def fastest(mrope_section: tuple[int, int, int]) -> tuple[float, float]:
+        _, model, _ = tt.build_parts(0, mrope_section=mrope_section)
+        rope = model.config.text_config.rope_parameters
+        sections = rope["mrope_section"]
+        assert sections == list(mrope_section)
+        pairs = sum(sections)
+        freq = [rope["rope_theta"] ** (-i / pairs) for i in range(pairs)]
+        return freq[sections[0]], freq[sections[0] + sections[1]]  # first h pair, first w pair
+
+    h, w = fastest((2, 3, 3))
+    assert h >= 0.1 and w < 0.004, (h, w)
+    h, w = fastest((1, 1, 6))
+    assert h >= 0.1 and w >= 0.1, (h, w)
+    with pytest.raises(VlmCreditError, match="mrope_section"):
+        tt.TrainConfig(mrope_section=(2, 2, 2)).check()
+
+
+def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
+    args = ["train-tiny", "--out", str(tmp_path / "a"), "--steps", "2", "--batch-size", "2"]
+    args += ["--image-max-tokens", "80", "--single-shape-share", "0.5"]
+    args += ["--mrope-section", "1,1,6", "--per-dialog-loss"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "a" / "train-config.json").read_text())
+    assert config["batch_size"] == 2 and config["image_max_tokens"] == 80
+    assert config["single_shape_share"] == 0.5 and config["mrope_section"] == [1, 1, 6]
+    assert config["per_dialog_loss"] is True
+    final = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
+    assert final["text_config"]["rope_parameters"]["mrope_section"] == [1, 1, 6]
+    bad = CliRunner().invoke(
+        app, ["train-tiny", "--out", str(tmp_path / "b"), "--mrope-section", "x"]
+    )
+    assert bad.exit_code != 0 and "--mrope-section 'x'" in bad.output
+    assert not (tmp_path / "b").exists()
+    # continuing that checkpoint under the default sections is refused in one line
+    cont = ["train-tiny", "--out", str(tmp_path / "c"), "--steps", "1", "--batch-size", "1"]
+    cont += ["--init-from", str(tmp_path / "a" / "final")]
+    refused = CliRunner().invoke(app, cont)
+    assert refused.exit_code != 0 and "pass the same --mrope-section" in refused.output
+    assert not (tmp_path / "c").exists()  # no partial run folder
+
+
+def test_the_per_dialog_loss_weighs_every_dialog_alike() -> None:
+    """answer_loss against transformers' own loss: the whole batch (token mean) and each row
+    alone (its mean), so a bare "Yes" weighs as much as a 30-token description."""
+    tokenizer, model, processor = tt.build_parts(0)
+    tt.IMAGE_ID[0] = tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    pixels = tt.Pixels(processor)
+    cfg = tt.TrainConfig(batch_size=6, steps=10, single_shape_share=0.0)
+    batch = tt.step_dialogs(cfg, 5)
+    _, grid = pixels([batch[0][0].image])
+    encoder = tt.Encoder(tokenizer, int(grid[0].prod()) // 4)
+    enc = encoder.batch([d for _, d in batch])
+    inputs = tt.model_inputs(enc, pixels([it.image for it, _ in batch]))
+    with torch.no_grad():
+        logits = model(**inputs).logits
+        token_mean = model(**inputs, labels=enc["labels"]).loss
+        rows = []
+        for item, dialog in batch:
+            one = encoder.batch([dialog])
+            alone = tt.model_inputs(one, pixels([item.image]))
+            rows.append(model(**alone, labels=one["labels"]).loss)
+    lengths = {len(d.answer) for _, d in batch}
+    assert len(lengths) > 1  # the rows differ in length, so the two means differ
+    assert torch.allclose(tt.answer_loss(logits, enc["labels"], False), token_mean, atol=1e-5)
+    per_dialog = tt.answer_loss(logits, enc["labels"], True)
+    assert torch.allclose(per_dialog, torch.stack(rows).mean(), atol=1e-4)
+    assert not torch.allclose(per_dialog, token_mean, atol=1e-3)

@@ -12,21 +12,56 @@ from vlmcredit.cli.common import user_errors
 @user_errors
 def train_tiny(
     out: Path = typer.Option(..., "--out", help="Run folder (a killed run resumes there)."),
-    steps: int = typer.Option(6000, "--steps", help="Optimizer steps (batch 32 each)."),
+    steps: int = typer.Option(6000, "--steps", help="Optimizer steps."),
     seed: int = typer.Option(0, "--seed", help="Seed of the weights and of every batch."),
     threads: int = typer.Option(2, "--threads", help="CPU threads for torch."),
     init_from: Path | None = typer.Option(
         None, "--init-from", help="Start from this train-tiny checkpoint's weights (stage 2)."
     ),
     lr: float = typer.Option(2e-3, "--lr", help="Peak learning rate (warmup, then cosine)."),
+    batch_size: int = typer.Option(32, "--batch-size", help="Dialogs (images) per step."),
+    image_max_tokens: int = typer.Option(
+        36, "--image-max-tokens", help="Merged image tokens per image (36: 6 x 5 cells; 80: 9 x 8)."
+    ),
+    single_shape_share: float = typer.Option(
+        0.0,
+        "--single-shape-share",
+        help="Share of the steps, at the start, that describe single-shape images (curriculum).",
+    ),
+    mrope_section: str = typer.Option(
+        "2,3,3",
+        "--mrope-section",
+        help="Rotary pairs for t,h,w (sum 8); 1,1,6 gives the image column a usable frequency.",
+    ),
+    per_dialog_loss: bool = typer.Option(
+        False,
+        "--per-dialog-loss/--token-mean-loss",
+        help="Mean loss per dialog, then over the batch (instead of over all answer tokens).",
+    ),
 ) -> None:
     """Train the built-in Qwen2.5-VL on synthetic shape questions; writes OUT/final and
-    intermediate OUT/step-NNNNNN checkpoints (the shipped model is `--steps 6000 --seed 0`)."""
+    intermediate OUT/step-NNNNNN checkpoints. The shipped model: `--out A`, then `--out B
+    --init-from A/final --lr 0.001 --seed 1 --steps 3000` (docs/builtin-model.md)."""
+    from vlmcredit.errors import VlmCreditError
     from vlmcredit.pipelines.train_tiny import TrainConfig
     from vlmcredit.pipelines.train_tiny import train_tiny as run
 
+    try:
+        t, h, w = (int(x) for x in mrope_section.split(","))
+    except ValueError:
+        raise VlmCreditError(
+            f"--mrope-section {mrope_section!r}: give three integers t,h,w, e.g. 2,3,3"
+        ) from None
     cfg = TrainConfig(
-        steps=steps, seed=seed, lr=lr, init_from=str(init_from) if init_from else None
+        steps=steps,
+        seed=seed,
+        lr=lr,
+        batch_size=batch_size,
+        image_max_tokens=image_max_tokens,
+        single_shape_share=single_shape_share,
+        mrope_section=(t, h, w),
+        per_dialog_loss=per_dialog_loss,
+        init_from=str(init_from) if init_from else None,
     )
     final = run(out, cfg, echo=typer.echo, threads=threads)
     typer.echo(f"-> {final} (use it as --ckpt {final})")

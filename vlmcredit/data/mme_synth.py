@@ -63,7 +63,7 @@ class SynthItem:
     category: str
     name: str  # file name, e.g. "0003.png"
     image: Any  # PIL RGB image
-    questions: tuple[tuple[str, str], tuple[str, str]]  # ((q, "Yes"), (q, "No"))
+    questions: tuple[tuple[str, str], ...]  # ((q, "Yes"), (q, "No")); () for render_shapes
     shapes: tuple[SynthShape, ...] = ()
     text: str = ""  # the rendered word or sum
 
@@ -122,6 +122,19 @@ def _shapes(rng: random.Random, kinds: list[str], colors: list[str]) -> tuple[Sy
         SynthShape(k, c, x, y, r)
         for k, c, (x, y), r in zip(kinds, colors, centres, radii, strict=True)
     )
+
+
+def render_shapes(rng: random.Random, n: int, name: str, category: str = "shapes") -> SynthItem:
+    """An image of `n` shapes of random kind and colour, with no questions (descriptions only).
+
+    The built-in model's warm-up draws single shapes from here: every image token that is not
+    background belongs to the one object, so its colour, kind and place are learnable before the
+    questions that need one object told apart from another.
+    """
+    colors = list(COLORS)
+    kinds = [rng.choice(SHAPES) for _ in range(n)]
+    shapes = _shapes(rng, kinds, [rng.choice(colors) for _ in kinds])
+    return SynthItem(category, name, _draw(shapes), (), shapes)
 
 
 def _text_image(text: str, rng: random.Random) -> Any:

@@ -31,8 +31,15 @@ from typing import Any
 
 import numpy as np
 
-from vlmcredit.data.mme_synth import SynthItem, render_item, synth_items
-from vlmcredit.data.synth_dialogs import DIALOG_CATEGORIES, STYLES, Dialog, dialogs
+from vlmcredit.data.mme_synth import SynthItem, render_item, render_shapes, synth_items
+from vlmcredit.data.synth_dialogs import (
+    DESCRIBE_PROMPT,
+    DIALOG_CATEGORIES,
+    STYLES,
+    Dialog,
+    description,
+    dialogs,
+)
 from vlmcredit.errors import VlmCreditError
 
 FAMILY = "qwen2_5_vl"
@@ -69,8 +76,29 @@ EVAL_SEED = 7  # held-out questions: synth_items(category, n, EVAL_SEED), never 
 class TrainConfig:
     """Everything that decides the trained bytes (with the package versions)."""
 
+    # The defaults are the recipe of the shipped model. The four options after batch_size were
+    # tried on 2026-11-30 (docs/builtin-model-recipes.md): each fixed what it
+    # targets in image descriptions, but none made the bare yes/no answers better within 40 min.
     steps: int = 6000
     batch_size: int = 32
+    # merged 28-px cells per image (the processor's cap, saved with the checkpoint). At 36 cells
+    # (6 x 5) the synthetic shapes (16-30 px half-sides) become 1-2 patches of 14 px and no run
+    # learned to tell a circle from a square; at 80 (252x224, 9 x 8 cells) a single-shape
+    # curriculum did
+    image_max_tokens: int = IMAGE_MAX_TOKENS
+    # curriculum: the first `single_shape_share` of the steps describe single-shape images, where
+    # every non-background image token is the one object: colour, kind and place are read after
+    # 250-1,000 steps, against ~4,500 steps before colour alone without it
+    single_shape_share: float = 0.0
+    # Qwen2.5-VL's mrope gives the t, h, w sections of the rotary pairs in order of falling
+    # frequency, so with the tiny head_dim (8 pairs) [2, 3, 3] leaves the image column (w) only
+    # rotations below 0.0032 rad per cell: runs learned "top"/"bottom" but never "left"/"right".
+    # (1, 1, 6) gives both axes a pair of 0.1-0.3 rad per cell and keeps the slow pairs that
+    # content matching uses (a smaller rope_theta instead slowed learning colour fourfold)
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    # loss: the mean over each dialog's answer tokens, then over the batch (True), instead of the
+    # mean over all answer tokens of the batch, which gives a bare "Yes"/"No" ~2% of the gradient
+    per_dialog_loss: bool = False
     lr: float = 2e-3
     warmup: int = 200
     min_lr_ratio: float = 0.05
@@ -95,6 +123,22 @@ class TrainConfig:
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
             raise VlmCreditError("--steps and --batch-size must be >= 1")
+        if self.image_max_tokens < 4 or not 0 <= self.single_shape_share < 1:
+            raise VlmCreditError(
+                "image_max_tokens must be >= 4 and single_shape_share in [0, 1); got "
+                f"{self.image_max_tokens} and {self.single_shape_share}"
+            )
+
+        pairs = TEXT["hidden_size"] // TEXT["num_attention_heads"] // 2
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != pairs:
+            raise VlmCreditError(
+                f"mrope_section must be 3 numbers (t, h, w) summing to {pairs} (head_dim / 2); "
+                f"got {list(self.mrope_section)}"
+            )
+
+    @property
+    def single_shape_steps(self) -> int:
+        return round(self.single_shape_share * self.steps)
         if set(self.style_weights) - set(STYLES) or min(self.style_weights.values()) < 0:
             raise VlmCreditError(f"style weights must be >= 0 over {STYLES}")
         unknown = set(self.category_weights) - set(DIALOG_CATEGORIES)
@@ -103,7 +147,11 @@ class TrainConfig:
 
 
 # -- tokenizer, model, pixels --------------------------------------------------------------------
-def build_parts(seed: int) -> tuple[Any, Any, Any]:
+def build_parts(
+    seed: int,
+    image_max_tokens: int = IMAGE_MAX_TOKENS,
+    mrope_section: Sequence[int] = TrainConfig.mrope_section,
+) -> tuple[Any, Any, Any]:
     """(tokenizer, model, image processor) of a fresh built-in model, weights drawn from `seed`."""
     import torch
     from transformers import AutoModelForImageTextToText
@@ -111,12 +159,13 @@ def build_parts(seed: int) -> tuple[Any, Any, Any]:
     from vlmcredit.models.tiny import build_config, build_image_processor, build_tokenizer
 
     tokenizer = build_tokenizer(extra_corpus=DIALOG_CORPUS)
-    config = build_config(FAMILY, tokenizer, TEXT, VISION)
+    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)}
+    config = build_config(FAMILY, tokenizer, {**TEXT, "rope_parameters": rope}, VISION)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
     model.generation_config.eos_token_id = config.text_config.eos_token_id
-    return tokenizer, model, build_image_processor(FAMILY, IMAGE_MAX_TOKENS)
+    return tokenizer, model, build_image_processor(FAMILY, image_max_tokens)
 
 
 class Pixels:
@@ -182,7 +231,17 @@ def init_weights(model: Any, folder: Path) -> None:
 
     if not (folder / "model.safetensors").is_file():
         raise VlmCreditError(f"--init-from {folder}: no model.safetensors; pass a checkpoint")
-    loaded = AutoModelForImageTextToText.from_pretrained(folder, dtype="float32").state_dict()
+    source = AutoModelForImageTextToText.from_pretrained(folder, dtype="float32")
+    # the rotary sections are config, not weights: continuing under other ones would silently
+    # move every image token's position
+    theirs = source.config.text_config.rope_parameters.get("mrope_section")
+    ours = model.config.text_config.rope_parameters.get("mrope_section")
+    if list(theirs or []) != list(ours or []):
+        raise VlmCreditError(
+            f"--init-from {folder}: trained with --mrope-section {theirs}, this run uses {ours}; "
+            "pass the same --mrope-section"
+        )
+    loaded = source.state_dict()
     own = model.state_dict()
     if set(loaded) != set(own) or any(loaded[k].shape != own[k].shape for k in own):
         raise VlmCreditError(
@@ -196,6 +255,12 @@ def init_weights(model: Any, folder: Path) -> None:
 def step_dialogs(cfg: TrainConfig, step: int) -> list[tuple[SynthItem, Dialog]]:
     """The batch of training step `step`: a pure function of (seed, step)."""
     rng = random.Random(f"vlmcredit-train:{cfg.seed}:{step}")
+    if step < cfg.single_shape_steps:
+        out = []
+        for i in range(cfg.batch_size):
+            item = render_shapes(rng, 1, f"{step}-{i}.png")
+            out.append((item, Dialog("shapes", DESCRIBE_PROMPT, description(item), "", "describe")))
+        return out
     cats = list(cfg.category_weights)
     weights = [cfg.category_weights[c] for c in cats]
     styles = list(cfg.style_weights)
@@ -276,6 +341,21 @@ def model_inputs(enc: dict[str, Any], pixels: tuple[Any, Any]) -> dict[str, Any]
 
 
 IMAGE_ID = [0]  # set once the tokenizer exists (the <|image_pad|> id)
+
+
+def answer_loss(logits: Any, labels: Any, per_dialog: bool) -> Any:
+    """Next-token cross-entropy on the answer tokens (labels != -100): the mean per dialog, then
+    over dialogs (`per_dialog`), or the mean over all answer tokens of the batch (transformers')."""
+    import torch
+
+    target = labels[:, 1:]
+    nll = torch.nn.functional.cross_entropy(
+        logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none"
+    )  # (B, S - 1), 0 where ignored
+    counts = (target != -100).sum(dim=1)
+    if not per_dialog:
+        return nll.sum() / counts.sum()
+    return (nll.sum(dim=1) / counts.clamp(min=1)).mean()
 
 
 # -- evaluation -----------------------------------------------------------------------------------
@@ -376,7 +456,6 @@ def train_tiny(
     from vlmcredit.models.tiny import save_checkpoint
 
     cfg.check()
-    out.mkdir(parents=True, exist_ok=True)
     marker = out / "train-config.json"
     wanted = json.dumps(asdict(cfg), indent=2, sort_keys=True)
     if marker.exists() and marker.read_text() != wanted:
@@ -384,17 +463,18 @@ def train_tiny(
             f"--out {out}: holds a training run with other settings ({marker}); choose a new "
             "folder or the same settings to resume"
         )
-    if not marker.exists() and any(out.iterdir()):
+    if not marker.exists() and out.exists() and any(out.iterdir()):
         raise VlmCreditError(
             f"--out {out}: exists and is not a train-tiny run; choose a new folder"
         )
-    marker.write_text(wanted)
     if threads:
         torch.set_num_threads(threads)
 
-    tokenizer, model, processor = build_parts(cfg.seed)
-    if cfg.init_from:
+    tokenizer, model, processor = build_parts(cfg.seed, cfg.image_max_tokens, cfg.mrope_section)
+    if cfg.init_from:  # checked before the run folder is written: a refusal leaves nothing
         init_weights(model, Path(cfg.init_from))
+    out.mkdir(parents=True, exist_ok=True)
+    marker.write_text(wanted)
     IMAGE_ID[0] = tokenizer.convert_tokens_to_ids("<|image_pad|>")
     # the untrained weights, kept for checkpoint comparison; its processor (loaded the way every
     # command loads one) is the reference the vectorised pixels and the prompt ids are checked on
@@ -431,9 +511,8 @@ def train_tiny(
             group["lr"] = lr_at(cfg, step)
         batch = step_dialogs(cfg, step)
         enc = encoder.batch([d for _, d in batch])
-        loss = model(
-            **model_inputs(enc, pixels([it.image for it, _ in batch])), labels=enc["labels"]
-        ).loss
+        logits = model(**model_inputs(enc, pixels([it.image for it, _ in batch]))).logits
+        loss = answer_loss(logits, enc["labels"], cfg.per_dialog_loss)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
