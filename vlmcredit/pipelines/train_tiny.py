@@ -511,8 +511,11 @@ def train_tiny(
             group["lr"] = lr_at(cfg, step)
         batch = step_dialogs(cfg, step)
         enc = encoder.batch([d for _, d in batch])
-        logits = model(**model_inputs(enc, pixels([it.image for it, _ in batch]))).logits
-        loss = answer_loss(logits, enc["labels"], cfg.per_dialog_loss)
+        inputs = model_inputs(enc, pixels([it.image for it, _ in batch]))
+        if cfg.per_dialog_loss:
+            loss = answer_loss(model(**inputs).logits, enc["labels"], per_dialog=True)
+        else:  # transformers' own loss, as the shipped model was trained
+            loss = model(**inputs, labels=enc["labels"]).loss
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
