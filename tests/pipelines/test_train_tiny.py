@@ -229,3 +229,31 @@ def test_the_per_dialog_loss_weighs_every_dialog_alike() -> None:
     per_dialog = tt.answer_loss(logits, enc["labels"], True)
     assert torch.allclose(per_dialog, torch.stack(rows).mean(), atol=1e-4)
     assert not torch.allclose(per_dialog, token_mean, atol=1e-3)
+
+
+@pytest.mark.parametrize(
+    ("settings", "message"),
+    [
+        ({"steps": 0}, "--steps"),
+        ({"image_max_tokens": 2}, "image_max_tokens"),
+        ({"single_shape_share": -0.1}, "single_shape_share"),
+        ({"mrope_section": (4, 4)}, "mrope_section"),
+        ({"style_weights": {"poetry": 1.0}}, "style weights"),
+        ({"style_weights": {"mme": -1.0}}, "style weights"),
+        ({"category_weights": {"OCR": 1.0}}, "unknown categories"),
+    ],
+)
+def test_impossible_settings_are_refused_before_anything_is_written(
+    tmp_path, settings, message
+) -> None:
+    with pytest.raises(VlmCreditError, match=message):
+        tt.train_tiny(tmp_path / "run", tt.TrainConfig(**settings), echo=lambda _m: None)
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_out_path_that_is_a_file_is_refused_and_kept(tmp_path) -> None:
+    target = tmp_path / "notes.txt"
+    target.write_text("mine")
+    result = CliRunner().invoke(app, ["train-tiny", "--out", str(target), "--steps", "1"])
+    assert result.exit_code != 0 and "is a file" in result.output
+    assert target.read_text() == "mine"

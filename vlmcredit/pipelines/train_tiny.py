@@ -128,22 +128,21 @@ class TrainConfig:
                 "image_max_tokens must be >= 4 and single_shape_share in [0, 1); got "
                 f"{self.image_max_tokens} and {self.single_shape_share}"
             )
-
         pairs = TEXT["hidden_size"] // TEXT["num_attention_heads"] // 2
         if len(self.mrope_section) != 3 or sum(self.mrope_section) != pairs:
             raise VlmCreditError(
                 f"mrope_section must be 3 numbers (t, h, w) summing to {pairs} (head_dim / 2); "
                 f"got {list(self.mrope_section)}"
             )
-
-    @property
-    def single_shape_steps(self) -> int:
-        return round(self.single_shape_share * self.steps)
         if set(self.style_weights) - set(STYLES) or min(self.style_weights.values()) < 0:
             raise VlmCreditError(f"style weights must be >= 0 over {STYLES}")
         unknown = set(self.category_weights) - set(DIALOG_CATEGORIES)
         if unknown:
             raise VlmCreditError(f"unknown categories {sorted(unknown)}")
+
+    @property
+    def single_shape_steps(self) -> int:
+        return round(self.single_shape_share * self.steps)
 
 
 # -- tokenizer, model, pixels --------------------------------------------------------------------
@@ -456,6 +455,8 @@ def train_tiny(
     from vlmcredit.models.tiny import save_checkpoint
 
     cfg.check()
+    if out.exists() and not out.is_dir():
+        raise VlmCreditError(f"--out {out}: is a file; choose a new folder")
     marker = out / "train-config.json"
     wanted = json.dumps(asdict(cfg), indent=2, sort_keys=True)
     if marker.exists() and marker.read_text() != wanted:
