@@ -157,6 +157,39 @@ def test_the_curriculum_starts_with_single_shape_descriptions() -> None:
         tt.TrainConfig(single_shape_share=1.0).check()
 
 
+def test_single_shape_questions_are_answered_by_what_was_drawn() -> None:
+    """The curriculum's yes/no questions: MME's existence and colour wording, the truth read
+    from the drawn shape, both answers and both categories present; the descriptions stay."""
+    from vlmcredit.data.mme_synth import COLORS, SUFFIX
+
+    cfg = tt.TrainConfig(
+        steps=40, batch_size=16, single_shape_share=0.5, single_shape_questions=0.5
+    )
+    seen = {"describe": 0, "existence": 0, "color": 0, "Yes": 0, "No": 0}
+    for step in range(4):
+        for item, d in tt.step_dialogs(cfg, step):
+            (shape,) = item.shapes
+            assert item.image.getpixel((shape.cx, shape.cy)) == COLORS[shape.color]
+            if d.style == "describe":
+                seen["describe"] += 1
+                continue
+            assert d.style == "mme" and d.question.endswith(SUFFIX) and d.answer == d.truth
+            seen[d.category] += 1
+            seen[d.truth] += 1
+            asked = d.question.removesuffix(SUFFIX)
+            if d.category == "existence":
+                kind = asked.removeprefix("Is there a ").removesuffix(" in this image?")
+                assert (kind == shape.kind) == (d.truth == "Yes"), (asked, shape)
+            else:
+                assert asked.startswith(f"Is the {shape.kind} in this image ")
+                color = asked.rsplit(" ", 1)[1].rstrip("?")
+                assert color in COLORS and (color == shape.color) == (d.truth == "Yes")
+    assert min(seen.values()) >= 8, seen  # 64 dialogs: every kind of row, both answers
+    # the default keeps the curriculum descriptions only (the shipped recipe's batches)
+    plain = tt.TrainConfig(steps=40, batch_size=16, single_shape_share=0.5)
+    assert all(d.style == "describe" for _, d in tt.step_dialogs(plain, 0))
+
+
 def test_mrope_sections_decide_whether_an_image_axis_gets_a_fast_rotary_pair() -> None:
     """8 rotary pairs in Qwen's t/h/w section order: [2, 3, 3] leaves the column axis only
     rotations below 0.004 rad per cell; (1, 1, 6) gives both axes >= 0.1 rad per cell."""
@@ -181,13 +214,16 @@ def test_mrope_sections_decide_whether_an_image_axis_gets_a_fast_rotary_pair() -
 def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     args = ["train-tiny", "--out", str(tmp_path / "a"), "--steps", "2", "--batch-size", "2"]
     args += ["--image-max-tokens", "80", "--single-shape-share", "0.5"]
-    args += ["--mrope-section", "1,1,6", "--per-dialog-loss"]
+    args += ["--mrope-section", "1,1,6", "--per-dialog-loss", "--single-shape-questions", "0.5"]
+    args += ["--style-weights", "describe=0.2,mme=0.8", "--category-weights", "color=2,count=1"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "a" / "train-config.json").read_text())
     assert config["batch_size"] == 2 and config["image_max_tokens"] == 80
     assert config["single_shape_share"] == 0.5 and config["mrope_section"] == [1, 1, 6]
-    assert config["per_dialog_loss"] is True
+    assert config["per_dialog_loss"] is True and config["single_shape_questions"] == 0.5
+    assert config["style_weights"] == {"describe": 0.2, "mme": 0.8}
+    assert config["category_weights"] == {"color": 2.0, "count": 1.0}
     final = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
     assert final["text_config"]["rope_parameters"]["mrope_section"] == [1, 1, 6]
     bad = CliRunner().invoke(
@@ -195,6 +231,10 @@ def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     )
     assert bad.exit_code != 0 and "--mrope-section 'x'" in bad.output
     assert not (tmp_path / "b").exists()
+    for option, value in (("--style-weights", "mme:1"), ("--category-weights", "OCR=1")):
+        bad = CliRunner().invoke(app, ["train-tiny", "--out", str(tmp_path / "b"), option, value])
+        assert bad.exit_code != 0 and bad.output.count("\n") <= 2, bad.output
+        assert not (tmp_path / "b").exists()
     # continuing that checkpoint under the default sections is refused in one line
     cont = ["train-tiny", "--out", str(tmp_path / "c"), "--steps", "1", "--batch-size", "1"]
     cont += ["--init-from", str(tmp_path / "a" / "final")]
@@ -241,6 +281,9 @@ def test_the_per_dialog_loss_weighs_every_dialog_alike() -> None:
         ({"style_weights": {"poetry": 1.0}}, "style weights"),
         ({"style_weights": {"mme": -1.0}}, "style weights"),
         ({"category_weights": {"OCR": 1.0}}, "unknown categories"),
+        ({"style_weights": {"mme": 0.0}}, "style weights"),
+        ({"category_weights": {"color": 0.0}}, "category weights"),
+        ({"single_shape_questions": 1.5}, "single_shape_questions"),
     ],
 )
 def test_impossible_settings_are_refused_before_anything_is_written(

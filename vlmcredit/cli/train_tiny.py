@@ -28,6 +28,21 @@ def train_tiny(
         "--single-shape-share",
         help="Share of the steps, at the start, that describe single-shape images (curriculum).",
     ),
+    single_shape_questions: float = typer.Option(
+        0.0,
+        "--single-shape-questions",
+        help="Share of the curriculum's dialogs that are yes/no questions about the one shape.",
+    ),
+    style_weights: str = typer.Option(
+        "describe=0.3,reason=0.35,mme=0.35",
+        "--style-weights",
+        help="Mix of answer styles after the curriculum: descriptions, reasoned and bare yes/no.",
+    ),
+    category_weights: str = typer.Option(
+        "existence=1,count=1,position=1.6,color=0.8",
+        "--category-weights",
+        help="Mix of question categories after the curriculum.",
+    ),
     mrope_section: str = typer.Option(
         "2,3,3",
         "--mrope-section",
@@ -53,6 +68,9 @@ def train_tiny(
             f"--mrope-section {mrope_section!r}: give three integers t,h,w, e.g. 2,3,3"
         ) from None
     cfg = TrainConfig(
+        style_weights=_weights("--style-weights", style_weights),
+        category_weights=_weights("--category-weights", category_weights),
+        single_shape_questions=single_shape_questions,
         steps=steps,
         seed=seed,
         lr=lr,
@@ -65,3 +83,20 @@ def train_tiny(
     )
     final = run(out, cfg, echo=typer.echo, threads=threads)
     typer.echo(f"-> {final} (use it as --ckpt {final})")
+
+
+def _weights(option: str, text: str) -> dict[str, float]:
+    """ "a=1,b=0.5" -> {"a": 1.0, "b": 0.5}; the names are checked by TrainConfig.check."""
+    from vlmcredit.errors import VlmCreditError
+
+    out = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise VlmCreditError(
+                f"{option} {text!r}: give name=weight pairs separated by commas, e.g. "
+                "describe=0.3,reason=0.35,mme=0.35"
+            ) from None
+    return out

@@ -22,10 +22,19 @@ has no capacity to read rendered text, and its OCR / arithmetic answers would be
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from vlmcredit.data.mme_synth import IMAGE_SIZE, NUMBER_WORDS, SUFFIX, SynthItem, SynthShape
+from vlmcredit.data.mme_synth import (
+    COLORS,
+    IMAGE_SIZE,
+    NUMBER_WORDS,
+    SHAPES,
+    SUFFIX,
+    SynthItem,
+    SynthShape,
+)
 
 DIALOG_CATEGORIES = ("existence", "count", "position", "color")
 REASON_SUFFIX = " Look at the image, then answer yes or no."
@@ -129,3 +138,22 @@ def dialogs(item: SynthItem, styles: Sequence[str] = STYLES) -> list[Dialog]:
                 answer = f"{statement}\n\nSo the answer is {truth.lower()}."
                 out.append(Dialog(item.category, base + REASON_SUFFIX, answer, truth, style))
     return out
+
+
+def single_shape_question(item: SynthItem, rng: random.Random) -> Dialog:
+    """A bare yes/no question about the one shape of a `render_shapes(rng, 1, ...)` image, worded
+    as MME's existence or colour question (Yes and No equally likely).
+
+    With one object, the answer needs no search for the named object: the model learns to compare
+    what it reads with what is asked before it must find one object among several.
+    """
+    (shape,) = item.shapes
+    truth = rng.choice(("Yes", "No"))
+    if rng.random() < 0.5:
+        kind = shape.kind if truth == "Yes" else rng.choice([k for k in SHAPES if k != shape.kind])
+        question, category = f"Is there {_a(kind)} in this image?", "existence"
+    else:
+        others = [c for c in COLORS if c != shape.color]
+        color = shape.color if truth == "Yes" else rng.choice(others)
+        question, category = f"Is the {shape.kind} in this image {color}?", "color"
+    return Dialog(category, question + SUFFIX, truth, truth, "mme")

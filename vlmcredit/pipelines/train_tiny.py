@@ -39,6 +39,7 @@ from vlmcredit.data.synth_dialogs import (
     Dialog,
     description,
     dialogs,
+    single_shape_question,
 )
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.pipelines.train_resume import load_resume, save_resume
@@ -91,6 +92,9 @@ class TrainConfig:
     # every non-background image token is the one object: colour, kind and place are read after
     # 250-1,000 steps, against ~4,500 steps before colour alone without it
     single_shape_share: float = 0.0
+    # share of the curriculum's dialogs that are bare yes/no questions about the single shape
+    # (existence or colour, `synth_dialogs.single_shape_question`) instead of its description
+    single_shape_questions: float = 0.0
     # Qwen2.5-VL's mrope gives the t, h, w sections of the rotary pairs in order of falling
     # frequency, so with the tiny head_dim (8 pairs) [2, 3, 3] leaves the image column (w) only
     # rotations below 0.0032 rad per cell: runs learned "top"/"bottom" but never "left"/"right".
@@ -129,17 +133,24 @@ class TrainConfig:
                 "image_max_tokens must be >= 4 and single_shape_share in [0, 1); got "
                 f"{self.image_max_tokens} and {self.single_shape_share}"
             )
+        if not 0 <= self.single_shape_questions <= 1:
+            raise VlmCreditError(
+                f"single_shape_questions must be in [0, 1]; got {self.single_shape_questions}"
+            )
         pairs = TEXT["hidden_size"] // TEXT["num_attention_heads"] // 2
         if len(self.mrope_section) != 3 or sum(self.mrope_section) != pairs:
             raise VlmCreditError(
                 f"mrope_section must be 3 numbers (t, h, w) summing to {pairs} (head_dim / 2); "
                 f"got {list(self.mrope_section)}"
             )
-        if set(self.style_weights) - set(STYLES) or min(self.style_weights.values()) < 0:
-            raise VlmCreditError(f"style weights must be >= 0 over {STYLES}")
+        styles = self.style_weights
+        if set(styles) - set(STYLES) or min(styles.values()) < 0 or sum(styles.values()) <= 0:
+            raise VlmCreditError(f"style weights must be >= 0 over {STYLES}, not all 0")
         unknown = set(self.category_weights) - set(DIALOG_CATEGORIES)
         if unknown:
             raise VlmCreditError(f"unknown categories {sorted(unknown)}")
+        if min(self.category_weights.values()) < 0 or sum(self.category_weights.values()) <= 0:
+            raise VlmCreditError("category weights must be >= 0, not all 0")
 
     @property
     def single_shape_steps(self) -> int:
@@ -259,6 +270,10 @@ def step_dialogs(cfg: TrainConfig, step: int) -> list[tuple[SynthItem, Dialog]]:
         out = []
         for i in range(cfg.batch_size):
             item = render_shapes(rng, 1, f"{step}-{i}.png")
+            # rng.random() only when asked for, so the shipped recipe's stream is unchanged
+            if cfg.single_shape_questions and rng.random() < cfg.single_shape_questions:
+                out.append((item, single_shape_question(item, rng)))
+                continue
             out.append((item, Dialog("shapes", DESCRIBE_PROMPT, description(item), "", "describe")))
         return out
     cats = list(cfg.category_weights)
