@@ -43,6 +43,11 @@ def train_tiny(
         "--category-weights",
         help="Mix of question categories after the curriculum.",
     ),
+    paired_questions: bool = typer.Option(
+        False,
+        "--paired-questions/--single-questions",
+        help="Both questions of each image (Yes and No) in the same batch, as MME pairs them.",
+    ),
     mrope_section: str = typer.Option(
         "2,3,3",
         "--mrope-section",
@@ -79,6 +84,7 @@ def train_tiny(
         single_shape_share=single_shape_share,
         mrope_section=(t, h, w),
         per_dialog_loss=per_dialog_loss,
+        paired_questions=paired_questions,
         init_from=str(init_from) if init_from else None,
     )
     final = run(out, cfg, echo=typer.echo, threads=threads)

@@ -104,6 +104,10 @@ class TrainConfig:
     # loss: the mean over each dialog's answer tokens, then over the batch (True), instead of the
     # mean over all answer tokens of the batch, which gives a bare "Yes"/"No" ~2% of the gradient
     per_dialog_loss: bool = False
+    # after the curriculum, both questions of each image (its Yes and its No one, in one style)
+    # in the same batch, as MME pairs them: half the images per step, and the gradient of a
+    # constant answer cancels within each pair, leaving the part that depends on the question
+    paired_questions: bool = False
     lr: float = 2e-3
     warmup: int = 200
     min_lr_ratio: float = 0.05
@@ -280,13 +284,18 @@ def step_dialogs(cfg: TrainConfig, step: int) -> list[tuple[SynthItem, Dialog]]:
     weights = [cfg.category_weights[c] for c in cats]
     styles = list(cfg.style_weights)
     style_weights = [cfg.style_weights[s] for s in styles]
-    out = []
-    for i in range(cfg.batch_size):
+    out: list[tuple[SynthItem, Dialog]] = []
+    i = 0
+    while len(out) < cfg.batch_size:
         category = rng.choices(cats, weights)[0]
         item = render_item(category, rng, f"{step}-{i}.png")
+        i += 1
         style = rng.choices(styles, style_weights)[0]
-        out.append((item, rng.choice(dialogs(item, (style,)))))
-    return out
+        if cfg.paired_questions:  # a description has no pair; the batch keeps its size
+            out.extend((item, d) for d in dialogs(item, (style,)))
+        else:
+            out.append((item, rng.choice(dialogs(item, (style,)))))
+    return out[: cfg.batch_size]
 
 
 class Encoder:
