@@ -190,6 +190,27 @@ def test_single_shape_questions_are_answered_by_what_was_drawn() -> None:
     assert all(d.style == "describe" for _, d in tt.step_dialogs(plain, 0))
 
 
+def test_paired_questions_put_both_answers_of_an_image_in_one_batch() -> None:
+    cfg = tt.TrainConfig(steps=20, batch_size=15, paired_questions=True)
+    for step in (3, 11):
+        batch = tt.step_dialogs(cfg, step)
+        assert len(batch) == 15 and tt.step_dialogs(cfg, step) == batch
+        by_image: dict[str, list] = {}
+        for item, d in batch:
+            by_image.setdefault(item.name, []).append(d)
+        for name, rows in by_image.items():
+            if rows[0].style == "describe":
+                assert len(rows) == 1, name
+                continue
+            assert {d.style for d in rows} == {rows[0].style}
+            if len(rows) == 2:  # the last image may be cut to keep the batch size
+                assert sorted(d.truth for d in rows) == ["No", "Yes"], rows
+        assert sum(len(v) == 2 for v in by_image.values()) >= 4
+    # unpaired: one question per image, as the shipped recipe's batches
+    single = tt.step_dialogs(tt.TrainConfig(steps=20, batch_size=15), 3)
+    assert len({item.name for item, _ in single}) == 15
+
+
 def test_mrope_sections_decide_whether_an_image_axis_gets_a_fast_rotary_pair() -> None:
     """8 rotary pairs in Qwen's t/h/w section order: [2, 3, 3] leaves the column axis only
     rotations below 0.004 rad per cell; (1, 1, 6) gives both axes >= 0.1 rad per cell."""
