@@ -64,18 +64,22 @@ def test_grounded_answers_say_what_was_drawn() -> None:
 
 
 def test_a_killed_run_resumes_where_it_stopped(tmp_path) -> None:
-    """Two steps, killed, then resumed to four, equals four uninterrupted steps."""
-    cfg = dict(steps=4, batch_size=2, eval_every=4, eval_images=1, save_every=2, keep=(0.5,))
+    """Killed after step 4 with the resume state of step 2, then resumed to six: equals six
+    uninterrupted steps, and the log holds each step once (steps 3-4 are redone, not repeated)."""
+    cfg = dict(steps=6, batch_size=2, eval_every=6, eval_images=1, save_every=2, keep=(1 / 3,))
     straight = tt.train_tiny(tmp_path / "a", tt.TrainConfig(**cfg), echo=lambda _m: None)
 
     class Killed(Exception):
         pass
 
     original = tt.save_resume
+    calls = []
 
     def save_then_die(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the kill lands between two saves
+            raise Killed
         original(*args, **kwargs)
-        raise Killed
 
     tt.save_resume = save_then_die
     try:
@@ -91,7 +95,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path) -> None:
     assert wa.keys() == wb.keys()
     assert all(torch.allclose(wa[k], wb[k], atol=1e-6) for k in wa)
     log = [json.loads(x) for x in (tmp_path / "b" / "train-log.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in log] == [1, 2, 3, 4]
+    assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert (tmp_path / "b" / "step-000000" / "config.json").is_file()  # the untrained weights
     assert (tmp_path / "b" / "step-000002" / "model.safetensors").is_file()
     assert not (tmp_path / "b" / "resume").exists()

@@ -53,3 +53,16 @@ def load_resume(folder: Path, model: Any, optimizer: Any) -> int:
                 "step": tensors[f"adam.{n}.step"].reshape(()).to(torch.float32),
             }
     return int(json.loads((folder / "step.json").read_text())["step"])
+
+
+def drop_log_after(log: Path, step: int) -> None:
+    """Keep the records of steps <= `step` in the run's own train log: a run killed between two
+    saves logged steps that the resumed run does again, and each step is logged once."""
+    if not log.exists():
+        return
+    lines = log.read_text().splitlines(keepends=True)
+    kept = [x for x in lines if x.strip() and json.loads(x)["step"] <= step]
+    if len(kept) < len(lines):
+        tmp = log.with_suffix(".tmp")
+        tmp.write_text("".join(kept))
+        tmp.replace(log)

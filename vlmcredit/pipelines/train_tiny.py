@@ -42,7 +42,7 @@ from vlmcredit.data.synth_dialogs import (
     single_shape_question,
 )
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.pipelines.train_resume import load_resume, save_resume
+from vlmcredit.pipelines.train_resume import drop_log_after, load_resume, save_resume
 
 FAMILY = "qwen2_5_vl"
 TEXT = {
@@ -480,11 +480,12 @@ def train_tiny(
     )
     resume = out / "resume"
     start = load_resume(resume, model, optimizer) if (resume / "step.json").exists() else 0
+    log_path = out / "train-log.jsonl"
     if start:
         echo(f"resuming at step {start} of {cfg.steps}")
+        drop_log_after(log_path, start)
     keep = {max(1, round(f * cfg.steps)) for f in cfg.keep}
     evals = held_out(cfg.eval_images)
-    log_path = out / "train-log.jsonl"
     model.train()
     bar = tqdm(range(start, cfg.steps), initial=start, total=cfg.steps, desc="train-tiny")
     t0 = time.perf_counter()
