@@ -78,9 +78,10 @@ EVAL_SEED = 7  # held-out questions: synth_items(category, n, EVAL_SEED), never 
 class TrainConfig:
     """Everything that decides the trained bytes (with the package versions)."""
 
-    # The defaults are the recipe of the shipped model. The four options after batch_size were
-    # tried on 2026-11-30 (docs/builtin-model-recipes.md): each fixed what it
-    # targets in image descriptions, but none made the bare yes/no answers better within 40 min.
+    # The defaults are the recipe of the shipped model. The options after batch_size were tried
+    # on 2026-11-30 and 12-01 (docs/builtin-model-recipes.md): image tokens, mrope sections and
+    # the curriculum fixed what they target in image descriptions, question pairs brought the
+    # count verdict forward, but none made the bare yes/no answers better overall within 40 min.
     steps: int = 6000
     batch_size: int = 32
     # merged 28-px cells per image (the processor's cap, saved with the checkpoint). At 36 cells
