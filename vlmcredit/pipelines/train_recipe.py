@@ -1,0 +1,160 @@
+"""The recipe of the built-in model: its architecture, every training setting (`TrainConfig`,
+which decides the trained bytes) and the batch of each step, a pure function of (seed, step).
+
+`pipelines.train_tiny` runs it; `vlmcredit train-tiny` exposes the settings as options.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass, field
+
+from vlmcredit.data.mme_synth import SynthItem, render_item, render_shapes
+from vlmcredit.data.synth_dialogs import (
+    DESCRIBE_PROMPT,
+    DIALOG_CATEGORIES,
+    STYLES,
+    Dialog,
+    description,
+    dialogs,
+    single_shape_question,
+)
+from vlmcredit.errors import VlmCreditError
+
+TEXT = {
+    "hidden_size": 128,
+    "intermediate_size": 384,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 8,
+    "num_key_value_heads": 4,
+    "max_position_embeddings": 1024,
+}
+VISION = {
+    "depth": 2,
+    "num_heads": 4,
+    "hidden_size": 64,
+    "intermediate_size": 128,
+    "out_hidden_size": 128,
+    "window_size": 56,
+    "fullatt_block_indexes": [1],
+}
+IMAGE_MAX_TOKENS = 36  # merged 28-px cells: a 336x280 image becomes 6x5 = 30 tokens
+
+
+@dataclass
+class TrainConfig:
+    """Everything that decides the trained bytes (with the package versions)."""
+
+    # The defaults are the recipe of the shipped model. The options after batch_size were tried
+    # on 2026-11-30 and 12-01 (docs/builtin-model-recipes.md): image tokens, mrope sections and
+    # the curriculum fixed what they target in image descriptions, question pairs brought the
+    # count verdict forward, but none made the bare yes/no answers better overall within 40 min.
+    steps: int = 6000
+    batch_size: int = 32
+    # merged 28-px cells per image (the processor's cap, saved with the checkpoint). At 36 cells
+    # (6 x 5) the synthetic shapes (16-30 px half-sides) become 1-2 patches of 14 px and no run
+    # learned to tell a circle from a square; at 80 (252x224, 9 x 8 cells) a single-shape
+    # curriculum did
+    image_max_tokens: int = IMAGE_MAX_TOKENS
+    # curriculum: the first `single_shape_share` of the steps describe single-shape images, where
+    # every non-background image token is the one object: colour, kind and place are read after
+    # 250-1,000 steps, against ~4,500 steps before colour alone without it
+    single_shape_share: float = 0.0
+    # share of the curriculum's dialogs that are bare yes/no questions about the single shape
+    # (existence or colour, `synth_dialogs.single_shape_question`) instead of its description
+    single_shape_questions: float = 0.0
+    # Qwen2.5-VL's mrope gives the t, h, w sections of the rotary pairs in order of falling
+    # frequency, so with the tiny head_dim (8 pairs) [2, 3, 3] leaves the image column (w) only
+    # rotations below 0.0032 rad per cell: runs learned "top"/"bottom" but never "left"/"right".
+    # (1, 1, 6) gives both axes a pair of 0.1-0.3 rad per cell and keeps the slow pairs that
+    # content matching uses (a smaller rope_theta instead slowed learning colour fourfold)
+    mrope_section: tuple[int, int, int] = (2, 3, 3)
+    # loss: the mean over each dialog's answer tokens, then over the batch (True), instead of the
+    # mean over all answer tokens of the batch, which gives a bare "Yes"/"No" ~2% of the gradient
+    per_dialog_loss: bool = False
+    # after the curriculum, both questions of each image (its Yes and its No one, in one style)
+    # in the same batch, as MME pairs them: half the images per step, and the gradient of a
+    # constant answer cancels within each pair, leaving the part that depends on the question
+    paired_questions: bool = False
+    lr: float = 2e-3
+    warmup: int = 200
+    min_lr_ratio: float = 0.05
+    weight_decay: float = 0.01
+    seed: int = 0
+    # category mix: position is the hardest (two objects, an axis and an order)
+    category_weights: dict[str, float] = field(
+        default_factory=lambda: {"existence": 1.0, "count": 1.0, "position": 1.6, "color": 0.8}
+    )
+    # answer styles (data.synth_dialogs): descriptions are the dense visual supervision; without
+    # them a first run (1,700 steps) learned to copy the question and never looked at the image
+    style_weights: dict[str, float] = field(
+        default_factory=lambda: {"describe": 0.3, "reason": 0.35, "mme": 0.35}
+    )
+    keep: tuple[float, ...] = (0.1, 0.25, 0.5)  # intermediate checkpoints, as fractions of steps
+    eval_every: int = 250
+    eval_images: int = 24  # held-out images per category for the running accuracy
+    save_every: int = 250
+    # continue from the weights of an earlier run's checkpoint (fresh optimizer and schedule)
+    init_from: str | None = None
+
+    def check(self) -> None:
+        if self.steps < 1 or self.batch_size < 1:
+            raise VlmCreditError("--steps and --batch-size must be >= 1")
+        if self.image_max_tokens < 4 or not 0 <= self.single_shape_share < 1:
+            raise VlmCreditError(
+                "image_max_tokens must be >= 4 and single_shape_share in [0, 1); got "
+                f"{self.image_max_tokens} and {self.single_shape_share}"
+            )
+        if not 0 <= self.single_shape_questions <= 1:
+            raise VlmCreditError(
+                f"single_shape_questions must be in [0, 1]; got {self.single_shape_questions}"
+            )
+        pairs = TEXT["hidden_size"] // TEXT["num_attention_heads"] // 2
+        if len(self.mrope_section) != 3 or sum(self.mrope_section) != pairs:
+            raise VlmCreditError(
+                f"mrope_section must be 3 numbers (t, h, w) summing to {pairs} (head_dim / 2); "
+                f"got {list(self.mrope_section)}"
+            )
+        styles = self.style_weights
+        if set(styles) - set(STYLES) or min(styles.values()) < 0 or sum(styles.values()) <= 0:
+            raise VlmCreditError(f"style weights must be >= 0 over {STYLES}, not all 0")
+        unknown = set(self.category_weights) - set(DIALOG_CATEGORIES)
+        if unknown:
+            raise VlmCreditError(f"unknown categories {sorted(unknown)}")
+        if min(self.category_weights.values()) < 0 or sum(self.category_weights.values()) <= 0:
+            raise VlmCreditError("category weights must be >= 0, not all 0")
+
+    @property
+    def single_shape_steps(self) -> int:
+        return round(self.single_shape_share * self.steps)
+
+
+def step_dialogs(cfg: TrainConfig, step: int) -> list[tuple[SynthItem, Dialog]]:
+    """The batch of training step `step`: a pure function of (seed, step)."""
+    rng = random.Random(f"vlmcredit-train:{cfg.seed}:{step}")
+    if step < cfg.single_shape_steps:
+        out = []
+        for i in range(cfg.batch_size):
+            item = render_shapes(rng, 1, f"{step}-{i}.png")
+            # rng.random() only when asked for, so the shipped recipe's stream is unchanged
+            if cfg.single_shape_questions and rng.random() < cfg.single_shape_questions:
+                out.append((item, single_shape_question(item, rng)))
+                continue
+            out.append((item, Dialog("shapes", DESCRIBE_PROMPT, description(item), "", "describe")))
+        return out
+    cats = list(cfg.category_weights)
+    weights = [cfg.category_weights[c] for c in cats]
+    styles = list(cfg.style_weights)
+    style_weights = [cfg.style_weights[s] for s in styles]
+    out: list[tuple[SynthItem, Dialog]] = []
+    i = 0
+    while len(out) < cfg.batch_size:
+        category = rng.choices(cats, weights)[0]
+        item = render_item(category, rng, f"{step}-{i}.png")
+        i += 1
+        style = rng.choices(styles, style_weights)[0]
+        if cfg.paired_questions:  # a description has no pair; the batch keeps its size
+            out.extend((item, d) for d in dialogs(item, (style,)))
+        else:
+            out.append((item, rng.choice(dialogs(item, (style,)))))
+    return out[: cfg.batch_size]
