@@ -11,7 +11,14 @@ from typer.testing import CliRunner
 
 from vlmcredit.cli.main import app
 from vlmcredit.data.mme_synth import NUMBER_WORDS, render_item
-from vlmcredit.data.synth_dialogs import REASON_SUFFIX, dialogs, grounded_statement
+from vlmcredit.data.synth_dialogs import (
+    COLORS,
+    LOOKUP_SUFFIX,
+    REASON_SUFFIX,
+    SHAPES,
+    dialogs,
+    grounded_statement,
+)
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.pipelines import train_tiny as tt
 
@@ -61,6 +68,65 @@ def test_grounded_answers_say_what_was_drawn() -> None:
             n = sum(s.kind == kind for s in item.shapes)
             said = f"There is one {kind}." if n == 1 else f"There are {NUMBER_WORDS[n]} {kind}s."
             assert d.answer.startswith(said + "\n\nSo the answer is ")
+
+
+def test_lookup_answers_start_with_the_fact_that_decides_the_verdict() -> None:
+    """The fact is recomputed here from the drawn shapes and the question's own words, and the
+    verdict must follow from it by the question's rule."""
+    rng = random.Random(9)
+    seen = set()
+    for category in ("existence", "count", "color", "position"):
+        for _ in range(30):
+            item = render_item(category, rng, "x.png")
+            for d in dialogs(item, ("lookup",)):
+                assert d.question.endswith(LOOKUP_SUFFIX)
+                fact, _, verdict = d.answer.partition(", so ")
+                assert verdict == f"{d.truth.lower()}.", d.answer
+                words = d.question.removesuffix(LOOKUP_SUFFIX).rstrip("?").split()
+                if category in ("existence", "count"):
+                    kind = next(k for k in SHAPES if k in words or k + "s" in words)
+                    n = sum(s.kind == kind for s in item.shapes)
+                    assert fact == NUMBER_WORDS[n]
+                    if category == "existence":
+                        assert (fact != "zero") == (d.truth == "Yes")
+                    else:
+                        assert (fact in words) == (d.truth == "Yes")
+                elif category == "color":
+                    kind = next(k for k in SHAPES if k in words)
+                    (shape,) = [s for s in item.shapes if s.kind == kind]
+                    assert fact == shape.color
+                    asked = next(c for c in COLORS if c in words)
+                    assert (fact == asked) == (d.truth == "Yes")
+                else:
+                    a, b = (
+                        next(s for s in item.shapes if f"{s.color} {s.kind}" == " ".join(pair))
+                        for pair in ((words[2], words[3]), (words[-2], words[-1]))
+                    )
+                    if "left" in words or "right" in words:
+                        assert fact == ("left" if a.cx < b.cx else "right")
+                    else:
+                        assert fact == ("above" if a.cy < b.cy else "below")
+                    assert (fact in words) == (d.truth == "Yes")
+                seen.add((category, d.truth))
+    assert len(seen) == 8  # every category answered both ways
+
+
+def test_a_wider_language_model_keeps_eight_heads_and_its_rotary_settings() -> None:
+    _, model, _ = tt.build_parts(0, mrope_section=(1, 2, 9), hidden_size=192, rope_theta=1e5)
+    text = model.config.text_config
+    assert (text.hidden_size, text.num_attention_heads, text.intermediate_size) == (192, 8, 576)
+    assert text.rope_parameters["rope_theta"] == 1e5
+    assert model.config.vision_config.out_hidden_size == 192
+    layer = model.model.language_model.layers[0].self_attn
+    assert layer.head_dim == 24 and layer.q_proj.out_features == 192
+    tt.TrainConfig(hidden_size=192, mrope_section=(1, 2, 9)).check()
+    for settings, message in (
+        ({"hidden_size": 100}, "multiple of 16"),
+        ({"hidden_size": 192}, "summing to 12"),  # the default sections sum to 8
+        ({"rope_theta": 1.0}, "rope_theta"),
+    ):
+        with pytest.raises(VlmCreditError, match=message):
+            tt.TrainConfig(**settings).check()
 
 
 def test_a_killed_run_resumes_where_it_stopped(tmp_path) -> None:
@@ -239,18 +305,26 @@ def test_mrope_sections_decide_whether_an_image_axis_gets_a_fast_rotary_pair() -
 def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     args = ["train-tiny", "--out", str(tmp_path / "a"), "--steps", "2", "--batch-size", "2"]
     args += ["--image-max-tokens", "80", "--single-shape-share", "0.5"]
-    args += ["--mrope-section", "1,1,6", "--per-dialog-loss", "--single-shape-questions", "0.5"]
-    args += ["--style-weights", "describe=0.2,mme=0.8", "--category-weights", "color=2,count=1"]
+    args += ["--per-dialog-loss", "--single-shape-questions", "0.5"]
+    args += ["--style-weights", "describe=0.2,mme=0.6,lookup=0.2"]
+    args += ["--category-weights", "color=2,count=1", "--hidden-size", "64", "--rope-theta", "1e5"]
+    args += ["--mrope-section", "1,1,2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "a" / "train-config.json").read_text())
     assert config["batch_size"] == 2 and config["image_max_tokens"] == 80
-    assert config["single_shape_share"] == 0.5 and config["mrope_section"] == [1, 1, 6]
+    assert config["single_shape_share"] == 0.5 and config["mrope_section"] == [1, 1, 2]
     assert config["per_dialog_loss"] is True and config["single_shape_questions"] == 0.5
-    assert config["style_weights"] == {"describe": 0.2, "mme": 0.8}
+    assert config["style_weights"] == {"describe": 0.2, "mme": 0.6, "lookup": 0.2}
+    assert config["hidden_size"] == 64 and config["rope_theta"] == 1e5
     assert config["category_weights"] == {"color": 2.0, "count": 1.0}
     final = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
-    assert final["text_config"]["rope_parameters"]["mrope_section"] == [1, 1, 6]
+    assert final["text_config"]["rope_parameters"] == {
+        "mrope_section": [1, 1, 2],
+        "rope_theta": 1e5,
+        "rope_type": "default",
+    }
+    assert final["text_config"]["hidden_size"] == 64
     bad = CliRunner().invoke(
         app, ["train-tiny", "--out", str(tmp_path / "b"), "--mrope-section", "x"]
     )

@@ -53,6 +53,14 @@ def train_tiny(
         "--mrope-section",
         help="Rotary pairs for t,h,w (sum 8); 1,1,6 gives the image column a usable frequency.",
     ),
+    hidden_size: int = typer.Option(
+        128,
+        "--hidden-size",
+        help="Width of the language model (8 heads of hidden/8; mrope sections sum to hidden/16).",
+    ),
+    rope_theta: float = typer.Option(
+        10000.0, "--rope-theta", help="Rotary base of the language model."
+    ),
     per_dialog_loss: bool = typer.Option(
         False,
         "--per-dialog-loss/--token-mean-loss",
@@ -83,6 +91,8 @@ def train_tiny(
         image_max_tokens=image_max_tokens,
         single_shape_share=single_shape_share,
         mrope_section=(t, h, w),
+        hidden_size=hidden_size,
+        rope_theta=rope_theta,
         per_dialog_loss=per_dialog_loss,
         paired_questions=paired_questions,
         init_from=str(init_from) if init_from else None,

@@ -38,8 +38,11 @@ from vlmcredit.data.mme_synth import (
 
 DIALOG_CATEGORIES = ("existence", "count", "position", "color")
 REASON_SUFFIX = " Look at the image, then answer yes or no."
+LOOKUP_SUFFIX = " Name what you see, then answer yes or no."
 DESCRIBE_PROMPT = "Describe the shapes in the image."
 STYLES = ("mme", "reason", "describe")
+# training-only style: the first answer word is the fact the verdict needs (`lookup_fact`)
+TRAIN_STYLES = (*STYLES, "lookup")
 
 
 @dataclass(frozen=True)
@@ -96,6 +99,24 @@ def grounded_statement(item: SynthItem, question: str) -> str:
     raise ValueError(f"no grounded dialog for category {item.category!r}")
 
 
+def lookup_fact(item: SynthItem, question: str) -> str:
+    """The one word of the image that decides `question`: how many of the asked kind there are
+    (existence, count), the colour of the asked shape (color), or where the first named shape
+    is relative to the second along the asked axis (position)."""
+    shapes = item.shapes
+    if item.category in ("existence", "count"):
+        kind = next(k for k in SHAPES if f" {k}" in question)
+        return NUMBER_WORDS[sum(s.kind == kind for s in shapes)]
+    if item.category == "color":
+        return shapes[0].color
+    if item.category == "position":
+        a, b = shapes
+        if "left" in question or "right" in question:
+            return "left" if a.cx < b.cx else "right"
+        return "above" if a.cy < b.cy else "below"
+    raise ValueError(f"no lookup dialog for category {item.category!r}")
+
+
 def named_shapes(item: SynthItem, question: str) -> list[SynthShape]:
     """The drawn shapes `question` is about (its kind, or both shapes of a position question)."""
     if item.category == "position":
@@ -137,6 +158,9 @@ def dialogs(item: SynthItem, styles: Sequence[str] = STYLES) -> list[Dialog]:
                 statement = grounded_statement(item, base)
                 answer = f"{statement}\n\nSo the answer is {truth.lower()}."
                 out.append(Dialog(item.category, base + REASON_SUFFIX, answer, truth, style))
+            elif style == "lookup":
+                answer = f"{lookup_fact(item, base)}, so {truth.lower()}."
+                out.append(Dialog(item.category, base + LOOKUP_SUFFIX, answer, truth, style))
     return out
 
 

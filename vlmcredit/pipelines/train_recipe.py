@@ -13,7 +13,7 @@ from vlmcredit.data.mme_synth import SynthItem, render_item, render_shapes
 from vlmcredit.data.synth_dialogs import (
     DESCRIBE_PROMPT,
     DIALOG_CATEGORIES,
-    STYLES,
+    TRAIN_STYLES,
     Dialog,
     description,
     dialogs,
@@ -69,6 +69,12 @@ class TrainConfig:
     # (1, 1, 6) gives both axes a pair of 0.1-0.3 rad per cell and keeps the slow pairs that
     # content matching uses (a smaller rope_theta instead slowed learning colour fourfold)
     mrope_section: tuple[int, int, int] = (2, 3, 3)
+    # width of the language model (8 heads, so head_dim = hidden_size / 8, and an MLP of 3x):
+    # every rotary pair rotates with the text position, and matching a question word to an image
+    # token or to an earlier word 20-130 positions away uses the slow pairs only; a wider head
+    # has more of them (head_dim 16: 3-4 pairs below 0.01 rad per position, 24: 6)
+    hidden_size: int = TEXT["hidden_size"]
+    rope_theta: float = 10000.0
     # loss: the mean over each dialog's answer tokens, then over the batch (True), instead of the
     # mean over all answer tokens of the batch, which gives a bare "Yes"/"No" ~2% of the gradient
     per_dialog_loss: bool = False
@@ -109,15 +115,21 @@ class TrainConfig:
             raise VlmCreditError(
                 f"single_shape_questions must be in [0, 1]; got {self.single_shape_questions}"
             )
-        pairs = TEXT["hidden_size"] // TEXT["num_attention_heads"] // 2
+        heads = TEXT["num_attention_heads"]
+        if self.hidden_size < 2 * heads or self.hidden_size % (2 * heads) or self.rope_theta <= 1:
+            raise VlmCreditError(
+                f"hidden_size must be a multiple of {2 * heads} ({heads} heads of an even "
+                f"head_dim) and rope_theta > 1; got {self.hidden_size} and {self.rope_theta}"
+            )
+        pairs = self.hidden_size // heads // 2
         if len(self.mrope_section) != 3 or sum(self.mrope_section) != pairs:
             raise VlmCreditError(
                 f"mrope_section must be 3 numbers (t, h, w) summing to {pairs} (head_dim / 2); "
                 f"got {list(self.mrope_section)}"
             )
         styles = self.style_weights
-        if set(styles) - set(STYLES) or min(styles.values()) < 0 or sum(styles.values()) <= 0:
-            raise VlmCreditError(f"style weights must be >= 0 over {STYLES}, not all 0")
+        if set(styles) - set(TRAIN_STYLES) or min(styles.values()) < 0 or sum(styles.values()) <= 0:
+            raise VlmCreditError(f"style weights must be >= 0 over {TRAIN_STYLES}, not all 0")
         unknown = set(self.category_weights) - set(DIALOG_CATEGORIES)
         if unknown:
             raise VlmCreditError(f"unknown categories {sorted(unknown)}")

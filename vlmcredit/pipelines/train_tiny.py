@@ -64,6 +64,8 @@ def build_parts(
     seed: int,
     image_max_tokens: int = IMAGE_MAX_TOKENS,
     mrope_section: Sequence[int] = TrainConfig.mrope_section,
+    hidden_size: int = TrainConfig.hidden_size,
+    rope_theta: float = TrainConfig.rope_theta,
 ) -> tuple[Any, Any, Any]:
     """(tokenizer, model, image processor) of a fresh built-in model, weights drawn from `seed`."""
     import torch
@@ -72,8 +74,10 @@ def build_parts(
     from vlmcredit.models.tiny import build_config, build_image_processor, build_tokenizer
 
     tokenizer = build_tokenizer(extra_corpus=DIALOG_CORPUS)
-    rope = {"rope_type": "default", "rope_theta": 10000.0, "mrope_section": list(mrope_section)}
-    config = build_config(FAMILY, tokenizer, {**TEXT, "rope_parameters": rope}, VISION)
+    rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": list(mrope_section)}
+    text = {**TEXT, "hidden_size": hidden_size, "intermediate_size": 3 * hidden_size}
+    vision = {**VISION, "out_hidden_size": hidden_size}  # the merger feeds the language model
+    config = build_config(FAMILY, tokenizer, {**text, "rope_parameters": rope}, vision)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
     model.generation_config.pad_token_id = config.text_config.pad_token_id
@@ -147,13 +151,16 @@ def init_weights(model: Any, folder: Path) -> None:
     source = AutoModelForImageTextToText.from_pretrained(folder, dtype="float32")
     # the rotary sections are config, not weights: continuing under other ones would silently
     # move every image token's position
-    theirs = source.config.text_config.rope_parameters.get("mrope_section")
-    ours = model.config.text_config.rope_parameters.get("mrope_section")
-    if list(theirs or []) != list(ours or []):
-        raise VlmCreditError(
-            f"--init-from {folder}: trained with --mrope-section {theirs}, this run uses {ours}; "
-            "pass the same --mrope-section"
-        )
+    for key, option in (("mrope_section", "--mrope-section"), ("rope_theta", "--rope-theta")):
+        theirs = source.config.text_config.rope_parameters.get(key)
+        ours = model.config.text_config.rope_parameters.get(key)
+        if (list(theirs) if key == "mrope_section" else theirs) != (
+            list(ours) if key == "mrope_section" else ours
+        ):
+            raise VlmCreditError(
+                f"--init-from {folder}: trained with {option} {theirs}, this run uses {ours}; "
+                f"pass the same {option}"
+            )
     loaded = source.state_dict()
     own = model.state_dict()
     if set(loaded) != set(own) or any(loaded[k].shape != own[k].shape for k in own):
@@ -319,7 +326,9 @@ def train_tiny(
     if threads:
         torch.set_num_threads(threads)
 
-    tokenizer, model, processor = build_parts(cfg.seed, cfg.image_max_tokens, cfg.mrope_section)
+    tokenizer, model, processor = build_parts(
+        cfg.seed, cfg.image_max_tokens, cfg.mrope_section, cfg.hidden_size, cfg.rope_theta
+    )
     if cfg.init_from:  # checked before the run folder is written: a refusal leaves nothing
         init_weights(model, Path(cfg.init_from))
     out.mkdir(parents=True, exist_ok=True)
