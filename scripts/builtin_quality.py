@@ -88,6 +88,20 @@ CLI_OPTIONS = {
     "image_max_tokens": "--image-max-tokens",
     "mrope_section": "--mrope-section",
     "per_dialog_loss": "--per-dialog-loss",
+    "paired_questions": "--paired-questions",
+    "lookup_copyable": "--lookup-no-copy",  # the non-default side of the flag pair
+    "single_shape_questions": "--single-shape-questions",
+    "style_weights": "--style-weights",
+    "category_weights": "--category-weights",
+    "hidden_size": "--hidden-size",
+    "rope_theta": "--rope-theta",
+}
+# settings older runs' train-config.json lacks (they were module constants then): read from the
+# run's final checkpoint, so the command shown is the one that reproduces the architecture
+FROM_CHECKPOINT = {
+    "mrope_section": lambda text: text["rope_parameters"]["mrope_section"],
+    "rope_theta": lambda text: text["rope_parameters"]["rope_theta"],
+    "hidden_size": lambda text: text["hidden_size"],
 }
 
 
@@ -101,6 +115,11 @@ def training_stage(train_log: Path) -> dict[str, Any]:
     config_file = train_log.parent / "train-config.json"
     defaults = asdict(TrainConfig())
     config = json.loads(config_file.read_text()) if config_file.is_file() else None
+    final_config = train_log.parent / "final" / "config.json"
+    if config and final_config.is_file():
+        text = json.loads(final_config.read_text())["text_config"]
+        for key, read in FROM_CHECKPOINT.items():
+            config.setdefault(key, read(text))
     stage: dict[str, Any] = {"log": str(train_log), "config": config or defaults}
     stage["config_source"] = str(config_file) if config else "TrainConfig defaults (no config)"
     command = f"vlmcredit train-tiny --out {train_log.parent.name}"
@@ -116,6 +135,8 @@ def training_stage(train_log: Path) -> dict[str, Any]:
                 shown = ""
             elif isinstance(value, list):
                 shown = " " + ",".join(map(str, value))
+            elif isinstance(value, dict):  # --style-weights describe=0.3,reason=0.35,...
+                shown = " " + ",".join(f"{k}={v:g}" for k, v in value.items())
             else:
                 shown = f" {value}"
             command += f" {CLI_OPTIONS[key]}{shown}"
@@ -374,7 +395,7 @@ def table(header: Sequence[str], rows: Sequence[Sequence[Any]]) -> str:
 
 def render(facts: dict[str, Any]) -> str:
     from vlmcredit.analysis.heads import HIGH_OTHER_SHARE
-    from vlmcredit.data.synth_dialogs import STYLES
+    from vlmcredit.data.synth_dialogs import TRAIN_STYLES
     from vlmcredit.pipelines.train_tiny import TEXT, VISION, TrainConfig
 
     heads, anchors, att, stages = (
@@ -467,10 +488,14 @@ def render(facts: dict[str, Any]) -> str:
         'seeded stream `Random("vlmcredit-train:<seed>:<step>")` (existence, count, position, '
         "colour), each with one dialog in one of the styles of "
         "[vlmcredit/data/synth_dialogs.py](../vlmcredit/data/synth_dialogs.py) "
-        f'({", ".join(STYLES)}): MME style ("... Please answer yes or no." -> "Yes" / '
-        '"No"), reasoning style (a grounded sentence, then "So the answer is yes.")'
-        + (", and a description of the image" if "describe" in STYLES else "")
-        + ". AdamW, linear warm-up then cosine decay, gradient clipping at 1.0. Curriculum: "
+        f'({", ".join(TRAIN_STYLES)}): MME style ("... Please answer yes or no." -> "Yes" / '
+        '"No"), reasoning style (a grounded sentence, then "So the answer is yes."), a '
+        "description of the image, and the lookup style of the stages that weight it (the one "
+        'word that decides the verdict first: "... Name what you see, then answer yes or no." '
+        '-> "left, so yes.")'
+        + "; with `paired_questions` both questions of an image (its Yes and its No) are in the "
+        "same batch. AdamW, linear warm-up then cosine decay, gradient clipping at 1.0. "
+        "Curriculum: "
         "the first `single_shape_share` of the steps (when it is above 0) are descriptions of "
         "images with one shape (`mme_synth.render_shapes`), so colour, kind and place are read "
         "before questions that need one object told apart from another.\n"

@@ -13,6 +13,7 @@ from vlmcredit.cli.main import app
 from vlmcredit.data.mme_synth import NUMBER_WORDS, render_item
 from vlmcredit.data.synth_dialogs import (
     COLORS,
+    DIALOG_CATEGORIES,
     LOOKUP_SUFFIX,
     REASON_SUFFIX,
     SHAPES,
@@ -72,17 +73,23 @@ def test_grounded_answers_say_what_was_drawn() -> None:
 
 def test_lookup_answers_start_with_the_fact_that_decides_the_verdict() -> None:
     """The fact is recomputed here from the drawn shapes and the question's own words, and the
-    verdict must follow from it by the question's rule."""
+    verdict must follow from it by the question's rule. Without copyable facts, colour and count
+    ask only the No question, so the fact is never a word of the question; position and existence
+    keep both, where neither copying nor negating a question word gives the fact."""
     rng = random.Random(9)
     seen = set()
     for category in ("existence", "count", "color", "position"):
         for _ in range(30):
             item = render_item(category, rng, "x.png")
-            for d in dialogs(item, ("lookup",)):
+            both = dialogs(item, ("lookup",))
+            assert [d.truth for d in both] == ["Yes", "No"]
+            for d in dialogs(item, ("lookup",), lookup_copyable=False):
                 assert d.question.endswith(LOOKUP_SUFFIX)
                 fact, _, verdict = d.answer.partition(", so ")
                 assert verdict == f"{d.truth.lower()}.", d.answer
                 words = d.question.removesuffix(LOOKUP_SUFFIX).rstrip("?").split()
+                if category in ("color", "count"):
+                    assert d.truth == "No" and fact not in words
                 if category in ("existence", "count"):
                     kind = next(k for k in SHAPES if k in words or k + "s" in words)
                     n = sum(s.kind == kind for s in item.shapes)
@@ -108,7 +115,10 @@ def test_lookup_answers_start_with_the_fact_that_decides_the_verdict() -> None:
                         assert fact == ("above" if a.cy < b.cy else "below")
                     assert (fact in words) == (d.truth == "Yes")
                 seen.add((category, d.truth))
-    assert len(seen) == 8  # every category answered both ways
+    assert seen == {(c, t) for c in DIALOG_CATEGORIES for t in ("Yes", "No")} - {
+        ("color", "Yes"),
+        ("count", "Yes"),
+    }
 
 
 def test_a_wider_language_model_keeps_eight_heads_and_its_rotary_settings() -> None:
@@ -308,7 +318,7 @@ def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     args += ["--per-dialog-loss", "--single-shape-questions", "0.5"]
     args += ["--style-weights", "describe=0.2,mme=0.6,lookup=0.2"]
     args += ["--category-weights", "color=2,count=1", "--hidden-size", "64", "--rope-theta", "1e5"]
-    args += ["--mrope-section", "1,1,2"]
+    args += ["--mrope-section", "1,1,2", "--lookup-no-copy"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "a" / "train-config.json").read_text())
@@ -317,6 +327,7 @@ def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     assert config["per_dialog_loss"] is True and config["single_shape_questions"] == 0.5
     assert config["style_weights"] == {"describe": 0.2, "mme": 0.6, "lookup": 0.2}
     assert config["hidden_size"] == 64 and config["rope_theta"] == 1e5
+    assert config["lookup_copyable"] is False
     assert config["category_weights"] == {"color": 2.0, "count": 1.0}
     final = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
     assert final["text_config"]["rope_parameters"] == {

@@ -1,4 +1,4 @@
-"""`vlmcredit train-tiny`: train the built-in model from scratch (seeded, CPU, about 35 minutes)."""
+"""`vlmcredit train-tiny`: train a built-in-style model (seeded, CPU; stages via --init-from)."""
 
 from __future__ import annotations
 
@@ -48,6 +48,11 @@ def train_tiny(
         "--paired-questions/--single-questions",
         help="Both questions of each image (Yes and No) in the same batch, as MME pairs them.",
     ),
+    lookup_copyable: bool = typer.Option(
+        True,
+        "--lookup-copyable/--lookup-no-copy",
+        help="Lookup style on both questions of colour/count images, or on the No one only.",
+    ),
     mrope_section: str = typer.Option(
         "2,3,3",
         "--mrope-section",
@@ -68,8 +73,8 @@ def train_tiny(
     ),
 ) -> None:
     """Train the built-in Qwen2.5-VL on synthetic shape questions; writes OUT/final and
-    intermediate OUT/step-NNNNNN checkpoints. The shipped model: `--out A`, then `--out B
-    --init-from A/final --lr 0.001 --seed 1 --steps 3000` (docs/builtin-model.md)."""
+    intermediate OUT/step-NNNNNN checkpoints. The defaults are the earlier built-in model's first
+    stage; the shipped model is five stages, each command in docs/builtin-model.md."""
     from vlmcredit.errors import VlmCreditError
     from vlmcredit.pipelines.train_tiny import TrainConfig
     from vlmcredit.pipelines.train_tiny import train_tiny as run
@@ -95,6 +100,7 @@ def train_tiny(
         rope_theta=rope_theta,
         per_dialog_loss=per_dialog_loss,
         paired_questions=paired_questions,
+        lookup_copyable=lookup_copyable,
         init_from=str(init_from) if init_from else None,
     )
     final = run(out, cfg, echo=typer.echo, threads=threads)

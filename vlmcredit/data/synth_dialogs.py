@@ -41,7 +41,12 @@ REASON_SUFFIX = " Look at the image, then answer yes or no."
 LOOKUP_SUFFIX = " Name what you see, then answer yes or no."
 DESCRIBE_PROMPT = "Describe the shapes in the image."
 STYLES = ("mme", "reason", "describe")
-# training-only style: the first answer word is the fact the verdict needs (`lookup_fact`)
+# training-only style: the first answer word is the fact the verdict needs (`lookup_fact`).
+# With `copyable=False` (dialogs) colour and count ask it on the No question only: in the Yes one
+# the fact is a word of the question, and copying it from there is right half the time without
+# reading the image (a run with both learned exactly that: the asked colour on every question).
+# Position keeps both: its No fact is the opposite of the asked word, which the text would give.
+ONE_OF_MANY = ("color", "count")
 TRAIN_STYLES = (*STYLES, "lookup")
 
 
@@ -143,9 +148,11 @@ def description(item: SynthItem) -> str:
     return f"There are {NUMBER_WORDS[len(parts)]} shapes: {listing}."
 
 
-def dialogs(item: SynthItem, styles: Sequence[str] = STYLES) -> list[Dialog]:
+def dialogs(
+    item: SynthItem, styles: Sequence[str] = STYLES, lookup_copyable: bool = True
+) -> list[Dialog]:
     """Both questions of `item` in every question style of `styles`, plus its description
-    when "describe" is among them."""
+    when "describe" is among them (lookup: see `ONE_OF_MANY`)."""
     out = []
     if "describe" in styles:
         out.append(Dialog(item.category, DESCRIBE_PROMPT, description(item), "", "describe"))
@@ -158,7 +165,9 @@ def dialogs(item: SynthItem, styles: Sequence[str] = STYLES) -> list[Dialog]:
                 statement = grounded_statement(item, base)
                 answer = f"{statement}\n\nSo the answer is {truth.lower()}."
                 out.append(Dialog(item.category, base + REASON_SUFFIX, answer, truth, style))
-            elif style == "lookup":
+            elif style == "lookup" and (
+                lookup_copyable or truth == "No" or item.category not in ONE_OF_MANY
+            ):
                 answer = f"{lookup_fact(item, base)}, so {truth.lower()}."
                 out.append(Dialog(item.category, base + LOOKUP_SUFFIX, answer, truth, style))
     return out

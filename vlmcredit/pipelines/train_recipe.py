@@ -45,10 +45,10 @@ IMAGE_MAX_TOKENS = 36  # merged 28-px cells: a 336x280 image becomes 6x5 = 30 to
 class TrainConfig:
     """Everything that decides the trained bytes (with the package versions)."""
 
-    # The defaults are the recipe of the shipped model. The options after batch_size were tried
-    # on 2026-11-30 and 12-01 (docs/builtin-model-recipes.md): image tokens, mrope sections and
-    # the curriculum fixed what they target in image descriptions, question pairs brought the
-    # count verdict forward, but none made the bare yes/no answers better overall within 40 min.
+    # The defaults are the first stage of the earlier built-in model (v2). The shipped model is
+    # five stages with the options after batch_size (80 image tokens, mrope 1,1,6, curriculum,
+    # per-dialog loss, then question pairs and the lookup style); each stage's command is in
+    # docs/builtin-model.md, and what each option changed in docs/builtin-model-recipes.md.
     steps: int = 6000
     batch_size: int = 32
     # merged 28-px cells per image (the processor's cap, saved with the checkpoint). At 36 cells
@@ -82,6 +82,9 @@ class TrainConfig:
     # in the same batch, as MME pairs them: half the images per step, and the gradient of a
     # constant answer cancels within each pair, leaving the part that depends on the question
     paired_questions: bool = False
+    # the lookup style on both questions of colour and count images (True), or on their No
+    # question only (False), where the fact is not a word of the question and must be read
+    lookup_copyable: bool = True
     lr: float = 2e-3
     warmup: int = 200
     min_lr_ratio: float = 0.05
@@ -166,7 +169,7 @@ def step_dialogs(cfg: TrainConfig, step: int) -> list[tuple[SynthItem, Dialog]]:
         i += 1
         style = rng.choices(styles, style_weights)[0]
         if cfg.paired_questions:  # a description has no pair; the batch keeps its size
-            out.extend((item, d) for d in dialogs(item, (style,)))
+            out.extend((item, d) for d in dialogs(item, (style,), cfg.lookup_copyable))
         else:
-            out.append((item, rng.choice(dialogs(item, (style,)))))
+            out.append((item, rng.choice(dialogs(item, (style,), cfg.lookup_copyable))))
     return out[: cfg.batch_size]
