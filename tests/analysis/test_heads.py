@@ -193,6 +193,13 @@ def test_threshold_rule_numbers() -> None:
     blind = threshold_rule("relative", "why", "total", BASE, scores(200.0, 150.0, 120.0))
     assert blind["threshold"] == 450.0 and "does not beat the gray-image" in blind["warning"]
     assert select_critical([{"total": 450.0, "perception": 0.0}], "total", 450.0) == [False]
+    # a tie up to float noise is not "more than": 0.5 x (433.33 - 200) against a drop of the
+    # same 116.67 summed in another order (a relative rule on a built-in demo run)
+    gap = 1300 / 3 - 200.0
+    tie = {"total": 116.66666666666663, "perception": 0.0}
+    assert tie["total"] < 0.5 * gap and round(tie["total"], 6) == round(0.5 * gap, 6)
+    assert select_critical([tie], "total", 0.5 * gap) == [False]
+    assert select_critical([{"total": 116.667, "perception": 0.0}], "total", 0.5 * gap) == [True]
     for bad in (0.0, 1.5, math.nan):
         with pytest.raises(VlmCreditError, match="--relative-share"):
             threshold_rule("relative", "why", "total", BASE, gray, share=bad)

@@ -104,8 +104,9 @@ def check_threshold(threshold: float, metric: str, categories: Sequence[str] | N
 
 
 def is_critical(drop: Mapping[str, float], metric: str, threshold: float) -> bool:
-    """drop[metric] > threshold, compared at 1e-6 resolution."""
-    return round(float(drop[metric]), DROP_DECIMALS) > threshold
+    """drop[metric] > threshold, both rounded to 1e-6: a drop equal to the threshold up to float
+    noise (0.5 x 233.33 vs 116.67, summed in another order) is not "more than" it."""
+    return round(float(drop[metric]), DROP_DECIMALS) > round(float(threshold), DROP_DECIMALS)
 
 
 def select_critical(
