@@ -33,7 +33,9 @@ def test_demo_runs_the_whole_path(tmp_path) -> None:
         assert f"head {h['head']}: drop {h['drop']['total']:.1f}" in result.stdout
     assert "controls: gray image" in result.stdout
     manifest = json.loads((tmp_path / "runs" / "anchors" / "manifest.json").read_text())
-    assert manifest["attention"]["heads"] == (heads["critical_heads"] or "all")
+    # the critical heads, or every head index when none passed the threshold
+    every_head = [h["head"] for h in heads["heads"]]
+    assert manifest["attention"]["heads"] == (heads["critical_heads"] or every_head)
     rollouts = [
         json.loads(x) for x in (tmp_path / "data" / "rollouts.jsonl").read_text().splitlines()
     ]
