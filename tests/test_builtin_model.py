@@ -24,8 +24,9 @@ IMAGES_PER_CATEGORY = 16
 # 128 questions: a coin flip scores 0.5 with a standard deviation of sqrt(0.25 / 128) = 0.044,
 # so 0.6 is 2.3 standard deviations above chance (a guesser passes with p ~ 0.01). Every
 # always-yes / always-no answerer scores exactly 0.5 (one Yes and one No question per image).
-# The model's held-out accuracy is about 0.67 (docs/builtin-model.md), so 0.6 leaves margin
-# without hiding a regression to chance; colour, the category it reliably sees, must be >= 0.8.
+# The model's accuracy on this set is 0.77 (docs/builtin-model.md has the larger held-out set), so
+# 0.6 leaves margin without hiding a regression to chance; existence, the category it reliably
+# sees (32/32 here), must be >= 0.85 (a coin flip reaches that with p < 1e-4).
 MIN_ACCURACY = 0.6
 
 
@@ -53,7 +54,7 @@ def test_builtin_model_answers_held_out_shape_questions_above_chance(tmp_path: P
         )
     per_category = {c: sum(v) / len(v) for c, v in right.items()}
     accuracy = sum(map(sum, right.values())) / len(questions)
-    assert per_category["color"] >= 0.8, per_category
+    assert per_category["existence"] >= 0.85, per_category
     assert accuracy >= MIN_ACCURACY, (
         f"{DEFAULT_CKPT}: {accuracy:.3f} of {len(questions)} held-out questions right "
         f"(chance 0.5, need {MIN_ACCURACY}); per category {per_category}"

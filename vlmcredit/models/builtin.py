@@ -2,7 +2,8 @@
 
 `builtin:tiny-qwen2.5-vl` is a small Qwen2.5-VL trained from scratch by `vlmcredit train-tiny`
 on synthetic shape images (docs/builtin-model.md has its quality figures and how it was made);
-`builtin:tiny-qwen2.5-vl-early` is the same run at 10% of its steps, for checkpoint comparison.
+`builtin:tiny-qwen2.5-vl-early` is its first training stage at 10% of that stage's steps, for
+checkpoint comparison.
 They are ordinary checkpoint folders: the same loader serves them and a 72B model.
 """
 
