@@ -477,7 +477,8 @@ def render(facts: dict[str, Any]) -> str:
                 ],
                 [
                     "tokenizer",
-                    f"built-in BPE, vocabulary {facts['vocab']} (each dialog word one token)",
+                    f"built-in BPE, vocabulary {facts['vocab']} (each word of the MME, reasoning "
+                    "and description dialogs one token; the lookup suffix words are split)",
                 ],
             ],
         )

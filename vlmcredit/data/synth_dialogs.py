@@ -42,10 +42,11 @@ LOOKUP_SUFFIX = " Name what you see, then answer yes or no."
 DESCRIBE_PROMPT = "Describe the shapes in the image."
 STYLES = ("mme", "reason", "describe")
 # training-only style: the first answer word is the fact the verdict needs (`lookup_fact`).
-# With `copyable=False` (dialogs) colour and count ask it on the No question only: in the Yes one
-# the fact is a word of the question, and copying it from there is right half the time without
-# reading the image (a run with both learned exactly that: the asked colour on every question).
-# Position keeps both: its No fact is the opposite of the asked word, which the text would give.
+# With `lookup_copyable=False` (dialogs) colour and count ask it on the No question only: in the
+# Yes one the fact is a word of the question, and copying it from there is right half the time
+# without reading the image (a run with both learned exactly that: the asked colour on every
+# question). Position keeps both: its No fact is the opposite of the asked word, which the text
+# alone would give.
 ONE_OF_MANY = ("color", "count")
 TRAIN_STYLES = (*STYLES, "lookup")
 

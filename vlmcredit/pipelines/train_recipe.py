@@ -46,7 +46,7 @@ class TrainConfig:
     """Everything that decides the trained bytes (with the package versions)."""
 
     # The defaults are the first stage of the earlier built-in model (v2). The shipped model is
-    # five stages with the options after batch_size (80 image tokens, mrope 1,1,6, curriculum,
+    # six stages with the options after batch_size (80 image tokens, mrope 1,1,6, curriculum,
     # per-dialog loss, then question pairs and the lookup style); each stage's command is in
     # docs/builtin-model.md, and what each option changed in docs/builtin-model-recipes.md.
     steps: int = 6000
@@ -72,7 +72,8 @@ class TrainConfig:
     # width of the language model (8 heads, so head_dim = hidden_size / 8, and an MLP of 3x):
     # every rotary pair rotates with the text position, and matching a question word to an image
     # token or to an earlier word 20-130 positions away uses the slow pairs only; a wider head
-    # has more of them (head_dim 16: 3-4 pairs below 0.01 rad per position, 24: 6)
+    # has more of them (head_dim 16: 3-4 pairs below 0.01 rad per position, 24: 6), though a
+    # diagnostic with 24 learned single-shape verdicts no sooner (builtin-model-recipes.md)
     hidden_size: int = TEXT["hidden_size"]
     rope_theta: float = 10000.0
     # loss: the mean over each dialog's answer tokens, then over the batch (True), instead of the
