@@ -351,6 +351,11 @@ def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     refused = CliRunner().invoke(app, cont)
     assert refused.exit_code != 0 and "pass the same --mrope-section" in refused.output
     assert not (tmp_path / "c").exists()  # no partial run folder
+    # the same sections and width under another rotary base: refused as well
+    cont += ["--mrope-section", "1,1,2", "--hidden-size", "64"]
+    refused = CliRunner().invoke(app, cont)
+    assert refused.exit_code != 0 and "pass the same --rope-theta" in refused.output
+    assert not (tmp_path / "c").exists()
 
 
 def test_the_per_dialog_loss_weighs_every_dialog_alike() -> None:

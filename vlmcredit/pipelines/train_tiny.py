@@ -154,9 +154,7 @@ def init_weights(model: Any, folder: Path) -> None:
     for key, option in (("mrope_section", "--mrope-section"), ("rope_theta", "--rope-theta")):
         theirs = source.config.text_config.rope_parameters.get(key)
         ours = model.config.text_config.rope_parameters.get(key)
-        if (list(theirs) if key == "mrope_section" else theirs) != (
-            list(ours) if key == "mrope_section" else ours
-        ):
+        if json.dumps(theirs) != json.dumps(ours):  # a tuple and a list of the same sections agree
             raise VlmCreditError(
                 f"--init-from {folder}: trained with {option} {theirs}, this run uses {ours}; "
                 f"pass the same {option}"
