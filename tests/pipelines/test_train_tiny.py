@@ -15,10 +15,14 @@ from vlmcredit.data.synth_dialogs import (
     COLORS,
     DIALOG_CATEGORIES,
     LOOKUP_SUFFIX,
+    PRESENCE,
     REASON_SUFFIX,
     SHAPES,
     dialogs,
     grounded_statement,
+    lookup_fact,
+    named_shapes,
+    render_presence,
 )
 from vlmcredit.errors import VlmCreditError
 from vlmcredit.pipelines import train_tiny as tt
@@ -119,6 +123,35 @@ def test_lookup_answers_start_with_the_fact_that_decides_the_verdict() -> None:
         ("color", "Yes"),
         ("count", "Yes"),
     }
+
+
+def test_colour_presence_questions_ask_for_a_drawn_and_an_undrawn_colour() -> None:
+    """Counted from the drawn shapes: the Yes question names a colour that is drawn, the No one a
+    colour that is not, and every answer style says so (the lookup fact is the number of shapes
+    of that colour)."""
+    rng = random.Random(3)
+    kinds_seen = set()
+    for _ in range(60):
+        item = render_presence(rng, "x.png")
+        assert item.category == PRESENCE and 1 <= len(item.shapes) <= 3
+        drawn = {s.color for s in item.shapes}
+        for question, truth in item.questions:
+            (asked,) = [c for c in COLORS if f" {c} shape " in question]
+            assert (asked in drawn) == (truth == "Yes")
+            n = sum(s.color == asked for s in item.shapes)
+            assert lookup_fact(item, question) == NUMBER_WORDS[n]
+            named = named_shapes(item, question)
+            assert named == ([s for s in item.shapes if s.color == asked] or list(item.shapes))
+        for d in dialogs(item, ("reason", "lookup"), lookup_copyable=False):
+            said = grounded_statement(item, d.question)
+            if d.style == "reason":
+                assert said.startswith("There is " if d.truth == "Yes" else "There is no ")
+            assert d.answer.endswith(f"{d.truth.lower()}.")
+            kinds_seen.add((d.style, d.truth))
+    assert kinds_seen == {(s, t) for s in ("reason", "lookup") for t in ("Yes", "No")}
+    cfg = tt.TrainConfig(batch_size=8, category_weights={PRESENCE: 1.0}, paired_questions=True)
+    batch = tt.step_dialogs(cfg, 0)
+    assert {it.category for it, _ in batch} == {PRESENCE} and len(batch) == 8
 
 
 def test_a_wider_language_model_keeps_eight_heads_and_its_rotary_settings() -> None:
@@ -395,7 +428,7 @@ def test_the_per_dialog_loss_weighs_every_dialog_alike() -> None:
         ({"mrope_section": (4, 4)}, "mrope_section"),
         ({"style_weights": {"poetry": 1.0}}, "style weights"),
         ({"style_weights": {"mme": -1.0}}, "style weights"),
-        ({"category_weights": {"OCR": 1.0}}, "unknown categories"),
+        ({"category_weights": {"OCR": 1.0}}, "unknown categories .* color_presence"),
         ({"style_weights": {"mme": 0.0}}, "style weights"),
         ({"category_weights": {"color": 0.0}}, "category weights"),
         ({"single_shape_questions": 1.5}, "single_shape_questions"),

@@ -41,7 +41,8 @@ def train_tiny(
     category_weights: str = typer.Option(
         "existence=1,count=1,position=1.6,color=0.8",
         "--category-weights",
-        help="Mix of question categories after the curriculum.",
+        help="Mix of question categories after the curriculum (existence, count, position, color, "
+        "and color_presence: 'Is there a red shape?').",
     ),
     paired_questions: bool = typer.Option(
         False,

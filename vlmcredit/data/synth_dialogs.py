@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from vlmcredit.data.mme_synth import (
     COLORS,
@@ -34,9 +34,15 @@ from vlmcredit.data.mme_synth import (
     SUFFIX,
     SynthItem,
     SynthShape,
+    render_shapes,
 )
 
 DIALOG_CATEGORIES = ("existence", "count", "position", "color")
+# training-only category: "Is there a red shape in this image?" (`render_presence`). It asks for a
+# colour the way existence asks for a kind; synthetic MME's colour questions never name a drawn
+# colour in their No question, so the same presence check answers them
+PRESENCE = "color_presence"
+TRAIN_CATEGORIES = (*DIALOG_CATEGORIES, PRESENCE)
 REASON_SUFFIX = " Look at the image, then answer yes or no."
 LOOKUP_SUFFIX = " Name what you see, then answer yes or no."
 DESCRIBE_PROMPT = "Describe the shapes in the image."
@@ -79,9 +85,30 @@ def _where(shape: SynthShape, other: SynthShape) -> str:
     return "at the top" if shape.cy < other.cy else "at the bottom"
 
 
+def _asked_color(question: str) -> str:
+    return next(c for c in COLORS if f" {c} " in question)
+
+
+def render_presence(rng: random.Random, name: str) -> SynthItem:
+    """1-3 shapes and the colour-presence pair: a drawn colour (Yes) and an undrawn one (No)."""
+    item = render_shapes(rng, rng.randint(1, 3), name, PRESENCE)
+    drawn = [c for c in COLORS if any(s.color == c for s in item.shapes)]
+    yes = rng.choice(drawn)
+    no = rng.choice([c for c in COLORS if c not in drawn])
+    ask = "Is there {} shape in this image?" + SUFFIX
+    return replace(item, questions=((ask.format(_a(yes)), "Yes"), (ask.format(_a(no)), "No")))
+
+
 def grounded_statement(item: SynthItem, question: str) -> str:
     """What the image shows about the objects `question` names (one sentence, no verdict)."""
     shapes = item.shapes
+    if item.category == PRESENCE:
+        color = _asked_color(question)
+        found = [s for s in shapes if s.color == color]
+        if found:
+            return f"There is {_a(color)} {found[0].kind}."
+        present = shapes[0]
+        return f"There is no {color} shape, only {_a(present.color)} {present.kind}."
     if item.category == "existence":
         asked = next(k for k in ("circle", "square", "triangle") if f" {k} " in question)
         found = [s for s in shapes if s.kind == asked]
@@ -107,12 +134,15 @@ def grounded_statement(item: SynthItem, question: str) -> str:
 
 def lookup_fact(item: SynthItem, question: str) -> str:
     """The one word of the image that decides `question`: how many of the asked kind there are
-    (existence, count), the colour of the asked shape (color), or where the first named shape
-    is relative to the second along the asked axis (position)."""
+    (existence, count) or of the asked colour (color_presence), the colour of the asked shape
+    (color), or where the first named shape is relative to the second along the asked axis
+    (position)."""
     shapes = item.shapes
     if item.category in ("existence", "count"):
         kind = next(k for k in SHAPES if f" {k}" in question)
         return NUMBER_WORDS[sum(s.kind == kind for s in shapes)]
+    if item.category == PRESENCE:
+        return NUMBER_WORDS[sum(s.color == _asked_color(question) for s in shapes)]
     if item.category == "color":
         return shapes[0].color
     if item.category == "position":
@@ -129,6 +159,9 @@ def named_shapes(item: SynthItem, question: str) -> list[SynthShape]:
         return list(item.shapes)
     if item.category == "color":
         return [item.shapes[0]]
+    if item.category == PRESENCE:
+        color = _asked_color(question)
+        return [s for s in item.shapes if s.color == color] or list(item.shapes)
     kinds = [k for k in ("circle", "square", "triangle") if k in question]
     named = [s for s in item.shapes if s.kind in kinds]
     return named or list(item.shapes)  # "is there a triangle?" with none: every drawn shape

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from functools import partial
 
 from vlmcredit.data.mme_synth import SynthItem, render_item, render_shapes
 from vlmcredit.data.synth_dialogs import (
     DESCRIBE_PROMPT,
-    DIALOG_CATEGORIES,
+    PRESENCE,
+    TRAIN_CATEGORIES,
     TRAIN_STYLES,
     Dialog,
     description,
     dialogs,
+    render_presence,
     single_shape_question,
 )
 from vlmcredit.errors import VlmCreditError
@@ -91,7 +94,8 @@ class TrainConfig:
     min_lr_ratio: float = 0.05
     weight_decay: float = 0.01
     seed: int = 0
-    # category mix: position is the hardest (two objects, an axis and an order)
+    # category mix: position is the hardest (two objects, an axis and an order); "color_presence"
+    # (training only) asks "Is there a red shape in this image?", existence's check for a colour
     category_weights: dict[str, float] = field(
         default_factory=lambda: {"existence": 1.0, "count": 1.0, "position": 1.6, "color": 0.8}
     )
@@ -134,9 +138,11 @@ class TrainConfig:
         styles = self.style_weights
         if set(styles) - set(TRAIN_STYLES) or min(styles.values()) < 0 or sum(styles.values()) <= 0:
             raise VlmCreditError(f"style weights must be >= 0 over {TRAIN_STYLES}, not all 0")
-        unknown = set(self.category_weights) - set(DIALOG_CATEGORIES)
+        unknown = set(self.category_weights) - set(TRAIN_CATEGORIES)
         if unknown:
-            raise VlmCreditError(f"unknown categories {sorted(unknown)}")
+            raise VlmCreditError(
+                f"unknown categories {sorted(unknown)}; known: {', '.join(TRAIN_CATEGORIES)}"
+            )
         if min(self.category_weights.values()) < 0 or sum(self.category_weights.values()) <= 0:
             raise VlmCreditError("category weights must be >= 0, not all 0")
 
@@ -166,7 +172,8 @@ def step_dialogs(cfg: TrainConfig, step: int) -> list[tuple[SynthItem, Dialog]]:
     i = 0
     while len(out) < cfg.batch_size:
         category = rng.choices(cats, weights)[0]
-        item = render_item(category, rng, f"{step}-{i}.png")
+        render = render_presence if category == PRESENCE else partial(render_item, category)
+        item = render(rng, f"{step}-{i}.png")
         i += 1
         style = rng.choices(styles, style_weights)[0]
         if cfg.paired_questions:  # a description has no pair; the batch keeps its size
