@@ -95,6 +95,7 @@ CLI_OPTIONS = {
     "category_weights": "--category-weights",
     "hidden_size": "--hidden-size",
     "rope_theta": "--rope-theta",
+    "vision_lr_scale": "--vision-lr-scale",
 }
 # settings older runs' train-config.json lacks (they were module constants then): read from the
 # run's final checkpoint, so the command shown is the one that reproduces the architecture

@@ -154,6 +154,22 @@ def test_colour_presence_questions_ask_for_a_drawn_and_an_undrawn_colour() -> No
     assert {it.category for it, _ in batch} == {PRESENCE} and len(batch) == 8
 
 
+def test_the_vision_tower_gets_its_own_learning_rate_scale() -> None:
+    _, model, _ = tt.build_parts(0)
+    opt = tt.make_optimizer(model, tt.TrainConfig(vision_lr_scale=4.0, weight_decay=0.05))
+    names = {id(p): n for n, p in model.named_parameters()}
+    seen = set()
+    for group in opt.param_groups:
+        for p in group["params"]:
+            n = names[id(p)]
+            seen.add(n)
+            assert group["lr_scale"] == (4.0 if ".visual." in f".{n}" else 1.0), n
+            decayed = p.ndim >= 2 and "embed" not in n
+            assert group["weight_decay"] == (0.05 if decayed else 0.0), n
+    assert seen == set(names.values())  # every parameter in exactly one group
+    assert {g["lr_scale"] for g in opt.param_groups} == {1.0, 4.0}
+
+
 def test_a_wider_language_model_keeps_eight_heads_and_its_rotary_settings() -> None:
     _, model, _ = tt.build_parts(0, mrope_section=(1, 2, 9), hidden_size=192, rope_theta=1e5)
     text = model.config.text_config
@@ -351,7 +367,7 @@ def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     args += ["--per-dialog-loss", "--single-shape-questions", "0.5"]
     args += ["--style-weights", "describe=0.2,mme=0.6,lookup=0.2"]
     args += ["--category-weights", "color=2,count=1", "--hidden-size", "64", "--rope-theta", "1e5"]
-    args += ["--mrope-section", "1,1,2", "--lookup-no-copy"]
+    args += ["--mrope-section", "1,1,2", "--lookup-no-copy", "--vision-lr-scale", "3"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "a" / "train-config.json").read_text())
@@ -360,7 +376,7 @@ def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     assert config["per_dialog_loss"] is True and config["single_shape_questions"] == 0.5
     assert config["style_weights"] == {"describe": 0.2, "mme": 0.6, "lookup": 0.2}
     assert config["hidden_size"] == 64 and config["rope_theta"] == 1e5
-    assert config["lookup_copyable"] is False
+    assert config["lookup_copyable"] is False and config["vision_lr_scale"] == 3.0
     assert config["category_weights"] == {"color": 2.0, "count": 1.0}
     final = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
     assert final["text_config"]["rope_parameters"] == {
@@ -436,6 +452,7 @@ def test_the_per_dialog_loss_weighs_every_dialog_alike() -> None:
         ({"style_weights": {"mme": 0.0}}, "style weights"),
         ({"category_weights": {"color": 0.0}}, "category weights"),
         ({"single_shape_questions": 1.5}, "single_shape_questions"),
+        ({"vision_lr_scale": 0.0}, "vision_lr_scale"),
     ],
 )
 def test_impossible_settings_are_refused_before_anything_is_written(

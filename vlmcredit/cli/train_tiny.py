@@ -67,6 +67,11 @@ def train_tiny(
     rope_theta: float = typer.Option(
         10000.0, "--rope-theta", help="Rotary base of the language model."
     ),
+    vision_lr_scale: float = typer.Option(
+        1.0,
+        "--vision-lr-scale",
+        help="Learning rate of the vision tower as a multiple of --lr.",
+    ),
     per_dialog_loss: bool = typer.Option(
         False,
         "--per-dialog-loss/--token-mean-loss",
@@ -103,6 +108,7 @@ def train_tiny(
         paired_questions=paired_questions,
         lookup_copyable=lookup_copyable,
         init_from=str(init_from) if init_from else None,
+        vision_lr_scale=vision_lr_scale,
     )
     final = run(out, cfg, echo=typer.echo, threads=threads)
     typer.echo(f"-> {final} (use it as --ckpt {final})")

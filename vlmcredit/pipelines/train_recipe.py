@@ -110,6 +110,10 @@ class TrainConfig:
     save_every: int = 250
     # continue from the weights of an earlier run's checkpoint (fresh optimizer and schedule)
     init_from: str | None = None
+    # learning rate of the vision tower, as a multiple of `lr`: a stage on top of a model whose
+    # merger has learned to drop a feature (the shipped lineage lost colour there while it learned
+    # shape kind) relearns it at 1x no faster than in thousands of steps (builtin-model-recipes.md)
+    vision_lr_scale: float = 1.0
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -119,6 +123,8 @@ class TrainConfig:
                 "image_max_tokens must be >= 4 and single_shape_share in [0, 1); got "
                 f"{self.image_max_tokens} and {self.single_shape_share}"
             )
+        if not self.vision_lr_scale > 0:
+            raise VlmCreditError(f"vision_lr_scale must be > 0; got {self.vision_lr_scale}")
         if not 0 <= self.single_shape_questions <= 1:
             raise VlmCreditError(
                 f"single_shape_questions must be in [0, 1]; got {self.single_shape_questions}"

@@ -298,6 +298,28 @@ def answer_accuracy(
     return {c: float(np.mean(v)) for c, v in right.items()}
 
 
+def make_optimizer(model: Any, cfg: TrainConfig) -> Any:
+    """AdamW over four parameter groups: weight decay on matrices (not embeddings, norms, biases),
+    and `lr_scale` = cfg.vision_lr_scale on the vision tower (the loop sets lr = lr_at * scale)."""
+    import torch
+
+    groups: dict[tuple[bool, bool], list[Any]] = {}
+    for n, p in model.named_parameters():  # (decayed?, vision tower?)
+        groups.setdefault((p.ndim >= 2 and "embed" not in n, ".visual." in f".{n}"), []).append(p)
+    return torch.optim.AdamW(
+        [
+            {
+                "params": params,
+                "weight_decay": cfg.weight_decay if decayed else 0.0,
+                "lr_scale": cfg.vision_lr_scale if vision else 1.0,
+            }
+            for (decayed, vision), params in sorted(groups.items())
+        ],
+        lr=cfg.lr,
+        betas=(0.9, 0.98),
+    )
+
+
 def lr_at(cfg: TrainConfig, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -356,13 +378,7 @@ def train_tiny(
     encoder = Encoder(tokenizer, int(grid[0].prod()) // (processor.merge_size**2))
     encoder.check(full_processor, probe[0][0].image, probe[0][1].question)
 
-    decay = [p for n, p in model.named_parameters() if p.ndim >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.ndim >= 2 and "embed" not in n)]
-    optimizer = torch.optim.AdamW(
-        [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0}],
-        lr=cfg.lr,
-        betas=(0.9, 0.98),
-    )
+    optimizer = make_optimizer(model, cfg)
     resume = out / "resume"
     start = load_resume(resume, model, optimizer) if (resume / "step.json").exists() else 0
     log_path = out / "train-log.jsonl"
@@ -376,7 +392,7 @@ def train_tiny(
     t0 = time.perf_counter()
     for step in bar:
         for group in optimizer.param_groups:
-            group["lr"] = lr_at(cfg, step)
+            group["lr"] = lr_at(cfg, step) * group["lr_scale"]
         batch = step_dialogs(cfg, step)
         enc = encoder.batch([d for _, d in batch])
         inputs = model_inputs(enc, pixels([it.image for it, _ in batch]))
