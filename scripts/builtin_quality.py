@@ -96,13 +96,15 @@ CLI_OPTIONS = {
     "hidden_size": "--hidden-size",
     "rope_theta": "--rope-theta",
     "vision_lr_scale": "--vision-lr-scale",
+    "vision_hidden_size": "--vision-hidden-size",
 }
 # settings older runs' train-config.json lacks (they were module constants then): read from the
 # run's final checkpoint, so the command shown is the one that reproduces the architecture
 FROM_CHECKPOINT = {
-    "mrope_section": lambda text: text["rope_parameters"]["mrope_section"],
-    "rope_theta": lambda text: text["rope_parameters"]["rope_theta"],
-    "hidden_size": lambda text: text["hidden_size"],
+    "mrope_section": lambda c: c["text_config"]["rope_parameters"]["mrope_section"],
+    "rope_theta": lambda c: c["text_config"]["rope_parameters"]["rope_theta"],
+    "hidden_size": lambda c: c["text_config"]["hidden_size"],
+    "vision_hidden_size": lambda c: c["vision_config"]["hidden_size"],
 }
 
 
@@ -118,9 +120,9 @@ def training_stage(train_log: Path) -> dict[str, Any]:
     config = json.loads(config_file.read_text()) if config_file.is_file() else None
     final_config = train_log.parent / "final" / "config.json"
     if config and final_config.is_file():
-        text = json.loads(final_config.read_text())["text_config"]
+        saved = json.loads(final_config.read_text())
         for key, read in FROM_CHECKPOINT.items():
-            config.setdefault(key, read(text))
+            config.setdefault(key, read(saved))
     stage: dict[str, Any] = {"log": str(train_log), "config": config or defaults}
     stage["config_source"] = str(config_file) if config else "TrainConfig defaults (no config)"
     command = f"vlmcredit train-tiny --out {train_log.parent.name}"

@@ -64,6 +64,11 @@ def train_tiny(
         "--hidden-size",
         help="Width of the language model (8 heads of hidden/8; mrope sections sum to hidden/16).",
     ),
+    vision_hidden_size: int = typer.Option(
+        64,
+        "--vision-hidden-size",
+        help="Width of the vision tower (4 heads, MLP 2x); the merger maps it to --hidden-size.",
+    ),
     rope_theta: float = typer.Option(
         10000.0, "--rope-theta", help="Rotary base of the language model."
     ),
@@ -103,6 +108,7 @@ def train_tiny(
         single_shape_share=single_shape_share,
         mrope_section=(t, h, w),
         hidden_size=hidden_size,
+        vision_hidden_size=vision_hidden_size,
         rope_theta=rope_theta,
         per_dialog_loss=per_dialog_loss,
         paired_questions=paired_questions,

@@ -79,6 +79,10 @@ class TrainConfig:
     # diagnostic with 24 learned single-shape verdicts no sooner (builtin-model-recipes.md)
     hidden_size: int = TEXT["hidden_size"]
     rope_theta: float = 10000.0
+    # width of the vision tower (4 heads, MLP 2x). At 64 the shipped lineage's merger kept shape
+    # kind and dropped colour (linear probes of its output: kind 99%, colour 12%), and a run whose
+    # curriculum learned colour first kept colour and not kind: one feature at a time
+    vision_hidden_size: int = VISION["hidden_size"]
     # loss: the mean over each dialog's answer tokens, then over the batch (True), instead of the
     # mean over all answer tokens of the batch, which gives a bare "Yes"/"No" ~2% of the gradient
     per_dialog_loss: bool = False
@@ -122,6 +126,11 @@ class TrainConfig:
             raise VlmCreditError(
                 "image_max_tokens must be >= 4 and single_shape_share in [0, 1); got "
                 f"{self.image_max_tokens} and {self.single_shape_share}"
+            )
+        if self.vision_hidden_size < 16 or self.vision_hidden_size % 16:
+            raise VlmCreditError(
+                "vision_hidden_size must be a multiple of 16 (4 heads of a head_dim divisible by "
+                f"4 for the 2-D rotary); got {self.vision_hidden_size}"
             )
         if not self.vision_lr_scale > 0:
             raise VlmCreditError(f"vision_lr_scale must be > 0; got {self.vision_lr_scale}")

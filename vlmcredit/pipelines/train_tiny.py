@@ -66,6 +66,7 @@ def build_parts(
     mrope_section: Sequence[int] = TrainConfig.mrope_section,
     hidden_size: int = TrainConfig.hidden_size,
     rope_theta: float = TrainConfig.rope_theta,
+    vision_hidden_size: int = TrainConfig.vision_hidden_size,
 ) -> tuple[Any, Any, Any]:
     """(tokenizer, model, image processor) of a fresh built-in model, weights drawn from `seed`."""
     import torch
@@ -76,7 +77,12 @@ def build_parts(
     tokenizer = build_tokenizer(extra_corpus=DIALOG_CORPUS)
     rope = {"rope_type": "default", "rope_theta": rope_theta, "mrope_section": list(mrope_section)}
     text = {**TEXT, "hidden_size": hidden_size, "intermediate_size": 3 * hidden_size}
-    vision = {**VISION, "out_hidden_size": hidden_size}  # the merger feeds the language model
+    vision = {
+        **VISION,
+        "hidden_size": vision_hidden_size,
+        "intermediate_size": 2 * vision_hidden_size,
+        "out_hidden_size": hidden_size,  # the merger feeds the language model
+    }
     config = build_config(FAMILY, tokenizer, {**text, "rope_parameters": rope}, vision)
     torch.manual_seed(seed)
     model = AutoModelForImageTextToText.from_config(config, dtype=torch.float32)
@@ -358,7 +364,12 @@ def train_tiny(
         torch.set_num_threads(threads)
 
     tokenizer, model, processor = build_parts(
-        cfg.seed, cfg.image_max_tokens, cfg.mrope_section, cfg.hidden_size, cfg.rope_theta
+        cfg.seed,
+        cfg.image_max_tokens,
+        cfg.mrope_section,
+        cfg.hidden_size,
+        cfg.rope_theta,
+        cfg.vision_hidden_size,
     )
     if cfg.init_from:  # checked before the run folder is written: a refusal leaves nothing
         init_weights(model, Path(cfg.init_from))
