@@ -183,9 +183,23 @@ def test_a_wider_language_model_keeps_eight_heads_and_its_rotary_settings() -> N
         ({"hidden_size": 100}, "multiple of 16"),
         ({"hidden_size": 192}, "summing to 12"),  # the default sections sum to 8
         ({"rope_theta": 1.0}, "rope_theta"),
+        ({"vision_hidden_size": 40}, "vision_hidden_size"),
     ):
         with pytest.raises(VlmCreditError, match=message):
             tt.TrainConfig(**settings).check()
+
+
+def test_a_wider_vision_tower_feeds_the_same_language_model() -> None:
+    _, model, processor = tt.build_parts(0, 80, (1, 1, 6), vision_hidden_size=128)
+    vision = model.config.vision_config
+    assert (vision.hidden_size, vision.intermediate_size, vision.num_heads) == (128, 256, 4)
+    assert vision.out_hidden_size == model.config.text_config.hidden_size == 128
+    pixels = tt.Pixels(processor)
+    values, grid = pixels([tt.step_dialogs(tt.TrainConfig(batch_size=1), 0)[0][0].image])
+    with torch.no_grad():
+        out = model.model.visual(values, grid_thw=grid)
+    embeds = out.pooler_output if hasattr(out, "pooler_output") else out
+    assert embeds.shape == (int(grid.prod()) // 4, 128)  # one 128-wide embedding per merged cell
 
 
 def test_a_killed_run_resumes_where_it_stopped(tmp_path) -> None:
@@ -368,6 +382,7 @@ def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     args += ["--style-weights", "describe=0.2,mme=0.6,lookup=0.2"]
     args += ["--category-weights", "color=2,count=1", "--hidden-size", "64", "--rope-theta", "1e5"]
     args += ["--mrope-section", "1,1,2", "--lookup-no-copy", "--vision-lr-scale", "3"]
+    args += ["--vision-hidden-size", "32"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "a" / "train-config.json").read_text())
@@ -377,6 +392,7 @@ def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     assert config["style_weights"] == {"describe": 0.2, "mme": 0.6, "lookup": 0.2}
     assert config["hidden_size"] == 64 and config["rope_theta"] == 1e5
     assert config["lookup_copyable"] is False and config["vision_lr_scale"] == 3.0
+    assert config["vision_hidden_size"] == 32
     assert config["category_weights"] == {"color": 2.0, "count": 1.0}
     final = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
     assert final["text_config"]["rope_parameters"] == {
