@@ -260,17 +260,6 @@ def answer_loss(logits: Any, labels: Any, per_dialog: bool) -> Any:
     return (nll.sum(dim=1) / counts.clamp(min=1)).mean()
 
 
-def answer_window(model: Any, inputs: dict[str, Any], enc: dict[str, Any]) -> tuple[Any, Any]:
-    """(logits, labels) from the last prompt position of the shortest prompt on: the only
-    positions whose next token is an answer token, so `answer_loss` on them equals it on the
-    whole sequence, and the vocabulary projection skips the ~100 image and prompt positions."""
-    import torch
-
-    first = min(enc["prompt_lengths"]) - 1
-    keep = torch.arange(first, enc["input_ids"].shape[1])
-    return model(**inputs, logits_to_keep=keep).logits, enc["labels"][:, first:]
-
-
 # -- evaluation -----------------------------------------------------------------------------------
 def held_out(n: int) -> list[tuple[SynthItem, Dialog]]:
     """Held-out MME-style questions: both questions of `n` images per category."""
@@ -408,7 +397,7 @@ def train_tiny(
         enc = encoder.batch([d for _, d in batch])
         inputs = model_inputs(enc, pixels([it.image for it, _ in batch]))
         if cfg.per_dialog_loss:
-            loss = answer_loss(*answer_window(model, inputs, enc), per_dialog=True)
+            loss = answer_loss(model(**inputs).logits, enc["labels"], per_dialog=True)
         else:  # transformers' own loss, as the shipped model was trained
             loss = model(**inputs, labels=enc["labels"]).loss
         optimizer.zero_grad(set_to_none=True)
