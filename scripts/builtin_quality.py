@@ -97,6 +97,7 @@ CLI_OPTIONS = {
     "rope_theta": "--rope-theta",
     "vision_lr_scale": "--vision-lr-scale",
     "vision_hidden_size": "--vision-hidden-size",
+    "cell_loss": "--cell-loss",
 }
 # settings older runs' train-config.json lacks (they were module constants then): read from the
 # run's final checkpoint, so the command shown is the one that reproduces the architecture

@@ -77,6 +77,12 @@ def train_tiny(
         "--vision-lr-scale",
         help="Learning rate of the vision tower as a multiple of --lr.",
     ),
+    cell_loss: float = typer.Option(
+        0.0,
+        "--cell-loss",
+        help="Weight of the cell supervision: a linear head on the image tokens predicts each "
+        "cell's colours and shape kinds (training only; 0: off).",
+    ),
     per_dialog_loss: bool = typer.Option(
         False,
         "--per-dialog-loss/--token-mean-loss",
@@ -115,6 +121,7 @@ def train_tiny(
         lookup_copyable=lookup_copyable,
         init_from=str(init_from) if init_from else None,
         vision_lr_scale=vision_lr_scale,
+        cell_loss=cell_loss,
     )
     final = run(out, cfg, echo=typer.echo, threads=threads)
     typer.echo(f"-> {final} (use it as --ckpt {final})")

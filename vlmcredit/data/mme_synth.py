@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -98,13 +98,11 @@ def _place(rng: random.Random, radii: list[int], gap: int = 10) -> list[tuple[in
     raise RuntimeError("could not place shapes; too many for the image")  # a bug, not user input
 
 
-def _draw(shapes: Iterable[SynthShape]) -> Any:
-    from PIL import Image, ImageDraw
+def _paint(image: Any, shapes: Iterable[SynthShape], fills: Iterable[Any]) -> Any:
+    from PIL import ImageDraw
 
-    img = Image.new("RGB", IMAGE_SIZE, BACKGROUND)
-    draw = ImageDraw.Draw(img)
-    for s in shapes:
-        fill = COLORS[s.color]
+    draw = ImageDraw.Draw(image)
+    for s, fill in zip(shapes, fills, strict=True):
         x0, y0, x1, y1 = s.box
         if s.kind == "circle":
             draw.ellipse(s.box, fill=fill)
@@ -112,7 +110,24 @@ def _draw(shapes: Iterable[SynthShape]) -> Any:
             draw.rectangle(s.box, fill=fill)
         else:  # triangle pointing up; its centre (cx, cy) lies inside at half height
             draw.polygon([(s.cx, y0), (x0, y1), (x1, y1)], fill=fill)
-    return img
+    return image
+
+
+def _draw(shapes: Sequence[SynthShape]) -> Any:
+    from PIL import Image
+
+    return _paint(
+        Image.new("RGB", IMAGE_SIZE, BACKGROUND), shapes, [COLORS[s.color] for s in shapes]
+    )
+
+
+def shape_index_map(shapes: Sequence[SynthShape]) -> Any:
+    """(H, W) uint8 array: 1 + the index of the shape each pixel of the drawn image belongs to,
+    0 for background; the same geometry as the image, pixel for pixel."""
+    import numpy as np
+    from PIL import Image
+
+    return np.asarray(_paint(Image.new("L", IMAGE_SIZE, 0), shapes, range(1, len(shapes) + 1)))
 
 
 def _shapes(rng: random.Random, kinds: list[str], colors: list[str]) -> tuple[SynthShape, ...]:

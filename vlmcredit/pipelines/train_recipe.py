@@ -119,6 +119,10 @@ class TrainConfig:
     # more than the language model. (On the shipped lineage, whose merger dropped colour, 600 steps
     # at 10x did not bring colour back: builtin-model-recipes.md)
     vision_lr_scale: float = 1.0
+    # weight of the cell supervision (pipelines.train_cells): a linear head on the image tokens
+    # predicts each cell's shares of colours and kinds, so the merger is asked to keep both
+    # (without it, every run kept one of the two: builtin-model-recipes.md). 0: off
+    cell_loss: float = 0.0
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -133,6 +137,8 @@ class TrainConfig:
                 "vision_hidden_size must be a multiple of 16 (4 heads of a head_dim divisible by "
                 f"4 for the 2-D rotary); got {self.vision_hidden_size}"
             )
+        if not self.cell_loss >= 0:
+            raise VlmCreditError(f"cell_loss must be >= 0; got {self.cell_loss}")
         if not self.vision_lr_scale > 0:
             raise VlmCreditError(f"vision_lr_scale must be > 0; got {self.vision_lr_scale}")
         if not 0 <= self.single_shape_questions <= 1:

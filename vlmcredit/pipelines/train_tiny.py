@@ -38,6 +38,7 @@ from vlmcredit.data.synth_dialogs import (
     dialogs,
 )
 from vlmcredit.errors import VlmCreditError
+from vlmcredit.pipelines.train_cells import CellSupervision, batch_targets
 from vlmcredit.pipelines.train_recipe import (
     IMAGE_MAX_TOKENS,
     TEXT,
@@ -378,9 +379,12 @@ def train_tiny(
     encoder = Encoder(tokenizer, int(grid[0].prod()) // (processor.merge_size**2))
     encoder.check(full_processor, probe[0][0].image, probe[0][1].question)
 
-    optimizer = make_optimizer(model, cfg)
+    # what the optimizer trains and the resume state holds: the model, and the cell head if any
+    cells = CellSupervision(model, cfg.seed) if cfg.cell_loss else None
+    trained = model if cells is None else torch.nn.ModuleDict({"lm": model, "cells": cells.head})
+    optimizer = make_optimizer(trained, cfg)
     resume = out / "resume"
-    start = load_resume(resume, model, optimizer) if (resume / "step.json").exists() else 0
+    start = load_resume(resume, trained, optimizer) if (resume / "step.json").exists() else 0
     log_path = out / "train-log.jsonl"
     if start:
         echo(f"resuming at step {start} of {cfg.steps}")
@@ -396,16 +400,23 @@ def train_tiny(
         batch = step_dialogs(cfg, step)
         enc = encoder.batch([d for _, d in batch])
         inputs = model_inputs(enc, pixels([it.image for it, _ in batch]))
+        if cells is not None:
+            cells.discard()  # the evaluation's forwards
         if cfg.per_dialog_loss:
             loss = answer_loss(model(**inputs).logits, enc["labels"], per_dialog=True)
         else:  # transformers' own loss, as the shipped model was trained
             loss = model(**inputs, labels=enc["labels"]).loss
+        record: dict[str, Any] = {"step": step + 1, "loss": round(loss.item(), 5)}
+        if cells is not None:
+            targets = batch_targets([it for it, _ in batch], inputs["image_grid_thw"], pixels.merge)
+            aux = cells.loss(targets)
+            record["cell_loss"] = round(aux.item(), 5)
+            loss = loss + cfg.cell_loss * aux
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0))
+        grad_norm = float(torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0))
         optimizer.step()
         done = step + 1
-        record: dict[str, Any] = {"step": done, "loss": round(loss.item(), 5)}
         record["grad_norm"] = round(grad_norm, 4)
         if done % cfg.eval_every == 0 or done == cfg.steps:
             acc = answer_accuracy(model, encoder, pixels, evals)
@@ -419,9 +430,11 @@ def train_tiny(
             if not target.exists():
                 save_checkpoint(model, tokenizer, processor, target)
         if done % cfg.save_every == 0 and done < cfg.steps:
-            save_resume(resume, model, optimizer, done)
+            save_resume(resume, trained, optimizer, done)
     final = out / "final"
     if not final.exists():
         save_checkpoint(model, tokenizer, processor, final)
     shutil.rmtree(resume, ignore_errors=True)
+    if cells is not None:
+        cells.close()
     return final

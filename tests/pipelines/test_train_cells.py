@@ -1,0 +1,96 @@
+"""train-tiny's cell supervision: targets counted from the drawn pixels, read off the image tokens
+the language model receives."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import torch
+
+from vlmcredit.data.mme_synth import SynthItem, SynthShape, render_shapes
+from vlmcredit.pipelines import train_tiny as tt
+from vlmcredit.pipelines.train_cells import (
+    CELL_COLOURS,
+    CELL_KINDS,
+    CellSupervision,
+    batch_targets,
+    cell_targets,
+)
+
+
+def _item(*shapes: SynthShape) -> SynthItem:
+    return SynthItem("shapes", "x.png", None, (), shapes)
+
+
+def test_cell_targets_count_the_drawn_pixels_of_each_cell() -> None:
+    # 336 x 280 onto 12 x 10 cells: every cell is a 28-px block. A square with box (29, 29) -
+    # (83, 83), PIL's corners inclusive: pixels 29..83 in both axes
+    item = _item(SynthShape("square", "red", 56, 56, 27))
+    t = cell_targets(item, 10, 12)
+    assert t.shape == (120, len(CELL_COLOURS) + len(CELL_KINDS))
+    red, square = CELL_COLOURS.index("red"), len(CELL_COLOURS) + CELL_KINDS.index("square")
+    by_hand = {(1, 1): 27 * 27, (1, 2): 27 * 28, (2, 1): 28 * 27, (2, 2): 28 * 28}
+    for r in range(10):
+        for c in range(12):
+            share = by_hand.get((r, c), 0) / 784
+            assert np.isclose(t[r * 12 + c, red], share) and np.isclose(
+                t[r * 12 + c, square], share
+            )
+            assert np.isclose(t[r * 12 + c, len(CELL_COLOURS) - 1], 1 - share)  # background
+            assert np.isclose(t[r * 12 + c, -1], 1 - share)
+    # two shapes in one cell split it; each half sums to one everywhere
+    two = cell_targets(render_shapes(random.Random(3), 3, "y.png"), 8, 9)
+    assert np.allclose(two[:, : len(CELL_COLOURS)].sum(1), 1)
+    assert np.allclose(two[:, len(CELL_COLOURS) :].sum(1), 1)
+
+
+def test_cell_targets_line_up_with_the_pixels_of_each_image_token() -> None:
+    """The share of shape pixels in a cell's target against the share of non-white pixels in the
+    patches the processor gives that image token (resampled: edges blur)."""
+    _, _, processor = tt.build_parts(0, image_max_tokens=80)
+    pixels = tt.Pixels(processor)
+    items = [render_shapes(random.Random(s), 3, f"{s}.png") for s in range(4)]
+    values, grid = pixels([it.image for it in items])
+    targets = batch_targets(items, grid, pixels.merge).numpy()
+    # back to 0-255 RGB: each merged token's row block holds its 4 patches x 3 x 2 x 14 x 14
+    per_token = values.reshape(-1, 4, 3, 2, 14, 14).numpy()
+    mean = np.asarray(processor.image_mean).reshape(1, 1, 3, 1, 1, 1)
+    std = np.asarray(processor.image_std).reshape(1, 1, 3, 1, 1, 1)
+    rgb = (per_token * std + mean) * 255
+    inked = (rgb.min(axis=2) < 200).mean(axis=(1, 2, 3, 4))  # pixels that are not white
+    shape_share = 1 - targets[:, len(CELL_COLOURS) - 1]
+    assert len(inked) == len(shape_share) == 4 * 72
+    assert np.corrcoef(inked, shape_share)[0, 1] > 0.97
+    assert np.abs(inked - shape_share).max() < 0.2
+
+
+def test_the_cell_head_reads_the_image_tokens_the_language_model_gets() -> None:
+    _, model, processor = tt.build_parts(0, image_max_tokens=80)
+    pixels = tt.Pixels(processor)
+    items = [render_shapes(random.Random(s), 2, f"{s}.png") for s in range(2)]
+    values, grid = pixels([it.image for it in items])
+    cells = CellSupervision(model, seed=0)
+    try:
+        with torch.no_grad():
+            fed = torch.cat(model.model.get_image_features(values, grid).pooler_output)
+            targets = batch_targets(items, grid, pixels.merge)
+            # one-hot targets, so the soft cross-entropy is the ordinary one
+            hard = torch.zeros_like(targets)
+            colour = targets[:, : len(CELL_COLOURS)].argmax(1)
+            kind = targets[:, len(CELL_COLOURS) :].argmax(1)
+            hard[torch.arange(len(hard)), colour] = 1
+            hard[torch.arange(len(hard)), len(CELL_COLOURS) + kind] = 1
+            seen = cells._seen[0]
+            loss = cells.loss(hard)
+        assert torch.equal(seen, fed)  # what the language model receives, row-major cells
+        touched = hard[:, len(CELL_COLOURS) - 1] < 1
+        logits = cells.head(fed)[touched]
+        split = len(CELL_COLOURS)
+        reference = torch.nn.functional.cross_entropy(logits[:, :split], colour[touched])
+        reference += torch.nn.functional.cross_entropy(logits[:, split:], kind[touched])
+        assert torch.allclose(loss, reference, atol=1e-6)
+    finally:
+        cells.close()
+    model.model.visual(values, grid_thw=grid)
+    assert cells._seen == []  # the hook is gone
