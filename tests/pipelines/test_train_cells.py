@@ -16,6 +16,7 @@ from vlmcredit.pipelines.train_cells import (
     CellSupervision,
     batch_targets,
     cell_targets,
+    separate_gradient,
 )
 
 
@@ -94,3 +95,34 @@ def test_the_cell_head_reads_the_image_tokens_the_language_model_gets() -> None:
         cells.close()
     model.model.visual(values, grid_thw=grid)
     assert cells._seen == []  # the hook is gone
+
+
+def test_the_cell_gradient_is_clipped_apart_from_the_language_models() -> None:
+    """Each gradient clipped at 1.0 on its own, then summed: against torch's clip_grad_norm_ on
+    each loss alone."""
+    torch.manual_seed(0)
+    shared, head = torch.nn.Linear(3, 3), torch.nn.Linear(3, 2)
+    params = [*shared.parameters(), *head.parameters()]
+    x = torch.randn(5, 3)
+
+    def losses():
+        h = shared(x)
+        return h.pow(2).sum() * 0.1, head(h).pow(2).sum() * 50  # small, and far above the clip
+
+    expected = []
+    for k in range(2):
+        for p in params:
+            p.grad = None
+        losses()[k].backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        expected.append([p.grad.clone() if p.grad is not None else 0 for p in params])
+    for p in params:
+        p.grad = None
+    lm, cell = losses()
+    grads = separate_gradient(cell, params)
+    lm.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    norm = grads.add_clipped(1.0)
+    assert norm > 10
+    for p, a, b in zip(params, *expected, strict=True):
+        assert torch.allclose(p.grad, a + b, atol=1e-6)

@@ -62,6 +62,38 @@ def batch_targets(items: Sequence[SynthItem], grid: Any, merge: int) -> Any:
     return torch.from_numpy(np.concatenate(blocks))
 
 
+class ClippedGradient:
+    """A gradient to add to the parameters' own (`.grad`) after theirs was clipped."""
+
+    def __init__(self, params: list[Any], grads: Sequence[Any]) -> None:
+        self.pairs = [(p, g) for p, g in zip(params, grads, strict=True) if g is not None]
+
+    def add_clipped(self, max_norm: float) -> float:
+        """Add it, scaled as torch's clip_grad_norm_ scales (max_norm / (norm + 1e-6), at most
+        1); returns its norm before clipping."""
+        import torch
+
+        norm = float(torch.linalg.vector_norm(torch.stack([g.norm() for _, g in self.pairs])))
+        scale = min(1.0, max_norm / (norm + 1e-6))
+        for p, g in self.pairs:
+            if p.grad is None:
+                p.grad = g * scale
+            else:
+                p.grad.add_(g, alpha=scale)
+        return norm
+
+
+def separate_gradient(loss: Any, params: list[Any]) -> ClippedGradient:
+    """The gradient of `loss` (the weighted cell loss), kept apart from the language model's:
+    both are clipped at the same norm on their own, so a large cell gradient (a head that
+    starts on a trained model's image tokens: norms of 4-60 over the first hundreds of steps)
+    cannot shrink the language model's steps through a joint clip."""
+    import torch
+
+    grads = torch.autograd.grad(loss, params, retain_graph=True, allow_unused=True)
+    return ClippedGradient(params, grads)
+
+
 class CellSupervision:
     """The head, the hook that reads the merger output of each forward, and the loss.
 

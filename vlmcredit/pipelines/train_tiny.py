@@ -38,7 +38,7 @@ from vlmcredit.data.synth_dialogs import (
     dialogs,
 )
 from vlmcredit.errors import VlmCreditError
-from vlmcredit.pipelines.train_cells import CellSupervision, batch_targets
+from vlmcredit.pipelines.train_cells import CellSupervision, batch_targets, separate_gradient
 from vlmcredit.pipelines.train_recipe import (
     IMAGE_MAX_TOKENS,
     TEXT,
@@ -407,14 +407,16 @@ def train_tiny(
         else:  # transformers' own loss, as the shipped model was trained
             loss = model(**inputs, labels=enc["labels"]).loss
         record: dict[str, Any] = {"step": step + 1, "loss": round(loss.item(), 5)}
-        if cells is not None:
+        optimizer.zero_grad(set_to_none=True)
+        if cells is not None:  # its gradient first, while the shared graph is still there
             targets = batch_targets([it for it, _ in batch], inputs["image_grid_thw"], pixels.merge)
             aux = cells.loss(targets)
             record["cell_loss"] = round(aux.item(), 5)
-            loss = loss + cfg.cell_loss * aux
-        optimizer.zero_grad(set_to_none=True)
+            cell_grads = separate_gradient(cfg.cell_loss * aux, list(trained.parameters()))
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0))
+        if cells is not None:
+            record["cell_grad_norm"] = round(cell_grads.add_clipped(1.0), 4)
         optimizer.step()
         done = step + 1
         record["grad_norm"] = round(grad_norm, 4)
