@@ -503,7 +503,12 @@ def render(facts: dict[str, Any]) -> str:
         "Curriculum: "
         "the first `single_shape_share` of the steps (when it is above 0) are descriptions of "
         "images with one shape (`mme_synth.render_shapes`), so colour, kind and place are read "
-        "before questions that need one object told apart from another.\n"
+        "before questions that need one object told apart from another. Cell supervision (the "
+        "stages with `cell_loss` above 0, [vlmcredit/pipelines/train_cells.py]"
+        "(../vlmcredit/pipelines/train_cells.py)): a linear head on the image tokens predicts "
+        "each 28-px cell's shares of colours and shape kinds, counted from the drawn geometry; "
+        "`cell_loss` times its loss is added, its gradient clipped on its own, and the head is "
+        "not part of the checkpoint.\n"
     )
     if not stages:
         cfg = asdict(TrainConfig())
