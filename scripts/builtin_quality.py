@@ -98,6 +98,7 @@ CLI_OPTIONS = {
     "vision_lr_scale": "--vision-lr-scale",
     "vision_hidden_size": "--vision-hidden-size",
     "cell_loss": "--cell-loss",
+    "cell_clip": "--cell-clip",
 }
 # settings older runs' train-config.json lacks (they were module constants then): read from the
 # run's final checkpoint, so the command shown is the one that reproduces the architecture
@@ -507,8 +508,8 @@ def render(facts: dict[str, Any]) -> str:
         "stages with `cell_loss` above 0, [vlmcredit/pipelines/train_cells.py]"
         "(../vlmcredit/pipelines/train_cells.py)): a linear head on the image tokens predicts "
         "each 28-px cell's shares of colours and shape kinds, counted from the drawn geometry; "
-        "`cell_loss` times its loss is added, its gradient clipped on its own, and the head is "
-        "not part of the checkpoint.\n"
+        "`cell_loss` times its loss is added (its gradient clipped with the language model's, or "
+        "on its own with `cell_clip` separate), and the head is not part of the checkpoint.\n"
     )
     if not stages:
         cfg = asdict(TrainConfig())

@@ -83,6 +83,12 @@ def train_tiny(
         help="Weight of the cell supervision: a linear head on the image tokens predicts each "
         "cell's colours and shape kinds (training only; 0: off).",
     ),
+    cell_clip: str = typer.Option(
+        "joint",
+        "--cell-clip",
+        help="joint: one gradient clip over both losses; separate: the cell gradient clipped on "
+        "its own (for stages on a trained model, whose fresh cell head has large gradients).",
+    ),
     per_dialog_loss: bool = typer.Option(
         False,
         "--per-dialog-loss/--token-mean-loss",
@@ -122,6 +128,7 @@ def train_tiny(
         init_from=str(init_from) if init_from else None,
         vision_lr_scale=vision_lr_scale,
         cell_loss=cell_loss,
+        cell_clip=cell_clip,
     )
     final = run(out, cfg, echo=typer.echo, threads=threads)
     typer.echo(f"-> {final} (use it as --ckpt {final})")

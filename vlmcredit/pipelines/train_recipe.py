@@ -123,6 +123,11 @@ class TrainConfig:
     # predicts each cell's shares of colours and kinds, so the merger is asked to keep both
     # (without it, every run kept one of the two: builtin-model-recipes.md). 0: off
     cell_loss: float = 0.0
+    # how the cell gradient is clipped: "joint", one clip at 1.0 over the sum of both losses'
+    # gradients; "separate", each clipped at 1.0 on its own, then summed. A fresh head on a
+    # trained model's image tokens has gradient norms of 4-60 for hundreds of steps, which a joint
+    # clip turns into language-model steps 4-60 times smaller; from scratch they stay near 1
+    cell_clip: str = "joint"
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -137,8 +142,11 @@ class TrainConfig:
                 "vision_hidden_size must be a multiple of 16 (4 heads of a head_dim divisible by "
                 f"4 for the 2-D rotary); got {self.vision_hidden_size}"
             )
-        if not self.cell_loss >= 0:
-            raise VlmCreditError(f"cell_loss must be >= 0; got {self.cell_loss}")
+        if not self.cell_loss >= 0 or self.cell_clip not in ("joint", "separate"):
+            raise VlmCreditError(
+                f"cell_loss must be >= 0 and cell_clip joint or separate; got {self.cell_loss} "
+                f"and {self.cell_clip!r}"
+            )
         if not self.vision_lr_scale > 0:
             raise VlmCreditError(f"vision_lr_scale must be > 0; got {self.vision_lr_scale}")
         if not 0 <= self.single_shape_questions <= 1:

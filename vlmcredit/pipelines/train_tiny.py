@@ -408,14 +408,18 @@ def train_tiny(
             loss = model(**inputs, labels=enc["labels"]).loss
         record: dict[str, Any] = {"step": step + 1, "loss": round(loss.item(), 5)}
         optimizer.zero_grad(set_to_none=True)
-        if cells is not None:  # its gradient first, while the shared graph is still there
+        apart = cells is not None and cfg.cell_clip == "separate"
+        if cells is not None:
             targets = batch_targets([it for it, _ in batch], inputs["image_grid_thw"], pixels.merge)
             aux = cells.loss(targets)
             record["cell_loss"] = round(aux.item(), 5)
-            cell_grads = separate_gradient(cfg.cell_loss * aux, list(trained.parameters()))
+            if apart:  # its gradient first, while the shared graph is still there
+                cell_grads = separate_gradient(cfg.cell_loss * aux, list(trained.parameters()))
+            else:
+                loss = loss + cfg.cell_loss * aux
         loss.backward()
         grad_norm = float(torch.nn.utils.clip_grad_norm_(trained.parameters(), 1.0))
-        if cells is not None:
+        if apart:
             record["cell_grad_norm"] = round(cell_grads.add_clipped(1.0), 4)
         optimizer.step()
         done = step + 1
