@@ -97,7 +97,7 @@ def train_tiny(
 ) -> None:
     """Train the built-in Qwen2.5-VL on synthetic shape questions; writes OUT/final and
     intermediate OUT/step-NNNNNN checkpoints. The defaults are the earlier built-in model's first
-    stage; the shipped model is seven stages, each command in docs/builtin-model.md."""
+    stage; the shipped model is twelve stages, each command in docs/builtin-model.md."""
     from vlmcredit.errors import VlmCreditError
     from vlmcredit.pipelines.train_tiny import TrainConfig
     from vlmcredit.pipelines.train_tiny import train_tiny as run

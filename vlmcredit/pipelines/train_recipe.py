@@ -49,8 +49,9 @@ class TrainConfig:
     """Everything that decides the trained bytes (with the package versions)."""
 
     # The defaults are the first stage of the earlier built-in model (v2). The shipped model is
-    # seven stages with the options after batch_size (80 image tokens, mrope 1,1,6, curriculum,
-    # per-dialog loss, then question pairs, the lookup style, colour presence); each command is in
+    # twelve stages with the options after batch_size (80 image tokens, mrope 1,1,6, curriculum,
+    # per-dialog loss, then question pairs, the lookup style, colour presence, cell supervision and
+    # single-shape questions); each command is in
     # docs/builtin-model.md, and what each option changed in docs/builtin-model-recipes.md.
     steps: int = 6000
     batch_size: int = 32
