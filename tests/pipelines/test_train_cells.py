@@ -9,6 +9,7 @@ import numpy as np
 import torch
 
 from vlmcredit.data.mme_synth import SynthItem, SynthShape, render_shapes
+from vlmcredit.models.families import adapter_for
 from vlmcredit.pipelines import train_tiny as tt
 from vlmcredit.pipelines.train_cells import (
     CELL_COLOURS,
@@ -74,7 +75,7 @@ def test_the_cell_head_reads_the_image_tokens_the_language_model_gets() -> None:
     cells = CellSupervision(model, seed=0)
     try:
         with torch.no_grad():
-            fed = torch.cat(model.model.get_image_features(values, grid).pooler_output)
+            fed = torch.cat(model.get_image_features(values, grid).pooler_output)
             targets = batch_targets(items, grid, pixels.merge)
             # one-hot targets, so the soft cross-entropy is the ordinary one
             hard = torch.zeros_like(targets)
@@ -93,7 +94,7 @@ def test_the_cell_head_reads_the_image_tokens_the_language_model_gets() -> None:
         assert torch.allclose(loss, reference, atol=1e-6)
     finally:
         cells.close()
-    model.model.visual(values, grid_thw=grid)
+    adapter_for(model.config.model_type).vision_tower(model)(values, grid_thw=grid)
     assert cells._seen == []  # the hook is gone
 
 

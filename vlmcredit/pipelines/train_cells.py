@@ -97,8 +97,9 @@ def separate_gradient(loss: Any, params: list[Any]) -> ClippedGradient:
 class CellSupervision:
     """The head, the hook that reads the merger output of each forward, and the loss.
 
-    The hook keeps the output of `model.model.visual` (cells row-major, the window reordering
-    undone), which is what the language model receives as image tokens.
+    The hook keeps the output of the vision tower (found through the family adapter; cells
+    row-major, the window reordering undone), which is what the language model receives as image
+    tokens.
     """
 
     def __init__(self, model: Any, seed: int) -> None:
@@ -115,7 +116,10 @@ class CellSupervision:
             self.head.weight.uniform_(-bound, bound, generator=generator)
             self.head.bias.zero_()
         self._seen: list[Any] = []
-        self._hook = model.model.visual.register_forward_hook(
+        from vlmcredit.models.families import adapter_for
+
+        tower = adapter_for(model.config.model_type).vision_tower(model)
+        self._hook = tower.register_forward_hook(
             lambda _m, _i, out: self._seen.append(out.pooler_output)
         )
 
