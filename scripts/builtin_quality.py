@@ -99,6 +99,7 @@ CLI_OPTIONS = {
     "vision_hidden_size": "--vision-hidden-size",
     "cell_loss": "--cell-loss",
     "cell_clip": "--cell-clip",
+    "cell_relations": "--cell-relations",
 }
 # settings older runs' train-config.json lacks (they were module constants then): read from the
 # run's final checkpoint, so the command shown is the one that reproduces the architecture

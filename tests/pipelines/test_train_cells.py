@@ -8,16 +8,18 @@ import random
 import numpy as np
 import torch
 
-from vlmcredit.data.mme_synth import SynthItem, SynthShape, render_shapes
+from vlmcredit.data.mme_synth import SynthItem, SynthShape, render_shapes, synth_items
 from vlmcredit.models.families import adapter_for
 from vlmcredit.pipelines import train_tiny as tt
 from vlmcredit.pipelines.train_cells import (
     CELL_COLOURS,
     CELL_KINDS,
+    RELATIONS,
     CellSupervision,
     batch_targets,
     cell_targets,
     separate_gradient,
+    shape_relations,
 )
 
 
@@ -127,3 +129,70 @@ def test_the_cell_gradient_is_clipped_apart_from_the_language_models() -> None:
     assert norm > 10
     for p, a, b in zip(params, *expected, strict=True):
         assert torch.allclose(p.grad, a + b, atol=1e-6)
+
+
+def test_relations_of_a_position_pair_give_synthetic_mmes_answer() -> None:
+    """The named shape's relation flags decide the official question: "Is A on the left of B?"
+    is Yes exactly when another shape lies to A's right (the pair's only other shape is B)."""
+    flag_for = {"on the left of": "right", "on the right of": "left", "above": "below",
+                "below": "above"}  # fmt: skip
+    seen = set()
+    for item in synth_items("position", 40, seed=5):
+        rel = shape_relations(item.shapes)
+        a = item.shapes[0]  # the first named shape (its colour and kind open the question)
+        for question, truth in item.questions:
+            assert question.startswith(f"Is the {a.color} {a.kind} ")
+            asked = next(r for r in flag_for if f" {r} the " in question)
+            seen.add((asked, truth))
+            assert bool(rel[0, RELATIONS.index(flag_for[asked])]) == (truth == "Yes")
+    assert len(seen) == 8  # every relation asked, answered Yes and No
+
+
+def test_relation_targets_by_hand_on_an_exact_grid() -> None:
+    """Two squares on the 28-px grid of 12 x 10 cells, the second entirely right of the first
+    and lower: a cell of the first has another shape right and below, one of the second left
+    and above; background cells have none; a cell half inside a shape has its shape's flags."""
+    left = SynthShape("square", "red", 56, 56, 27)  # pixels 29..83: cells 1-2 (partly), both axes
+    right = SynthShape("circle", "blue", 238, 210, 20)  # pixels 218..258 x 190..230: far right, low
+    t = cell_targets(_item(left, right), 10, 12, relations=True)
+    assert t.shape == (120, len(CELL_COLOURS) + len(CELL_KINDS) + len(RELATIONS))
+    rel = t[:, -len(RELATIONS) :]
+    assert np.array_equal(rel[2 * 12 + 2], [0, 1, 0, 1])  # inside the square: right, below
+    assert np.array_equal(rel[1 * 12 + 1], [0, 1, 0, 1])  # 27 x 27 px of it, the rest background
+    assert np.array_equal(rel[7 * 12 + 8], [1, 0, 1, 0])  # the circle's centre cell (210, 238)
+    assert np.array_equal(rel[0], [0, 0, 0, 0]) and np.array_equal(rel[119], [0, 0, 0, 0])
+    # the same colours and kinds as without relations
+    assert np.array_equal(t[:, : -len(RELATIONS)], cell_targets(_item(left, right), 10, 12))
+    # overlapping boxes along an axis are not a relation on that axis
+    close = SynthShape("triangle", "green", 90, 70, 20)  # x 70..110 overlaps the square's 29..83
+    assert np.array_equal(shape_relations([left, close])[0], [0, 0, 0, 0])
+
+
+def test_the_relation_term_is_a_weighted_binary_cross_entropy() -> None:
+    """The loss with relations on, against the colour/kind loss of a head without them plus the
+    weight times the logistic loss written out."""
+    _, model, processor = tt.build_parts(0, image_max_tokens=80)
+    pixels = tt.Pixels(processor)
+    items = list(synth_items("position", 3, seed=2))
+    values, grid = pixels([it.image for it in items])
+    with_rel, plain = CellSupervision(model, 0, relations=2.5), CellSupervision(model, 0)
+    try:
+        targets = batch_targets(items, grid, pixels.merge, relations=True)
+        assert targets[:, -len(RELATIONS) :].sum() > 0
+        with torch.no_grad():
+            model.get_image_features(values, grid)
+            loss = with_rel.loss(targets)
+            fed = plain._seen[0]
+            plain.head.weight.copy_(with_rel.head.weight[: -len(RELATIONS)])
+            plain.head.bias.copy_(with_rel.head.bias[: -len(RELATIONS)])
+            base = plain.loss(targets[:, : -len(RELATIONS)])
+        touched = targets[:, len(CELL_COLOURS) - 1] < 1
+        z = with_rel.head(fed)[touched, -len(RELATIONS) :].detach().double()
+        y = targets[touched, -len(RELATIONS) :].double()
+        p = 1 / (1 + torch.exp(-z))
+        by_hand = -(y * torch.log(p) + (1 - y) * torch.log(1 - p)).mean()
+        assert abs(with_rel.last_relation_loss - float(by_hand)) < 1e-5
+        assert torch.allclose(loss.double(), base.double() + 2.5 * by_hand, atol=1e-5)
+    finally:
+        with_rel.close()
+        plain.close()

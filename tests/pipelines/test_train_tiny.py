@@ -203,15 +203,16 @@ def test_a_wider_vision_tower_feeds_the_same_language_model() -> None:
 
 
 @pytest.mark.parametrize(
-    ("cell_loss", "cell_clip"), [(0.0, "joint"), (1.0, "joint"), (1.0, "separate")]
+    ("cell_loss", "cell_clip", "relations"),
+    [(0.0, "joint", 0.0), (1.0, "joint", 0.0), (1.0, "separate", 1.0)],
 )
-def test_a_killed_run_resumes_where_it_stopped(tmp_path, cell_loss, cell_clip) -> None:
+def test_a_killed_run_resumes_where_it_stopped(tmp_path, cell_loss, cell_clip, relations) -> None:
     """Killed after step 4 with the resume state of step 2, then resumed to six: equals six
     uninterrupted steps, and the log holds each step once (steps 3-4 are redone, not repeated).
     With the cell supervision on, its head and moments resume too, and the checkpoint holds the
     plain model only."""
     cfg = dict(steps=6, batch_size=2, eval_every=6, eval_images=1, save_every=2, keep=(1 / 3,))
-    cfg.update(cell_loss=cell_loss, cell_clip=cell_clip)
+    cfg.update(cell_loss=cell_loss, cell_clip=cell_clip, cell_relations=relations)
     straight = tt.train_tiny(tmp_path / "a", tt.TrainConfig(**cfg), echo=lambda _m: None)
 
     class Killed(Exception):
@@ -243,6 +244,7 @@ def test_a_killed_run_resumes_where_it_stopped(tmp_path, cell_loss, cell_clip) -
     assert [r["step"] for r in log] == [1, 2, 3, 4, 5, 6]
     assert all(("cell_loss" in r) == bool(cell_loss) for r in log)
     assert all(("cell_grad_norm" in r) == (cell_clip == "separate") for r in log)
+    assert all(("cell_relation_loss" in r) == bool(relations) for r in log)
     untrained = load_file(str(tmp_path / "b" / "step-000000" / "model.safetensors"))
     assert wa.keys() == untrained.keys()  # the plain model: no cell head in a checkpoint
     assert (tmp_path / "b" / "step-000000" / "config.json").is_file()  # the untrained weights
@@ -393,6 +395,7 @@ def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     args += ["--category-weights", "color=2,count=1", "--hidden-size", "64", "--rope-theta", "1e5"]
     args += ["--mrope-section", "1,1,2", "--lookup-no-copy", "--vision-lr-scale", "3"]
     args += ["--vision-hidden-size", "32", "--cell-loss", "0.5", "--cell-clip", "separate"]
+    args += ["--cell-relations", "2"]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "a" / "train-config.json").read_text())
@@ -403,7 +406,7 @@ def test_train_tiny_cli_options_reach_the_run_config(tmp_path) -> None:
     assert config["hidden_size"] == 64 and config["rope_theta"] == 1e5
     assert config["lookup_copyable"] is False and config["vision_lr_scale"] == 3.0
     assert config["vision_hidden_size"] == 32 and config["cell_loss"] == 0.5
-    assert config["cell_clip"] == "separate"
+    assert config["cell_clip"] == "separate" and config["cell_relations"] == 2.0
     assert config["category_weights"] == {"color": 2.0, "count": 1.0}
     final = json.loads((tmp_path / "a" / "final" / "config.json").read_text())
     assert final["text_config"]["rope_parameters"] == {
@@ -478,6 +481,8 @@ def test_the_per_dialog_loss_weighs_every_dialog_alike() -> None:
         ({"vision_lr_scale": 0.0}, "vision_lr_scale"),
         ({"cell_loss": -1.0}, "cell_loss"),
         ({"cell_clip": "both"}, "cell_clip"),
+        ({"cell_relations": -1.0, "cell_loss": 1.0}, "cell_relations"),
+        ({"cell_relations": 1.0}, "cell_relations .* cell_loss"),
     ],
 )
 def test_impossible_settings_are_refused_before_anything_is_written(

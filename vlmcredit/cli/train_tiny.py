@@ -89,6 +89,13 @@ def train_tiny(
         help="joint: one gradient clip over both losses; separate: the cell gradient clipped on "
         "its own (for stages on a trained model, whose fresh cell head has large gradients).",
     ),
+    cell_relations: float = typer.Option(
+        0.0,
+        "--cell-relations",
+        help="Weight of a relation term in the cell supervision: each shape's cells also predict "
+        "whether another shape lies entirely left / right / above / below it (needs --cell-loss; "
+        "0: off).",
+    ),
     per_dialog_loss: bool = typer.Option(
         False,
         "--per-dialog-loss/--token-mean-loss",
@@ -129,6 +136,7 @@ def train_tiny(
         vision_lr_scale=vision_lr_scale,
         cell_loss=cell_loss,
         cell_clip=cell_clip,
+        cell_relations=cell_relations,
     )
     final = run(out, cfg, echo=typer.echo, threads=threads)
     typer.echo(f"-> {final} (use it as --ckpt {final})")

@@ -8,6 +8,14 @@ for every merged 28-px cell, the share of its pixels of each colour and of each 
 background as a class in both). Its targets come from the drawn geometry, so both features are
 asked of every cell that a shape touches, from the first step.
 
+`--cell-relations R` adds, for the same cells, R times a binary cross-entropy on where the other
+shapes are: for each of left / right / above / below, whether another shape's box lies entirely
+on that side of the cell's own shape. A position question ("Is the red circle on the left of the
+blue square?") then has its answer in the tokens of the shape it names, as a colour question
+does. Qwen2.5-VL's vision tower has no absolute position embedding (2-D rotary only), so on a
+white background where a shape is in the image is not computable there; where it is relative to
+another shape is (the full-attention block sees both).
+
 The head is a training device: it is saved with the resume state and never with a checkpoint,
 which stays the plain transformers class.
 """
@@ -19,15 +27,39 @@ from typing import Any
 
 import numpy as np
 
-from vlmcredit.data.mme_synth import COLORS, IMAGE_SIZE, SHAPES, SynthItem, shape_index_map
+from vlmcredit.data.mme_synth import (
+    COLORS,
+    IMAGE_SIZE,
+    SHAPES,
+    SynthItem,
+    SynthShape,
+    shape_index_map,
+)
 
 CELL_COLOURS = (*COLORS, "background")
 CELL_KINDS = (*SHAPES, "background")
+# another shape's box lies entirely on this side of the cell's shape (image axes: y grows down)
+RELATIONS = ("left", "right", "above", "below")
 
 
-def cell_targets(item: SynthItem, rows: int, cols: int) -> np.ndarray:
-    """(rows * cols, colours + kinds) float32, cells row-major as the merger emits them: the share
-    of each cell's pixels that is each colour (then background) and each kind (then background).
+def shape_relations(shapes: Sequence[SynthShape]) -> np.ndarray:
+    """(len(shapes), 4) float32: for each shape, whether some other shape's box lies entirely to
+    its left, right, above, below (the separation synthetic MME draws its position pairs with)."""
+    out = np.zeros((len(shapes), len(RELATIONS)), np.float32)
+    for i, a in enumerate(shapes):
+        ax0, ay0, ax1, ay1 = a.box
+        for j, b in enumerate(shapes):
+            if i != j:
+                bx0, by0, bx1, by1 = b.box
+                out[i] = np.maximum(out[i], [bx1 < ax0, bx0 > ax1, by1 < ay0, by0 > ay1])
+    return out
+
+
+def cell_targets(item: SynthItem, rows: int, cols: int, relations: bool = False) -> np.ndarray:
+    """(rows * cols, colours + kinds [+ 4 relations]) float32, cells row-major as the merger emits
+    them: the share of each cell's pixels that is each colour (then background) and each kind
+    (then background); with `relations`, the `RELATIONS` of the shapes in the cell, averaged over
+    its shape pixels (0 for a background cell).
 
     The processor resizes the whole image onto the rows x cols grid of merged cells, so the pixel
     at (x, y) of the drawn image lands in cell (floor((y + .5) * rows / H), floor((x + .5) * cols /
@@ -49,16 +81,23 @@ def cell_targets(item: SynthItem, rows: int, cols: int) -> np.ndarray:
     for k, s in enumerate(item.shapes, start=1):
         colour[k, CELL_COLOURS.index(s.color)] = 1.0
         kind[k, CELL_KINDS.index(s.kind)] = 1.0
-    return np.concatenate([share @ colour, share @ kind], axis=1).astype(np.float32)
+    parts = [share @ colour, share @ kind]
+    if relations:
+        on_shapes = share[:, 1:].sum(1, keepdims=True)
+        rel = share[:, 1:] @ shape_relations(item.shapes)
+        parts.append(np.divide(rel, on_shapes, out=np.zeros_like(rel), where=on_shapes > 0))
+    return np.concatenate(parts, axis=1).astype(np.float32)
 
 
-def batch_targets(items: Sequence[SynthItem], grid: Any, merge: int) -> Any:
+def batch_targets(
+    items: Sequence[SynthItem], grid: Any, merge: int, relations: bool = False
+) -> Any:
     """Targets of a batch, one block per image in the order of `grid` (its image_grid_thw)."""
     import torch
 
     blocks = []
     for item, (_, h, w) in zip(items, grid.tolist(), strict=True):
-        blocks.append(cell_targets(item, h // merge, w // merge))
+        blocks.append(cell_targets(item, h // merge, w // merge, relations))
     return torch.from_numpy(np.concatenate(blocks))
 
 
@@ -102,15 +141,16 @@ class CellSupervision:
     tokens.
     """
 
-    def __init__(self, model: Any, seed: int) -> None:
+    def __init__(self, model: Any, seed: int, relations: float = 0.0) -> None:
         import torch
 
         generator = torch.Generator().manual_seed(seed)
         width = model.config.text_config.hidden_size
+        self.relations = relations  # weight of the relation term; 0: no relation outputs
+        outputs = len(CELL_COLOURS) + len(CELL_KINDS) + (len(RELATIONS) if relations else 0)
         # skip_init: drawing from the global generator would shift every later draw of the run
-        self.head = torch.nn.utils.skip_init(
-            torch.nn.Linear, width, len(CELL_COLOURS) + len(CELL_KINDS)
-        )
+        self.head = torch.nn.utils.skip_init(torch.nn.Linear, width, outputs)
+        self.last_relation_loss: float | None = None
         with torch.no_grad():
             bound = width**-0.5
             self.head.weight.uniform_(-bound, bound, generator=generator)
@@ -125,7 +165,9 @@ class CellSupervision:
 
     def loss(self, targets: Any) -> Any:
         """Soft cross-entropy of colour and of kind over the cells a shape touches (mean over
-        those cells, the two summed), on the image tokens of the last forward."""
+        those cells, the two summed), plus `relations` times the binary cross-entropy of the
+        relation outputs over the same cells (mean over cells and relations), on the image tokens
+        of the last forward."""
         import torch
 
         if len(self._seen) != 1:
@@ -135,11 +177,19 @@ class CellSupervision:
             raise RuntimeError(f"{tokens.shape[0]} image tokens, {targets.shape[0]} cell targets")
         logits = self.head(tokens)
         touched = targets[:, len(CELL_COLOURS) - 1] < 1.0  # not all background
-        split = len(CELL_COLOURS)
+        if logits.shape[1] != targets.shape[1]:
+            raise RuntimeError(f"{logits.shape[1]} head outputs, {targets.shape[1]} targets")
+        split, end = len(CELL_COLOURS), len(CELL_COLOURS) + len(CELL_KINDS)
         total = logits.new_zeros(())
-        for lo, hi in ((0, split), (split, targets.shape[1])):
+        for lo, hi in ((0, split), (split, end)):
             logp = torch.log_softmax(logits[touched, lo:hi], dim=-1)
             total = total + -(targets[touched, lo:hi] * logp).sum(-1).mean()
+        if self.relations:
+            rel = torch.nn.functional.binary_cross_entropy_with_logits(
+                logits[touched, end:], targets[touched, end:]
+            )
+            self.last_relation_loss = float(rel.detach())
+            total = total + self.relations * rel
         return total
 
     def discard(self) -> None:

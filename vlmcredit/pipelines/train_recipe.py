@@ -129,6 +129,10 @@ class TrainConfig:
     # trained model's image tokens has gradient norms of 4-60 for hundreds of steps, which a joint
     # clip turns into language-model steps 4-60 times smaller; from scratch they stay near 1
     cell_clip: str = "joint"
+    # weight of the relation term of the cell supervision (train_cells.RELATIONS: is another shape
+    # entirely left / right / above / below this cell's shape), so the tokens of a named shape
+    # carry what a position question asks; needs cell_loss > 0. 0: off
+    cell_relations: float = 0.0
 
     def check(self) -> None:
         if self.steps < 1 or self.batch_size < 1:
@@ -147,6 +151,11 @@ class TrainConfig:
             raise VlmCreditError(
                 f"cell_loss must be >= 0 and cell_clip joint or separate; got {self.cell_loss} "
                 f"and {self.cell_clip!r}"
+            )
+        if not self.cell_relations >= 0 or (self.cell_relations and not self.cell_loss):
+            raise VlmCreditError(
+                f"cell_relations must be >= 0, and above 0 only with cell_loss above 0; got "
+                f"{self.cell_relations} with cell_loss {self.cell_loss}"
             )
         if not self.vision_lr_scale > 0:
             raise VlmCreditError(f"vision_lr_scale must be > 0; got {self.vision_lr_scale}")

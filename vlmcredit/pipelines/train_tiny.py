@@ -380,7 +380,7 @@ def train_tiny(
     encoder.check(full_processor, probe[0][0].image, probe[0][1].question)
 
     # what the optimizer trains and the resume state holds: the model, and the cell head if any
-    cells = CellSupervision(model, cfg.seed) if cfg.cell_loss else None
+    cells = CellSupervision(model, cfg.seed, cfg.cell_relations) if cfg.cell_loss else None
     trained = model if cells is None else torch.nn.ModuleDict({"lm": model, "cells": cells.head})
     optimizer = make_optimizer(trained, cfg)
     resume = out / "resume"
@@ -410,9 +410,16 @@ def train_tiny(
         optimizer.zero_grad(set_to_none=True)
         apart = cells is not None and cfg.cell_clip == "separate"
         if cells is not None:
-            targets = batch_targets([it for it, _ in batch], inputs["image_grid_thw"], pixels.merge)
+            targets = batch_targets(
+                [it for it, _ in batch],
+                inputs["image_grid_thw"],
+                pixels.merge,
+                relations=bool(cfg.cell_relations),
+            )
             aux = cells.loss(targets)
             record["cell_loss"] = round(aux.item(), 5)
+            if cells.last_relation_loss is not None:
+                record["cell_relation_loss"] = round(cells.last_relation_loss, 5)
             if apart:  # its gradient first, while the shared graph is still there
                 cell_grads = separate_gradient(cfg.cell_loss * aux, list(trained.parameters()))
             else:
