@@ -3,6 +3,10 @@
 
     python scripts/builtin_quality.py [--train-log RUN/train-log.jsonl] [--work DIR]
 
+With --train-log (once per training stage, in order) the stage records are also written to
+docs/builtin-model.training.json, keyed by the weights' sha256; without it they are read back
+from there when the hash matches, so the page regenerates after the train logs are gone.
+
 Everything is measured on held-out synthetic images (seeds no training stream uses) through the
 repo's own pipelines, so the figures are what a user of `--ckpt builtin:tiny-qwen2.5-vl` gets:
 
@@ -294,6 +298,27 @@ def anchor_figures(ckpt: str, data: Path, work: Path) -> dict[str, Any]:
             "anchor_share": float(anchor[mask].mean()) if n else None,
             "connectivity": float(np.nanmean(conn[mask])) if n else None,
         }
+    # A causal decoder reads the image where it *predicts* a word: the logits for "red" come from
+    # the position of the token before it, so that position's attention is what grounds "red".
+    before = np.zeros(len(tokens), bool)
+    order = tokens.reset_index(drop=True).sort_values(["sample_id", "token_index"])
+    idx, sid = order.index.to_numpy(), order["sample_id"].to_numpy()
+    same = sid[:-1] == sid[1:]
+    before[idx[:-1][same & (kinds[idx[1:]] == "grounded")]] = True
+    n = int(before.sum())
+    out["before_grounded"] = {
+        "n": n,
+        "anchors": int((anchor & before).sum()),
+        "anchor_share": float(anchor[before].mean()) if n else None,
+        "connectivity": float(np.nanmean(conn[before])) if n else None,
+    }
+    rest = ~before
+    out["not_before_grounded"] = {
+        "n": int(rest.sum()),
+        "anchors": int((anchor & rest).sum()),
+        "anchor_share": float(anchor[rest].mean()) if rest.any() else None,
+        "connectivity": float(np.nanmean(conn[rest])) if rest.any() else None,
+    }
     out["grounded_share_of_anchors"] = (
         float((anchor & (kinds == "grounded")).sum() / anchor.sum()) if anchor.any() else None
     )
@@ -335,10 +360,11 @@ def attention_figures(ck: Any, rows: Sequence[dict[str, Any]], folder: Path) -> 
     regions = ("named", "other", "background")
     # per token class: per region a list of per-token means; per layer for grounded tokens
     per: dict[str, dict[str, list[float]]] = {
-        k: {r: [] for r in regions} for k in ("grounded", "template")
+        k: {r: [] for r in regions} for k in ("grounded", "template", "before")
     }
     per_layer: dict[str, list[list[float]]] = {r: [] for r in regions}
-    image_mass: dict[str, list[float]] = {"grounded": [], "template": []}
+    # "before": the token before a grounded word, whose position predicts (emits) that word
+    image_mass: dict[str, list[float]] = {"grounded": [], "template": [], "before": []}
     usable = [r for r in rows if r["response"].strip()]
     spec = CaptureSpec(reduce="mean")  # mean over every head; layers averaged below
     for start in range(0, len(usable), 8):
@@ -357,14 +383,17 @@ def attention_figures(ck: Any, rows: Sequence[dict[str, Any]], folder: Path) -> 
             region = cell_regions(cap.layout.images[0].boxes, row["boxes"], row["other_boxes"])
             words = [ck.tokenizer.decode([i]) for i in cap.response_ids]
             mean = att.mean(axis=0)  # (T, N)
-            for t, word in enumerate(words):
-                kind = word_class(word)
-                image_mass[kind].append(float(mean[t].sum()))
+            kinds = [word_class(word) for word in words]
+            for t, kind in enumerate(kinds):
+                classes = [kind] + (["before"] if kinds[t + 1 : t + 2] == ["grounded"] else [])
+                for c in classes:
+                    image_mass[c].append(float(mean[t].sum()))
                 for label, name in enumerate(("background", "named", "other")):
                     cells = region == label
                     if not cells.any():
                         continue
-                    per[kind][name].append(float(mean[t, cells].mean()))
+                    for c in classes:
+                        per[c][name].append(float(mean[t, cells].mean()))
                     if kind == "grounded":
                         per_layer[name].append(att[:, t, cells].mean(axis=1).tolist())
     return {
@@ -519,6 +548,12 @@ def render(facts: dict[str, Any]) -> str:
             f"defaults are `vlmcredit train-tiny --out OUT`: {cfg['steps']} steps of batch "
             f"{cfg['batch_size']}, peak learning rate {cfg['lr']:g}, seed {cfg['seed']}. "
             "Training time: not recorded.\n"
+        )
+    if facts.get("train_record"):
+        rec = facts["train_record"]
+        w(
+            f"The stage records below are read from [{rec['file']}]({rec['file']}), kept beside "
+            f"this page for these weights ({rec['source']}).\n"
         )
     total_s = sum(st["seconds"] for st in stages)
     for k, st in enumerate(stages, 1):
@@ -697,6 +732,21 @@ def render(facts: dict[str, Any]) -> str:
         f"against {pct(anchors['grounded_share_of_tokens'])} of all response tokens (what anchors "
         "picked at random would give).\n"
     )
+    if "before_grounded" in anchors:  # pages written before this view lack it
+        w(
+            'A decoder reads the image where it *predicts* a word: the logits that emit "red" '
+            "come from the position of the token before it, and a token's connectivity is the "
+            "attention of its own position (AT-RL's definition, which the tool keeps). So the "
+            "position that grounds a word is the token before it:\n"
+        )
+        rows = [
+            [label, s["n"], s["anchors"], pct(s["anchor_share"]), fmt(s["connectivity"], 4)]
+            for label, s in (
+                ("the token before a grounded word", anchors["before_grounded"]),
+                ("every other token", anchors["not_before_grounded"]),
+            )
+        ]
+        w(table(["tokens", "count", "anchors", "anchor share", "mean connectivity"], rows) + "\n")
 
     w("## Where response tokens look\n")
     w(
@@ -715,11 +765,14 @@ def render(facts: dict[str, Any]) -> str:
     )
     pc = att["per_cell"]
     rows = []
-    for kind in ("grounded", "template"):
+    for kind in ("grounded", "template", "before"):
+        if kind not in pc:  # pages written before this view lack it
+            continue
         d = pc[kind]
+        label = "tokens before a grounded word" if kind == "before" else f"{kind} words"
         rows.append(
             [
-                f"{kind} words ({att['tokens'][kind]})",
+                f"{label} ({att['tokens'][kind]})",
                 fmt(d["named"], 5),
                 fmt(d["other"], 5),
                 fmt(d["background"], 5),
@@ -811,6 +864,20 @@ def render(facts: dict[str, Any]) -> str:
             f"{ratio(gn, gb)} vs {ratio(tn, tb)}",
         ),
     ]
+    if "before_grounded" in anchors:
+        b, r = (
+            anchors["before_grounded"]["anchor_share"],
+            anchors["not_before_grounded"]["anchor_share"],
+        )
+        checks.append(
+            (
+                extra,
+                "the token before a grounded word (the position that predicts it) is an anchor "
+                "more often than the other tokens",
+                b is not None and r is not None and b > r,
+                f"{pct(b)} vs {pct(r)}",
+            )
+        )
     rows = [[src, name, "yes" if ok else "**no**", m] for src, name, ok, m in checks]
     w(table(["", "target", "met", "measured"], rows) + "\n")
     met = sum(ok for src, _, ok, _ in checks if src == issue)
@@ -909,10 +976,31 @@ def main(argv: Sequence[str] | None = None) -> int:
             "mme_images": args.mme_images,
             "rollout_images": args.rollout_images,
             "train": [training_stage(log) for log in args.train_log or []],
+            "train_record": None,
             "grid": image_grid(ck.processor),
             "rope": dict(ck.model.config.text_config.rope_parameters),
         }
         say(f"[1/4] {args.ckpt}: sha256 {facts['sha256']}")
+        # the stage records outlive the train logs (they stay on the machine that trained): kept
+        # beside the page, keyed by the weights' hash, and reused when no --train-log is given
+        record_path = args.doc.with_suffix(".training.json")
+        if args.train_log:
+            record = {
+                "sha256": facts["sha256"],
+                "source": "computed from the runs' train-log.jsonl and train-config.json",
+                "stages": facts["train"],
+            }
+        elif record_path.is_file():
+            record = json.loads(record_path.read_text())
+            if record.get("sha256") == facts["sha256"]:
+                facts["train"] = record["stages"]
+                facts["train_record"] = {"file": record_path.name, "source": record["source"]}
+                say(f"      training stages from {record_path} ({len(record['stages'])})")
+            else:
+                say(f"      {record_path} describes other weights; training not recorded")
+            record = None
+        else:
+            record = None
 
         t = time.perf_counter()
         say(f"[2/4] synthetic MME, {args.mme_images} images per category, seed {MME_SEED}")
@@ -939,6 +1027,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         facts["cpu_seconds"] = time.process_time() - cpu0
         (work / "facts.json").write_text(json.dumps(facts, indent=2, default=str))
         args.doc.write_text(render(facts), encoding="utf-8")
+        if record is not None:
+            record_path.write_text(json.dumps(record, indent=1) + "\n", encoding="utf-8")
         say(f"wrote {args.doc} in {facts['seconds'] / 60:.1f} min; runs in {work}")
     finally:
         if args.work is None:

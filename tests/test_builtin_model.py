@@ -74,6 +74,25 @@ def test_docs_record_the_shipped_weights_sha256() -> None:
     )
 
 
+def test_training_record_describes_the_shipped_weights() -> None:
+    """The stage records the page is rendered from are kept beside it, keyed by the weights' hash:
+    the page regenerates without the train logs, and a stale record cannot pass as current."""
+    import json
+
+    record_path = DOC.with_suffix(".training.json")
+    assert record_path.is_file(), (
+        f"{record_path} is missing: builtin_quality.py --train-log writes it"
+    )
+    record = json.loads(record_path.read_text(encoding="utf-8"))
+    weights = builtin_path(DEFAULT_CKPT) / "model.safetensors"
+    assert record["sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
+    stages = record["stages"]
+    assert stages and all(st["seconds"] > 0 and st["command"] for st in stages)
+    text = DOC.read_text(encoding="utf-8")
+    assert f"Stage {len(stages)} of {len(stages)}:" in text
+    assert stages[-1]["command"] in text
+
+
 @pytest.mark.parametrize("name", ["builtin:nope", "builtin:", "builtin:tiny-qwen2.5-vl/../x"])
 def test_unknown_builtin_name_is_a_one_line_error(name: str) -> None:
     from vlmcredit.models.loading import load_checkpoint
