@@ -286,10 +286,19 @@ def anchor_figures(ckpt: str, data: Path, work: Path) -> dict[str, Any]:
         "anchors": int(anchor.sum()),
         "ratio": tables.summary.get("ratio_achieved"),
     }
+    # A causal decoder reads the image where it *predicts* a word: the logits for "red" come from
+    # the position of the token before it, so that position's attention is what grounds "red".
+    before = np.zeros(len(tokens), bool)
+    order = tokens.reset_index(drop=True).sort_values(["sample_id", "token_index"])
+    idx, sid = order.index.to_numpy(), order["sample_id"].to_numpy()
+    same = sid[:-1] == sid[1:]
+    before[idx[:-1][same & (kinds[idx[1:]] == "grounded")]] = True
     for name, mask in (
         ("grounded", kinds == "grounded"),
         ("template", kinds == "template"),
         ("verdict", verdict),
+        ("before_grounded", before),
+        ("not_before_grounded", ~before),
     ):
         n = int(mask.sum())
         out[name] = {
@@ -298,27 +307,6 @@ def anchor_figures(ckpt: str, data: Path, work: Path) -> dict[str, Any]:
             "anchor_share": float(anchor[mask].mean()) if n else None,
             "connectivity": float(np.nanmean(conn[mask])) if n else None,
         }
-    # A causal decoder reads the image where it *predicts* a word: the logits for "red" come from
-    # the position of the token before it, so that position's attention is what grounds "red".
-    before = np.zeros(len(tokens), bool)
-    order = tokens.reset_index(drop=True).sort_values(["sample_id", "token_index"])
-    idx, sid = order.index.to_numpy(), order["sample_id"].to_numpy()
-    same = sid[:-1] == sid[1:]
-    before[idx[:-1][same & (kinds[idx[1:]] == "grounded")]] = True
-    n = int(before.sum())
-    out["before_grounded"] = {
-        "n": n,
-        "anchors": int((anchor & before).sum()),
-        "anchor_share": float(anchor[before].mean()) if n else None,
-        "connectivity": float(np.nanmean(conn[before])) if n else None,
-    }
-    rest = ~before
-    out["not_before_grounded"] = {
-        "n": int(rest.sum()),
-        "anchors": int((anchor & rest).sum()),
-        "anchor_share": float(anchor[rest].mean()) if rest.any() else None,
-        "connectivity": float(np.nanmean(conn[rest])) if rest.any() else None,
-    }
     out["grounded_share_of_anchors"] = (
         float((anchor & (kinds == "grounded")).sum() / anchor.sum()) if anchor.any() else None
     )
